@@ -1,0 +1,43 @@
+# batchflip: every paper number, table and figure is a target file.
+#   snakemake --cores all results/paper
+# Architecture: DESIGN.md in the project's shared notes; usage: README.md.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+from batchflip.config import check_config  # noqa: E402
+
+
+# The default config applies only when none is given: `--configfile X` replaces it
+# (Snakemake would otherwise deep-merge the two).
+if not config:
+
+    configfile: "config/config.yaml"
+
+
+check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
+
+
+wildcard_constraints:
+    study=r"[a-z][a-z0-9_]*",
+    model=r"[^/]+",
+    condition=r"[a-z0-9_]+",
+    battery=r"[^/]+",
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/battery.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/generate.smk"
+include: "workflow/rules/score.smk"
+include: "workflow/rules/flips.smk"
+include: "workflow/rules/numbers.smk"
+include: "workflow/rules/figures.smk"
+include: "workflow/rules/stats.smk"
+include: "workflow/rules/paper.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/paper",

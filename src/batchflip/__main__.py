@@ -1,0 +1,5 @@
+"""Allow ``python -m batchflip``."""
+
+from batchflip.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""The ``batchflip`` command line: one subcommand per workflow stage.
+
+Each subcommand lives in its own module, which defines ``configure(parser)`` (add the
+arguments) and ``main(args) -> int``. Modules are imported lazily, so ``batchflip score``
+never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from batchflip.errors import BatchflipError
+
+# subcommand -> (module implementing configure/main, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "battery": ("batchflip.battery", "build a battery parquet from YAML"),
+    "model": ("batchflip.models", "materialise a model directory"),
+    "generate": ("batchflip.generate", "run one (study, model, condition) generation job"),
+    "score": ("batchflip.scoring", "score a generation file"),
+    "flips": ("batchflip.flips", "pair conditions against the baseline"),
+    "numbers": ("batchflip.numbers", "compute a study's numbers"),
+    "figures": ("batchflip.figures", "draw a study's figures"),
+    "paper": ("batchflip.paper", "assemble results/paper"),
+    "fidelity": ("batchflip.fidelity", "recompute published statistics"),
+    "adjudicate": ("batchflip.adjudicate", "blinded export / import of human review"),
+    "ablation": ("batchflip.ablation", "Study D: kernel-mode ablation"),
+    "composition": ("batchflip.composition", "Study C: co-batch composition numbers"),
+    "archive": ("batchflip.archive", "pack generations for reviewer reproduction"),
+}
+
+
+def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
+    """Return the top-level parser with the named subcommands (all by default)."""
+    parser = argparse.ArgumentParser(prog="batchflip", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in names or list(COMMANDS):
+        module_name, help_text = COMMANDS[name]
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text)
+        module.configure(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, and turn a BatchflipError into a one-line message."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wanted = [a for a in argv[:1] if a in COMMANDS]
+    if not wanted:
+        # help or an unknown command: list every command that imports
+        names = [n for n in COMMANDS if importlib.util.find_spec(COMMANDS[n][0]) is not None]
+        build_parser(names).parse_args(argv)
+        return 2
+    args = build_parser(wanted).parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except BatchflipError as exc:
+        print(f"batchflip {args.command}: error: {exc}", file=sys.stderr)
+        return 1

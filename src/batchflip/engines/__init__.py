@@ -1,0 +1,65 @@
+"""Generation engines: a common interface over in-process transformers and OpenAI servers.
+
+An engine turns one *group* (the prompts that share a batch under a condition) into one
+result per member. ``generate.py`` builds the groups, handles resume and writes records;
+engines only generate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from batchflip.conditions import Condition
+
+
+@dataclass(frozen=True)
+class Member:
+    """One prompt in a group: its slot, whether it counts, and the text sent."""
+
+    position: int
+    role: str  # "target" | "filler"
+    prompt_id: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Group:
+    """Prompts dispatched together under one condition."""
+
+    group_id: int
+    members: tuple[Member, ...]
+
+
+@dataclass
+class Result:
+    """What an engine returns for one member (timestamps are ``time.time()`` seconds)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    n_tokens: int
+    t_submit: float
+    t_first: float
+    t_done: float
+    attempts: int = 1
+    error: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """The interface every engine implements."""
+
+    name: str
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Stack facts (engine, versions, device, dtype, kernels, flags) for .stack.json."""
+        ...
+
+    def run_group(self, group: Group, condition: Condition) -> list[Result]:
+        """Generate greedily for every member; results in member order."""
+        ...
+
+    def close(self) -> None:
+        """Release resources (stop a server this engine started)."""
+        ...

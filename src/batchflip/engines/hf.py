@@ -1,0 +1,136 @@
+"""In-process transformers engine (CPU or GPU).
+
+Synchronized and true batching are the same thing here: one left-padded greedy
+``generate`` call per group. Composition puts target and fillers in one padded batch.
+There is no continuous-batching scheduler, so ``stagger`` conditions are refused.
+
+Kernel modes: ``standard`` (whatever transformers/torch pick) and ``batch_invariant``
+(``batchflip.engines.invariant``: a fixed-order forward whose result for a sequence does
+not depend on the rest of the batch).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from typing import Any
+
+import torch
+
+from batchflip.conditions import Condition
+from batchflip.engines import Group, Result
+from batchflip.errors import BatchflipError
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class _FirstTokenClock:
+    """A logits processor that notes when the first decode step starts (after prefill)."""
+
+    def __init__(self) -> None:
+        self.t_first: float | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.t_first is None:
+            self.t_first = time.time()
+        return scores
+
+
+class HFEngine:
+    """Greedy generation with transformers, one padded batch per group."""
+
+    name = "hf"
+
+    def __init__(self, model_dir: str, dtype: str, max_new_tokens: int, seed: int,
+                 kernel_mode: str = "standard", device: str | None = None,
+                 threads: int | None = None) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if dtype not in DTYPES:
+            raise BatchflipError(f"dtype '{dtype}': must be one of {sorted(DTYPES)}")
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype, self.max_new_tokens, self.seed = dtype, max_new_tokens, seed
+        self.kernel_mode = kernel_mode
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+        self.model = model.to(self.device).eval()
+        self.kernel_flags: dict[str, Any] = {}
+        if kernel_mode == "batch_invariant":
+            from batchflip.engines import invariant
+
+            self.kernel_flags = invariant.enable(self.model)
+        elif kernel_mode != "standard":
+            raise BatchflipError(f"kernel_mode '{kernel_mode}': hf supports standard, "
+                                 "batch_invariant")
+        self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
+        self.eos_ids.add(self.tokenizer.eos_token_id)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Engine, library versions, device and kernel facts."""
+        import transformers
+
+        cuda = torch.cuda.is_available() and self.device.startswith("cuda")
+        return {
+            "engine": "hf",
+            "engine_version": transformers.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))
+            if cuda else None,
+            "dtype": self.dtype,
+            "attention_backend": getattr(self.model.config, "_attn_implementation", None),
+            "kernel_mode": self.kernel_mode,
+            "kernel_flags": self.kernel_flags,
+            "threads": torch.get_num_threads(),
+        }
+
+    def run_group(self, group: Group, condition: Condition) -> list[Result]:
+        """One left-padded greedy generate over the whole group."""
+        if condition.dispatch == "stagger":
+            raise BatchflipError(f"condition '{condition.name}' needs a continuous-batching "
+                                 "server; engine 'hf' has none (use engine vllm or openai)")
+        texts = [m.prompt for m in group.members]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
+        clock = _FirstTokenClock()
+        torch.manual_seed(self.seed)
+        t_submit = time.time()
+        with torch.inference_mode():
+            out = self.model.generate(
+                **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
+                pad_token_id=self.tokenizer.pad_token_id, logits_processor=[clock],
+                temperature=None, top_p=None, top_k=None,
+            )
+        t_done = time.time()
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        results = []
+        for ids in new:
+            ids, reason = self._trim(ids)
+            results.append(Result(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
+                finish_reason=reason, n_tokens=len(ids), t_submit=t_submit,
+                t_first=clock.t_first or t_done, t_done=t_done,
+            ))
+        return results
+
+    def _trim(self, ids: list[int]) -> tuple[list[int], str]:
+        """Cut generated ids after the first EOS (kept); padding after it is dropped."""
+        for i, tok in enumerate(ids):
+            if tok in self.eos_ids:
+                return ids[: i + 1], "stop"
+        return ids, "length"
+
+    def close(self) -> None:
+        """Nothing to release beyond memory."""
+        self.model = None  # type: ignore[assignment]
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [int(value)]

