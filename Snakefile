@@ -4,7 +4,11 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+# Rules run `python -m batchflip ...` from this checkout, in whatever environment a rule
+# gets (the current one, or a conda env from envs/ with --sdm conda).
+SRC = str(Path(workflow.basedir) / "src")
+sys.path.insert(0, SRC)
+shell.prefix(f'export PYTHONPATH="{SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
 from batchflip.config import check_config  # noqa: E402
 
 
@@ -19,7 +23,7 @@ check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.ya
 
 
 wildcard_constraints:
-    study=r"[a-z][a-z0-9_]*",
+    study="|".join(config["studies"]),
     model=r"[^/]+",
     condition=r"[a-z0-9_]+",
     battery=r"[^/]+",

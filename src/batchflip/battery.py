@@ -49,6 +49,8 @@ def task_files(paths: list[str | Path]) -> list[Path]:
     """Expand directories to their ``*.yaml`` files (sorted); keep files as given."""
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise InputError(p, "battery path does not exist")
         out += sorted(p.glob("*.yaml")) if p.is_dir() else [p]
     return out
 

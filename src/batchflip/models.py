@@ -64,7 +64,8 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = plain.load_state_dict(loaded.state_dict(), strict=False)
     # tied embeddings may appear as a missing lm_head: that is fine when tied
-    real_missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    real_missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if real_missing or unexpected:
         raise BatchflipError(f"{gguf}: state dict mismatch: missing {real_missing}, "
                              f"unexpected {unexpected}")

@@ -55,3 +55,26 @@ def battery_of(study):
 def repo_path(rel):
     """A file shipped with the workflow, wherever the working directory is."""
     return str(Path(workflow.basedir) / rel)
+
+
+def battery_files(wildcards):
+    from batchflip.battery import task_files
+
+    return [str(p) for p in task_files(config["batteries"][wildcards.battery]["paths"])]
+
+
+FIGURE_NAMES = ["flip_rates", "identity"]
+
+
+def paper_numbers(wildcards):
+    studies = config["paper"]["studies"]
+    return [f"results/numbers/{s}.json" for s in studies] + ["results/numbers/fidelity.json"]
+
+
+def paper_figures(wildcards):
+    return [
+        f"results/figures/{s}_{n}.{ext}"
+        for s in config["paper"]["studies"]
+        for n in FIGURE_NAMES
+        for ext in ("png", "pdf")
+    ]

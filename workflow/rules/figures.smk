@@ -11,8 +11,10 @@ rule figure:
         pdf="results/figures/{study}_{name}.pdf",
     wildcard_constraints:
         name="flip_rates|identity",
+    conda:
+        "../../envs/analysis.yaml"
     log:
         "results/logs/figures/{study}_{name}.log",
     shell:
-        "batchflip figures --numbers {input:q} --name {wildcards.name} "
+        "python -m batchflip figures --numbers {input:q} --name {wildcards.name} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

@@ -6,7 +6,9 @@ rule flips:
         "results/flips/{study}/{model}.parquet",
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
+    conda:
+        "../../envs/analysis.yaml"
     log:
         "results/logs/flips/{study}/{model}.log",
     shell:
-        "batchflip flips {input:q} --baseline {params.baseline} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip flips {input:q} --baseline {params.baseline} --out {output:q} > {log:q} 2>&1"

@@ -10,9 +10,11 @@ rule generate:
         settings=lambda w: gen_settings(w.study, w.model),
         model_dir=lambda w: model_dir(w.model),
     threads: lambda w: study_cfg(w.study).get("threads", 1)
+    conda:
+        "../../envs/generation.yaml"
     log:
         "results/logs/generate/{study}/{model}/{condition}.log",
     shell:
-        "batchflip generate --battery {input.battery:q} --params {params.settings:q} "
+        "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
         "--out {output.gen:q} --stack-out {output.stack:q} 2> {log:q}"

@@ -5,7 +5,9 @@ rule model:
     params:
         spec=lambda w: json.dumps(config["models"][w.model], sort_keys=True),
         out=lambda w: f"resources/models/{w.model}",
+    conda:
+        "../../envs/generation.yaml"
     log:
         "results/logs/models/{model}.log",
     shell:
-        "batchflip model --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"
+        "python -m batchflip model --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

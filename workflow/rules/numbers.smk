@@ -7,8 +7,10 @@ rule numbers:
         "results/numbers/{study}.json",
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
+    conda:
+        "../../envs/analysis.yaml"
     log:
         "results/logs/numbers/{study}.log",
     shell:
-        "batchflip numbers --study {wildcards.study} --baseline {params.baseline} "
+        "python -m batchflip numbers --study {wildcards.study} --baseline {params.baseline} "
         "--flips {input.flips:q} --scored {input.scored:q} --out {output:q} > {log:q} 2>&1"

@@ -8,9 +8,11 @@ rule score:
         "results/scored/{study}/{model}/{condition}.parquet",
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
+    conda:
+        "../../envs/analysis.yaml"
     log:
         "results/logs/score/{study}/{model}/{condition}.log",
     shell:
-        "batchflip score --generations {input.gen:q} --battery {input.battery:q} "
+        "python -m batchflip score --generations {input.gen:q} --battery {input.battery:q} "
         "--versions {params.versions:q} --patterns {input.patterns:q} --out {output:q} "
         "> {log:q} 2>&1"

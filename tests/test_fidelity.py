@@ -1,0 +1,183 @@
+"""Tests of `batchflip fidelity`: every published value of PAPER.md is reproduced."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from batchflip import cli, fidelity
+from batchflip.errors import BatchflipError
+
+ROOT = Path(__file__).resolve().parents[1]
+PUBLISHED = ROOT / "resources" / "fidelity" / "published.yaml"
+RULES = ROOT / "workflow" / "rules" / "stats.smk"
+
+# The values as PAPER.md prints them (typed here from the paper, not from the code).
+PAPER_VALUES = {
+    "studyB_alignment_anova_F": "0.127",
+    "studyB_alignment_anova_p": "0.942",
+    "studyB_alignment_anova_eta2": "0.033",
+    "studyC_mde_pp": "4.7",
+    "studyC_direction_wilson_low_pct": "75.1",
+    "studyC_direction_wilson_high_pct": "96.7",
+    "studyD_standard_label_flip_wilson_low_pct": "28.1",
+    "studyD_standard_label_flip_wilson_high_pct": "53.2",
+    "studyD_invariant_label_flip_wilson_low_pct": "0",
+    "studyD_invariant_label_flip_wilson_high_pct": "6.5",
+    "studyD_label_mcnemar_p": "4.77e-7",
+    "studyD_text_mcnemar_p": "5.96e-8",
+    "studyA_adjudicated_genuine_pct": "27",
+    "studyA_safety_flip_rate_pct": "0.51",
+    "studyA_capability_flip_rate_pct": "0.14",
+}
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict:
+    return fidelity.compute_fidelity(fidelity.load_published(PUBLISHED), source=str(PUBLISHED))
+
+
+def test_every_published_value_reproduced(doc):
+    numbers = doc["numbers"]
+    for ident, printed in PAPER_VALUES.items():
+        rec = numbers[ident]
+        assert rec["printed"] == printed, ident
+        assert rec["published"] == float(printed), ident
+        assert rec["match"] is True, (ident, rec["formatted"], printed)
+    assert doc["summary"]["all_match"] is True
+    assert doc["summary"]["mismatched"] == []
+    assert doc["summary"]["checked"] == sum(r["match"] is not None for r in numbers.values())
+
+
+def test_recomputed_values_are_on_the_printed_scale(doc):
+    n = doc["numbers"]
+    assert n["studyD_label_mcnemar_p"]["value"] == pytest.approx(2 * 0.5**22, rel=1e-12)
+    assert n["studyD_text_mcnemar_p"]["value"] == pytest.approx(2 * 0.5**25, rel=1e-12)
+    assert n["studyC_mde_pp"]["value"] == pytest.approx(
+        100 * 2.802 * (2 * 0.737 * 0.263 / 1404) ** 0.5
+    )
+    assert n["studyA_adjudicated_genuine_pct"]["value"] == pytest.approx(100 * 17 / 63)
+    assert n["studyD_invariant_label_flip_wilson_low_pct"]["value"] == 0.0
+
+
+def test_unpublished_intervals_recorded_without_match(doc):
+    n = doc["numbers"]
+    wl = n["studyA_adjudicated_genuine_wilson_low_pct"]
+    wh = n["studyA_adjudicated_genuine_wilson_high_pct"]
+    cl = n["studyA_adjudicated_genuine_cp_low_pct"]
+    ch = n["studyA_adjudicated_genuine_cp_high_pct"]
+    for rec in (wl, wh, cl, ch):
+        assert rec["published"] is None and rec["match"] is None
+    assert cl["value"] < wl["value"] < 100 * 17 / 63 < wh["value"] < ch["value"]
+
+
+def test_record_fields(doc):
+    for ident, rec in doc["numbers"].items():
+        assert rec["id"] == ident
+        assert isinstance(rec["value"], float)
+        assert rec["definition"] and isinstance(rec["definition"], str)
+        assert isinstance(rec["inputs"], list) and rec["inputs"]
+        assert "published" in rec and "match" in rec and "precision" in rec
+    anova = doc["numbers"]["studyB_alignment_anova_F"]
+    assert any("study_b_models (15 rows)" in s for s in anova["inputs"])
+
+
+def test_published_table_is_the_paper_table():
+    data = yaml.safe_load(PUBLISHED.read_text())
+    rows = data["tables"]["study_b_models"]
+    assert len(rows) == 15
+    by_type: dict[str, int] = {}
+    for r in rows:
+        by_type[r["alignment"]] = by_type.get(r["alignment"], 0) + 1
+    assert by_type == {"RLHF": 4, "SFT": 4, "DPO": 4, "Distilled": 3}
+    cond = data["tables"]["study_c_significant_conditions"]
+    assert [(c["to_unsafe"], c["flips"]) for c in cond] == [(8, 9), (9, 10), (11, 12)]
+
+
+@pytest.mark.parametrize(
+    ("printed", "expected"),
+    [
+        ("0.127", ("decimals", 3)),
+        ("27", ("decimals", 0)),
+        ("4.7", ("decimals", 1)),
+        ("4.77e-7", ("significant", 3)),
+        ("5e-8", ("significant", 1)),
+    ],
+)
+def test_parse_printed(printed, expected):
+    assert fidelity.parse_printed(printed) == expected
+
+
+def test_format_at():
+    assert fidelity.format_at(4.76837158203125e-07, ("significant", 3)) == "4.77e-07"
+    assert fidelity.format_at(-1e-9, ("decimals", 1)) == "0.0"
+    assert fidelity.format_at(0.0334, ("decimals", 3)) == "0.033"
+    assert fidelity.format_at(0.0336, ("decimals", 3)) == "0.034"
+    with pytest.raises(BatchflipError):
+        fidelity.parse_printed("n/a")
+
+
+def _write_yaml(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_cli_writes_json(tmp_path, capsys):
+    out = tmp_path / "numbers" / "fidelity.json"
+    rc = cli.main(["fidelity", "--published", str(PUBLISHED), "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert set(data) == {"numbers", "summary"}
+    assert data["numbers"]["studyB_alignment_anova_F"]["match"] is True
+    assert "reproduced" in capsys.readouterr().out
+    assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary
+
+
+def test_mismatch_is_reported_and_strict_fails(tmp_path, capsys):
+    data = yaml.safe_load(PUBLISHED.read_text())
+    for entry in data["numbers"]:
+        if entry["id"] == "studyB_alignment_anova_F":
+            entry["printed"] = "0.130"
+    src = _write_yaml(tmp_path / "published.yaml", data)
+    out = tmp_path / "f.json"
+    assert cli.main(["fidelity", "--published", str(src), "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["numbers"]["studyB_alignment_anova_F"]["match"] is False
+    assert doc["summary"]["mismatched"] == ["studyB_alignment_anova_F"]
+    assert "MISMATCH studyB_alignment_anova_F" in capsys.readouterr().err
+    out.unlink()
+    rc = cli.main(["fidelity", "--published", str(src), "--out", str(out), "--strict"])
+    assert rc == 1 and out.exists()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d["numbers"][0].update(recipe="nope"), "unknown recipe"),
+        (lambda d: d["numbers"][0]["inputs"].update(k=99999), "k must not exceed n"),
+        (lambda d: d["numbers"][0].pop("definition"), "definition"),
+        (lambda d: d["numbers"].append(dict(d["numbers"][0])), "duplicate id"),
+        (lambda d: d["numbers"][0].update(output="missing"), "recipe gives"),
+    ],
+)
+def test_invalid_published_file(tmp_path, capsys, mutate, message):
+    data = yaml.safe_load(PUBLISHED.read_text())
+    mutate(data)
+    src = _write_yaml(tmp_path / "published.yaml", data)
+    out = tmp_path / "f.json"
+    assert cli.main(["fidelity", "--published", str(src), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "published.yaml" in err
+    assert not out.exists()
+
+
+def test_missing_file(tmp_path, capsys):
+    rc = cli.main(["fidelity", "--published", str(tmp_path / "x.yaml"), "--out", "o.json"])
+    assert rc == 1 and "file not found" in capsys.readouterr().err

@@ -1,0 +1,112 @@
+"""Group building and resume, with a test double engine (FakeEngine) for speed; the real
+model's resume after a kill is in test_workflow.py."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from batchflip.conditions import parse_condition
+from batchflip.engines import Result
+from batchflip.generate import build_groups, run_job
+
+
+def _battery(n_harm=5, n_mc=7):
+    rows = [{"prompt_id": f"h{i}", "task": "harm", "domain": "safety", "scorer": "refusal",
+             "prompt": f"harm {i}", "reference": "R", "meta": "{}"} for i in range(n_harm)]
+    rows += [{"prompt_id": f"m{i}", "task": "mc", "domain": "capability", "scorer": "mc_letter",
+              "prompt": f"mc {i}", "reference": "A", "meta": "{}"} for i in range(n_mc)]
+    df = pd.DataFrame(rows)
+    df["sent"] = df["prompt"]
+    return df
+
+
+PARAMS = {"study": "a", "model": "fake", "engine": "fake", "seed": 42, "dtype": "bfloat16",
+          "max_new_tokens": 4, "prompt_format": "raw", "cobatch_targets": ["harm"],
+          "filler_pools": {"benign": {"tasks": ["mc"]}, "adversarial": {"tasks": ["harm"]},
+                           "mixed": {"mix": {"benign": 2, "adversarial": 1}}}}
+
+
+def test_sync_groups_cover_every_prompt_once_and_pad_the_tail():
+    groups = build_groups(_battery(), parse_condition("sync_b5"), PARAMS)
+    targets = [m.prompt_id for g in groups for m in g.members if m.role == "target"]
+    assert targets == _battery()["prompt_id"].tolist()
+    assert all(len(g.members) == 5 for g in groups)
+    tail = groups[-1].members
+    assert [m.role for m in tail] == ["target", "target", "filler", "filler", "filler"]
+    assert not {m.prompt_id for m in tail if m.role == "filler"} & {tail[0].prompt_id,
+                                                                     tail[1].prompt_id}
+
+
+def test_cobatch_positions_seeded_recorded_and_varied():
+    cond = parse_condition("cobatch_b4_mixed")
+    g1 = build_groups(_battery(), cond, PARAMS)
+    g2 = build_groups(_battery(), cond, PARAMS)
+    assert g1 == g2  # seeded
+    assert len(g1) == 5  # one group per harm target
+    positions = [next(m.position for m in g.members if m.role == "target") for g in g1]
+    assert len(set(positions)) > 1
+    for g in g1:
+        target = next(m.prompt_id for m in g.members if m.role == "target")
+        fillers = [m.prompt_id for m in g.members if m.role == "filler"]
+        assert target not in fillers and len(fillers) == 3
+        assert sum(f.startswith("m") for f in fillers) == 2  # 2 benign + 1 adversarial
+    other = build_groups(_battery(), cond, {**PARAMS, "seed": 7})
+    assert other != g1
+    solo = build_groups(_battery(), parse_condition("cobatch_b8_solo"), PARAMS)
+    assert all(len(g.members) == 1 for g in solo)
+
+
+class FakeEngine:
+    """Test double: echoes prompts; can crash after a number of groups (a 'kill')."""
+
+    name = "fake"
+
+    def __init__(self, crash_after=None):
+        self.calls, self.crash_after = [], crash_after
+
+    def fingerprint(self):
+        return {"engine": "fake"}
+
+    def run_group(self, group, condition):
+        if self.crash_after is not None and len(self.calls) == self.crash_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append(group.group_id)
+        return [Result(m.prompt.upper(), [1, 2], "length", 2, 0.0, 0.1, 0.2)
+                for m in group.members]
+
+    def close(self):
+        pass
+
+
+def test_resume_after_kill_completes_missing_groups_only(tmp_path, monkeypatch):
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    battery = _battery().drop(columns="sent")
+    first = FakeEngine(crash_after=2)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(battery, PARAMS, "sync_b2", "nomodel", out, stack, engine=first, progress=False)
+    assert not out.exists()  # no partial parquet
+    second = FakeEngine()
+    df = run_job(battery, PARAMS, "sync_b2", "nomodel", out, stack, engine=second,
+                 progress=False)
+    assert first.calls == [0, 1] and second.calls == [2, 3, 4, 5]
+    t = df[df["role"] == "target"]
+    assert t["prompt_id"].tolist() == battery["prompt_id"].tolist()  # none missing, no dupes
+    upper = dict(zip(battery.prompt_id, battery.prompt.str.upper(), strict=True))
+    assert (t["text"] == t["prompt_id"].map(upper)).all()
+    assert not (tmp_path / "g.parquet.partial.jsonl").exists()
+    assert json.loads(stack.read_text())["stack_id"] == df["stack_id"].iloc[0]
+
+
+def test_checkpoint_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    battery = _battery().drop(columns="sent")
+    with pytest.raises(KeyboardInterrupt):
+        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=FakeEngine(2),
+                progress=False)
+    again = FakeEngine()
+    run_job(battery, {**PARAMS, "max_new_tokens": 8}, "sync_b2", "x", out, stack,
+            engine=again, progress=False)
+    assert again.calls == [0, 1, 2, 3, 4, 5]  # a changed knob starts over

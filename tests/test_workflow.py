@@ -1,0 +1,158 @@
+"""The real DAG: dry runs of the shipped configs, and a real tiny run (marker: workflow)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
+
+
+def snakemake(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(cwd),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run."""
+    table = output.split("Job stats:")[1].split("\n\n")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)
+            if m[1] != "total"}
+
+
+def test_default_config_plans_the_whole_dag(tmp_path):
+    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
+    for battery in cfg["batteries"].values():
+        battery["paths"] = [str(ROOT / p) for p in battery["paths"]]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--cores", "2", "results/paper", "--configfile", str(path),
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    counts = job_counts(proc.stdout)
+    n_cond = len(cfg["studies"]["a"]["conditions"])
+    assert counts["generate"] == n_cond and counts["score"] == n_cond
+    assert counts["model"] == 1 and counts["battery"] == 1
+    assert counts["paper"] == 1 and counts["figure"] == 2 and counts["flips"] == 1
+
+
+def test_invalid_config_names_key_and_rule(tmp_path):
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["studies"]["a"]["max_new_tokens"] = -3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(bad), cwd=tmp_path)
+    assert proc.returncode != 0
+    err = proc.stdout + proc.stderr
+    assert "studies.a.max_new_tokens" in err and "minimum" in err
+    cfg["studies"]["a"]["max_new_tokens"] = 4
+    cfg["studies"]["a"]["baseline"] = "sync_b2"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--configfile", str(bad), cwd=tmp_path)
+    err = proc.stdout + proc.stderr
+    assert "studies.a.baseline" in err and "not one of its conditions" in err
+    assert not (tmp_path / "results").exists()
+
+
+def _tiny_config(tmp: Path, model_dir: Path) -> Path:
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"]["smollm2-135m"] = {"source": "path", "path": str(model_dir)}
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.workflow
+def test_tiny_dag_end_to_end(tmp_path, model_dir):
+    cfg = _tiny_config(tmp_path, model_dir)
+    proc = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    paper = tmp_path / "results/paper"
+    numbers = json.loads((paper / "numbers.json").read_text())
+    rec = numbers["a/smollm2-135m/sync_b4/safety_flip_rate"]
+    assert rec["n"] == 3 and 0 <= rec["value"] <= 1 and rec["ci_low"] <= rec["value"]
+    assert rec["inputs"] == ["results/flips/a/smollm2-135m.parquet"]
+    assert len(rec["stack_ids"]) == 1 and rec["definition"]
+    assert "a/smollm2-135m/cobatch_b4_benign/refusal_rate" in numbers
+    assert all("value" in r and "definition" in r for r in numbers.values())
+    fidelity = json.loads((tmp_path / "results/numbers/fidelity.json").read_text())
+    assert fidelity["summary"]["all_match"] is True  # the published statistics, recomputed
+    assert "studyD_label_mcnemar_p" in numbers
+    for ext in ("png", "pdf"):
+        assert (paper / f"figures/a_flip_rates.{ext}").stat().st_size > 1000
+    manifest = pd.read_csv(paper / "MANIFEST.tsv", sep="\t")
+    assert {"numbers.json", "numbers.tex", "report.html"} <= set(manifest["path"])
+    for _, row in manifest.iterrows():
+        data = (paper / row["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["size"]
+    tex = (paper / "numbers.tex").read_text()
+    assert tex.count("\\newcommand") == len(numbers)
+    html = (paper / "report.html").read_text()
+    assert "data:image/png;base64," in html and "a/smollm2-135m/sync_b4/safety_flip_rate" in html
+
+    # a second run has nothing to do
+    again = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)
+    assert "Nothing to be done" in again.stdout + again.stderr
+
+    # a scorer version change re-scores and recomputes downstream, never regenerates
+    changed = yaml.safe_load(cfg.read_text())
+    changed["scorers"]["refusal"] = 1
+    cfg2 = tmp_path / "changed.yaml"
+    cfg2.write_text(yaml.safe_dump(changed))
+    dry = snakemake("-n", "--cores", "2", "results/paper", "--configfile", str(cfg2),
+                    cwd=tmp_path)
+    counts = job_counts(dry.stdout)
+    assert counts == {"score": 3, "flips": 1, "numbers": 1, "figure": 2, "paper": 1}
+
+    # a clean rerun reproduces numbers.json byte for byte
+    first = (paper / "numbers.json").read_bytes()
+    rerun = snakemake("--cores", "2", "--forceall", "results/paper", "--configfile", str(cfg),
+                      cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert (paper / "numbers.json").read_bytes() == first
+
+
+@pytest.mark.workflow
+def test_killed_generation_resumes_without_redoing_groups(tmp_path, model_dir):
+    battery = tmp_path / "b.parquet"
+    subprocess.run([sys.executable, "-m", "batchflip", "battery",
+                    str(ROOT / "tests/fixtures/battery"), "--out", str(battery)], check=True)
+    params = {"study": "a", "model": "smol", "engine": "hf", "dtype": "bfloat16",
+              "max_new_tokens": 24, "seed": 42, "prompt_format": "chat", "threads": 2}
+    out = tmp_path / "g.parquet"
+    cmd = [sys.executable, "-m", "batchflip", "generate", "--battery", str(battery),
+           "--params", json.dumps(params), "--model-dir", str(model_dir), "--condition",
+           "sync_b1", "--out", str(out), "--stack-out", str(tmp_path / "g.stack.json")]
+    ckpt = tmp_path / "g.parquet.partial.jsonl"
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if ckpt.exists() and len(ckpt.read_text().splitlines()) >= 3:  # key + 2 groups
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    before = [json.loads(x) for x in ckpt.read_text().splitlines()[1:] if x.endswith("}")]
+    assert 2 <= len(before) < 6
+    rerun = subprocess.run(cmd, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"{len(before)} of 6 groups already done" in rerun.stderr
+    df = pd.read_parquet(out)
+    assert sorted(df["group_id"]) == list(range(6)) and df["prompt_id"].is_unique
+    for entry in before:  # finished groups were kept, not regenerated
+        row = df[df["group_id"] == entry["group_id"]].iloc[0]
+        assert row["t_done"] == entry["rows"][0]["t_done"]

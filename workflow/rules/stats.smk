@@ -1,0 +1,16 @@
+# Fidelity: recompute every published statistic of the paper from its published inputs
+# (resources/fidelity/published.yaml) and record value, printed value, precision and match.
+# Pure CPU, seconds. Add --strict to the command to fail the target on any mismatch.
+
+
+rule fidelity:
+    input:
+        repo_path("resources/fidelity/published.yaml"),
+    output:
+        "results/numbers/fidelity.json",
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/fidelity.log",
+    shell:
+        "python -m batchflip fidelity --published {input} --out {output} > {log} 2>&1"
