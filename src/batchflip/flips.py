@@ -26,8 +26,9 @@ def pair_flips(scored: pd.DataFrame, baseline: str) -> pd.DataFrame:
     base = scored[scored["condition"] == baseline]
     if base.empty:
         raise BatchflipError(f"baseline condition '{baseline}' has no scored rows")
-    if base["prompt_id"].duplicated().any():
-        dup = base.loc[base["prompt_id"].duplicated(), "prompt_id"].iloc[0]
+    dups = base.duplicated(["model", "prompt_id"])
+    if dups.any():
+        dup = base.loc[dups, "prompt_id"].iloc[0]
         raise BatchflipError(f"baseline '{baseline}': prompt id '{dup}' appears twice")
     other = scored[scored["condition"] != baseline]
     b = base[["model", "prompt_id", "score", "text", "stack_id"]].rename(columns={
