@@ -1,5 +1,7 @@
 # Helpers shared by the rules: paths and params derived from the config.
+import glob
 import json
+import os
 
 
 def study_cfg(study):
@@ -68,7 +70,12 @@ FIGURE_NAMES = ["flip_rates", "identity"]
 
 def paper_numbers(wildcards):
     studies = config["paper"]["studies"]
-    return [f"results/numbers/{s}.json" for s in studies] + ["results/numbers/fidelity.json"]
+    adjudicated = [s for s in studies if study_cfg(s)["kind"] == "discovery"]
+    return (
+        [f"results/numbers/{s}.json" for s in studies]
+        + [f"results/numbers/adjudication_{s}.json" for s in adjudicated]
+        + ["results/numbers/fidelity.json"]
+    )
 
 
 def paper_figures(wildcards):
@@ -78,3 +85,54 @@ def paper_figures(wildcards):
         for n in FIGURE_NAMES
         for ext in ("png", "pdf")
     ]
+
+
+# --- adjudication (see workflow/rules/adjudicate.smk) ---
+ADJ_DEFAULTS = {
+    "raters": ["rater1", "rater2"],
+    "seed": 0,
+    "domains": ["safety"],
+    "include_text_changes": False,
+    "text_change_limit": None,
+    "confidence": 0.95,
+}
+
+
+def adj_cfg(name):
+    """One adjudication setting: config["adjudication"][name], else its default."""
+    return (config.get("adjudication") or {}).get(name, ADJ_DEFAULTS[name])
+
+
+def adj_sheets(study):
+    return [f"results/adjudication/{study}/sheet_{r}.csv" for r in adj_cfg("raters")]
+
+
+def adj_pinned_key(study):
+    return f"resources/adjudication/{study}/key.parquet"
+
+
+def adj_key(wildcards):
+    """The pinned key when there is one, else the key the export rule writes."""
+    pinned = adj_pinned_key(wildcards.study)
+    if os.path.exists(pinned):
+        return pinned
+    return f"results/adjudication/{wildcards.study}/key.parquet"
+
+
+def adj_exported(wildcards):
+    """The blank sheets (named in the pending status) when the key is not pinned."""
+    if os.path.exists(adj_pinned_key(wildcards.study)):
+        return []
+    return adj_sheets(wildcards.study)
+
+
+def adj_rating_files(wildcards):
+    """Filled sheets present now (sorted): resources/adjudication/{study}/*.csv."""
+    return sorted(glob.glob(f"resources/adjudication/{wildcards.study}/*.csv"))
+
+
+def adj_export_flags():
+    flags = ["--include-text-changes"] if adj_cfg("include_text_changes") else []
+    if adj_cfg("text_change_limit") is not None:
+        flags += ["--text-change-limit", str(int(adj_cfg("text_change_limit")))]
+    return " ".join(flags)
