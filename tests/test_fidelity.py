@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,6 @@ from batchflip.errors import BatchflipError
 
 ROOT = Path(__file__).resolve().parents[1]
 PUBLISHED = ROOT / "resources" / "fidelity" / "published.yaml"
-RULES = ROOT / "workflow" / "rules" / "stats.smk"
 
 # The values as PAPER.md prints them (typed here from the paper, not from the code).
 PAPER_VALUES = {
