@@ -50,6 +50,10 @@ def check_references(config: dict[str, Any]) -> None:
         if study["baseline"] not in study["conditions"]:
             raise BatchflipError(f"invalid config: key '{where}.baseline': "
                                  f"'{study['baseline']}' is not one of its conditions")
+        for d, base in study.get("dispatch_baselines", {}).items():
+            if base not in study["conditions"] or parse_condition(base).dispatch != d:
+                raise BatchflipError(f"invalid config: key '{where}.dispatch_baselines.{d}': "
+                                     f"'{base}' must be one of its {d} conditions")
         for c in conds:
             if c.composition and not study.get("cobatch_targets"):
                 raise BatchflipError(f"invalid config: key '{where}.cobatch_targets': needed "

@@ -21,8 +21,27 @@ from batchflip.records import FLIP_COLUMNS, SCORED_COLUMNS, require_columns
 FLIP_TOL = 0.01
 
 
-def pair_flips(scored: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """Flip rows of every non-baseline condition in ``scored`` (one model's scored rows)."""
+def pair_flips(scored: pd.DataFrame, baseline: str,
+               dispatch_baselines: dict[str, str] | None = None) -> pd.DataFrame:
+    """Flip rows of every non-baseline condition in ``scored``.
+
+    ``dispatch_baselines`` maps a dispatch to its own baseline condition (e.g. true batching
+    ``list`` → ``list_b1``, so list_b8 is compared with a one-prompt list request); other
+    dispatches use ``baseline``. Baseline conditions are not paired with themselves.
+    """
+    own = dict(dispatch_baselines or {})
+    frames = []
+    for dispatch, base_cond in own.items():
+        part = scored[(scored["dispatch"] == dispatch) | (scored["condition"] == base_cond)]
+        frames.append(_pair(part, base_cond))
+    rest = scored[~scored["dispatch"].isin(list(own)) | (scored["condition"] == baseline)]
+    rest = rest[~rest["condition"].isin(list(own.values()))]
+    frames.append(_pair(rest, baseline))
+    return pd.concat(frames, ignore_index=True)
+
+
+def _pair(scored: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Flip rows of every condition in ``scored`` other than ``baseline`` against it."""
     base = scored[scored["condition"] == baseline]
     if base.empty:
         raise BatchflipError(f"baseline condition '{baseline}' has no scored rows")
@@ -47,6 +66,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """CLI: ``batchflip flips --baseline sync_b1 --out F SCORED...``."""
     parser.add_argument("scored", nargs="+")
     parser.add_argument("--baseline", required=True)
+    parser.add_argument("--dispatch-baseline", action="append", default=[],
+                        metavar="DISPATCH=CONDITION",
+                        help="a dispatch compared with its own baseline, e.g. list=list_b1")
     parser.add_argument("--out", required=True)
 
 
@@ -57,7 +79,8 @@ def main(args: argparse.Namespace) -> int:
         df = pd.read_parquet(path)
         require_columns(df, SCORED_COLUMNS, path)
         frames.append(df)
-    flips = pair_flips(pd.concat(frames, ignore_index=True), args.baseline)
+    own = dict(x.split("=", 1) for x in args.dispatch_baseline)
+    flips = pair_flips(pd.concat(frames, ignore_index=True), args.baseline, own)
     write_parquet(flips, args.out)
     print(f"{args.out}: {len(flips)} conditioned rows, {int(flips['flip'].sum())} flips")
     return 0

@@ -78,6 +78,34 @@ def _flip_block(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
     return out
 
 
+def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
+                   ) -> dict[str, dict[str, Any]]:
+    """Share of rows whose flip flag agrees between true batching and synchronized dispatch.
+
+    For each batch size with both ``list_b{n}`` and ``sync_b{n}``, rows are paired on
+    (model, prompt id); each flip flag is against its own baseline. Per model and pooled.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    sync = flips[flips["dispatch"] == "sync"]
+    lst = flips[flips["dispatch"] == "list"]
+    if sync.empty or lst.empty:
+        return out
+    both = sync.merge(lst, on=["model", "prompt_id", "batch_size"], suffixes=("_s", "_l"))
+    for model in [*sorted(both["model"].unique()), "all"]:
+        part = both if model == "all" else both[both["model"] == model]
+        for bs, grp in [*sorted(part.groupby("batch_size")), ("pooled", part)]:
+            if grp.empty:
+                continue
+            agree = int((grp["flip_s"] == grp["flip_l"]).sum())
+            stacks = sorted(set(grp["stack_id_s"]) | set(grp["stack_id_l"]))
+            out[f"{study}/{model}/flip_agreement_b{bs}"] = proportion(
+                agree, len(grp), f"share of rows whose flip flag agrees between list_b{bs} "
+                f"(vs its list baseline) and sync_b{bs} (vs its sync baseline), "
+                f"{'pooled over models' if model == 'all' else 'model ' + model}",
+                inputs, stacks, model=model, condition=f"agreement_b{bs}")
+    return out
+
+
 def study_a_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFrame],
                     study: str, baseline: str) -> dict[str, dict[str, Any]]:
     """All Study A numbers from per-model flip frames and per-model scored frames.
@@ -101,6 +129,7 @@ def study_a_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFra
             numbers |= _flip_block(sync, f"{study}/{model}/sync_pooled", "all synchronized "
                                    f"batch sizes > 1 vs {baseline}, {who}", flip_paths,
                                    {"condition": "sync_pooled", "model": model})
+    numbers |= flip_agreement(all_flips, study, flip_paths)
     all_scored = pd.concat(scored.values(), ignore_index=True)
     comp = all_scored[all_scored["dispatch"].isin(["cobatch", "stagger"])]
     for (model, cond), part in comp.groupby(["model", "condition"], sort=True):

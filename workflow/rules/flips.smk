@@ -6,9 +6,13 @@ rule flips:
         "results/flips/{study}/{model}.parquet",
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
+        own=lambda w: " ".join(
+            f"--dispatch-baseline {d}={c}"
+            for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/flips/{study}/{model}.log",
     shell:
-        "python -m batchflip flips {input:q} --baseline {params.baseline} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip flips {input:q} --baseline {params.baseline} {params.own} --out {output:q} > {log:q} 2>&1"
