@@ -39,6 +39,7 @@ include: "workflow/rules/numbers.smk"
 include: "workflow/rules/figures.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/adjudicate.smk"
+include: "workflow/rules/composition.smk"
 include: "workflow/rules/paper.smk"
 
 

@@ -156,3 +156,16 @@ def test_killed_generation_resumes_without_redoing_groups(tmp_path, model_dir):
     for entry in before:  # finished groups were kept, not regenerated
         row = df[df["group_id"] == entry["group_id"]].iloc[0]
         assert row["t_done"] == entry["rows"][0]["t_done"]
+
+
+def test_slurm_profile_plans_gpu_jobs(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm")
+    cfg = _tiny_config(tmp_path, ROOT / "resources/models/smollm2-135m")
+    proc = snakemake("-n", "--profile", str(ROOT / "profiles/slurm"), "results/paper",
+                     "--configfile", str(cfg), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    gen_block = out.split("rule generate:")[1].split("\n\n")[0]
+    assert "gres=gpu:1" in gen_block and "slurm_partition=gpu" in gen_block
+    score_block = out.split("rule score:")[1].split("\n\n")[0]
+    assert "gres" not in score_block

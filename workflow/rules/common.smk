@@ -65,7 +65,18 @@ def battery_files(wildcards):
     return [str(p) for p in task_files(config["batteries"][wildcards.battery]["paths"])]
 
 
-FIGURE_NAMES = ["flip_rates", "identity"]
+# figures each kind of study contributes to the paper
+FIGURES_BY_KIND = {
+    "discovery": ["flip_rates", "identity"],
+    "composition": ["composition"],
+    "ablation": ["ablation"],
+}
+
+
+def studies_of(kind):
+    """Regex of the configured studies of one kind (never matches when there are none)."""
+    names = [s for s, v in config["studies"].items() if v["kind"] == kind]
+    return "|".join(names) or "(?!x)x"
 
 
 def paper_numbers(wildcards):
@@ -82,9 +93,14 @@ def paper_figures(wildcards):
     return [
         f"results/figures/{s}_{n}.{ext}"
         for s in config["paper"]["studies"]
-        for n in FIGURE_NAMES
+        for n in FIGURES_BY_KIND[study_cfg(s)["kind"]]
         for ext in ("png", "pdf")
     ]
+
+
+def figure_captions():
+    names = sorted({n for names in FIGURES_BY_KIND.values() for n in names})
+    return [repo_path(f"workflow/report/{n}.rst") for n in names]
 
 
 # --- adjudication (see workflow/rules/adjudicate.smk) ---

@@ -11,6 +11,7 @@ rule figure:
         pdf="results/figures/{study}_{name}.pdf",
     wildcard_constraints:
         name="flip_rates|identity",
+        study=studies_of("discovery"),
     conda:
         "../../envs/analysis.yaml"
     log:

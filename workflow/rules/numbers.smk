@@ -5,6 +5,8 @@ rule numbers:
         scored=lambda w: all_scored_paths(w.study),
     output:
         "results/numbers/{study}.json",
+    wildcard_constraints:
+        study=studies_of("discovery"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
     conda:

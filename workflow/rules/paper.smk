@@ -3,7 +3,7 @@ rule paper:
     input:
         numbers=paper_numbers,
         figures=paper_figures,
-        captions=[repo_path(f"workflow/report/{n}.rst") for n in FIGURE_NAMES],
+        captions=figure_captions(),
     output:
         directory("results/paper"),
     params:

@@ -1,0 +1,52 @@
+# Study C (continuous-batch composition): numbers and the refusal-by-composition figure.
+# Only studies with `kind: composition` match these rules; the generic `numbers` rule must
+# exclude them (its own wildcard_constraints), so results/numbers/{study}.json has exactly
+# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+
+
+rule composition_numbers:
+    """Study C numbers: refusal rates, McNemar (Holm), Cochran's Q, Mantel-Haenszel, TOST,
+    minimum detectable effect, flip direction and the co-batch verification rate."""
+    input:
+        scored=lambda w: all_scored_paths(w.study),
+        generations=lambda w: [
+            gen_path(w.study, m, c)
+            for m in study_cfg(w.study)["models"]
+            for c in study_cfg(w.study)["conditions"]
+        ],
+    output:
+        "results/numbers/{study}.json",
+    wildcard_constraints:
+        study=studies_of("composition"),
+    params:
+        baseline=lambda w: study_cfg(w.study)["baseline"],
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/composition/{study}_numbers.log",
+    shell:
+        "python -m batchflip composition numbers --study {wildcards.study} "
+        "--baseline {params.baseline} --scored {input.scored:q} "
+        "--generations {input.generations:q} --out {output:q} > {log:q} 2>&1"
+
+
+rule composition_figure:
+    """Refusal rate per composition with Wilson 95% intervals, one series per model."""
+    input:
+        "results/numbers/{study}.json",
+    output:
+        png=report(
+            "results/figures/{study}_composition.png",
+            caption=repo_path("workflow/report/composition.rst"),
+            category="Figures",
+        ),
+        pdf="results/figures/{study}_composition.pdf",
+    wildcard_constraints:
+        study=studies_of("composition"),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/composition/{study}_figure.log",
+    shell:
+        "python -m batchflip composition figure --numbers {input:q} "
+        "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
