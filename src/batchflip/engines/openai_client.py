@@ -1,0 +1,337 @@
+"""Async streaming client for OpenAI-compatible ``/v1/completions`` (vLLM, SGLang, TGI, ...).
+
+One :class:`CompletionClient` owns a private asyncio event loop and one
+``httpx.AsyncClient`` (connections are reused across groups); ``run_group`` is a plain
+synchronous call that runs one group to completion on that loop.
+
+Requests
+--------
+Every request is ``POST {base_url}/v1/completions`` with ``temperature 0``, ``max_tokens``,
+the study ``seed``, ``stream: true`` and, when the server accepts it, ``return_token_ids:
+true`` (vLLM >= 0.10: each streamed chunk carries the generated token ids of its delta; vLLM
+0.32 documents it in ``CompletionRequest.return_token_ids``). Prompts arrive as finished
+strings (any chat template was applied client-side), so the server only tokenizes them.
+
+Timestamps (``time.time()`` seconds) per member: ``t_submit`` just before the request of the
+attempt that produced the row is sent, ``t_first`` when the first streamed chunk for the
+member's choice ``index`` arrives (the first generated token), ``t_done`` when the chunk
+carrying its ``finish_reason`` arrives (else the end of the stream).
+
+Dispatch (``Condition.dispatch``)
+---------------------------------
+- ``sync``: b concurrent single-prompt requests; returns when all are done.
+- ``list``: one request whose ``prompt`` is the list of b prompts; choices are mapped back to
+  members by their ``index``.
+- ``cobatch``: every member (target and fillers) sent at once as concurrent single-prompt
+  requests, started in member (position) order.
+- ``stagger``: like ``cobatch`` but the fillers start ``|stagger_ms|`` ms before the target
+  (negative ``stagger_ms``) or after it (positive).
+
+Failures
+--------
+Each request has a wall-clock limit (``request_timeout_s``, the whole streamed response).
+Transport errors, timeouts, HTTP 408/429/5xx and errors reported inside the stream are
+retried up to ``max_retries`` times (exponential backoff from ``retry_backoff_s``); other
+HTTP 4xx are not retried. ``Result.attempts`` records the attempts used. When they are
+exhausted the member still gets a row: empty text, ``finish_reason "error"`` and the error
+text in ``Result.error``; nothing is dropped. A retried single-prompt request runs outside
+its original batch, so rows with ``attempts > 1`` may have a different batch context; for
+``list`` dispatch the whole list is retried together. A list request answered without a
+choice for some index counts as a failed attempt.
+
+Token ids
+---------
+``token_ids_source`` (reported in the fingerprint) is ``server`` when the server returned
+them, ``client_tokenizer`` when the server ignored ``return_token_ids`` and the generated
+text was re-tokenized with the model's tokenizer (an approximation: re-tokenizing text is not
+always the generated sequence), and ``unavailable`` when no tokenizer could be loaded (then
+``token_ids`` is empty and ``n_tokens`` counts streamed text chunks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from batchflip.conditions import Condition
+from batchflip.engines import Group, Result
+from batchflip.errors import BatchflipError
+
+RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+WARMUP_PROMPT = "Hello! Please introduce yourself in one sentence."
+
+
+@dataclass
+class ClientSettings:
+    """What every request carries, and the retry policy."""
+
+    base_url: str
+    model: str | None
+    max_tokens: int
+    seed: int
+    request_timeout_s: float = 300.0
+    max_retries: int = 2
+    retry_backoff_s: float = 1.0
+    api_key: str | None = None
+    extra_body: dict[str, Any] = field(default_factory=dict)
+
+
+class RequestFailed(Exception):
+    """One attempt failed; ``retriable`` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, retriable: bool = True, connect: bool = False) -> None:
+        super().__init__(message)
+        self.retriable, self.connect = retriable, connect
+
+
+@dataclass
+class _Choice:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    got_ids: bool = False
+    chunks: int = 0
+    finish_reason: str | None = None
+    t_first: float | None = None
+    t_done: float | None = None
+
+
+class CompletionClient:
+    """Streams completions and turns groups into :class:`Result` lists (member order)."""
+
+    def __init__(self, settings: ClientSettings,
+                 tokenizer_loader: Callable[[], Any] | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.s = settings
+        self._transport = transport  # tests pass an httpx.MockTransport
+        self.base_url = settings.base_url.rstrip("/")
+        self.return_token_ids = True
+        self.token_ids_source = "server"
+        self._tokenizer_loader = tokenizer_loader
+        self._tokenizer: Any = None
+        self._loop = asyncio.new_event_loop()
+        self._http: httpx.AsyncClient | None = None
+        self.system_fingerprint: str | None = None
+        self.warmed_up = False
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def _run(self, coro: Awaitable[Any]) -> Any:
+        return self._loop.run_until_complete(coro)
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            headers = {"Authorization": f"Bearer {self.s.api_key}"} if self.s.api_key else {}
+            self._http = httpx.AsyncClient(
+                base_url=self.base_url, headers=headers, transport=self._transport,
+                timeout=httpx.Timeout(self.s.request_timeout_s),
+                limits=httpx.Limits(max_connections=512, max_keepalive_connections=128))
+        return self._http
+
+    def get_json(self, path: str, timeout: float = 10.0) -> Any:
+        """GET a JSON document (``/version``, ``/v1/models``); None when absent."""
+        async def go() -> Any:
+            try:
+                r = await self._client().get(path, timeout=timeout)
+            except httpx.HTTPError:
+                return None
+            if r.status_code != 200:
+                return None
+            try:
+                return r.json()
+            except ValueError:
+                return None
+        return self._run(go())
+
+    def close(self) -> None:
+        """Close the connections and the private event loop (idempotent)."""
+        if self._loop.is_closed():
+            return
+        pending = [t for t in asyncio.all_tasks(self._loop) if not t.done()]
+        if pending:  # a run interrupted by a signal: cancelling closes its streams
+            for task in pending:
+                task.cancel()
+            with contextlib.suppress(BaseException):
+                self._run(asyncio.gather(*pending, return_exceptions=True))
+        if self._http is not None:
+            with contextlib.suppress(Exception):  # closing must not mask the real error
+                self._run(self._http.aclose())
+            self._http = None
+        with contextlib.suppress(Exception):
+            self._run(self._loop.shutdown_asyncgens())
+        self._loop.close()
+
+    # ---- one request ----------------------------------------------------------------------
+
+    def _body(self, prompt: str | list[str], max_tokens: int) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
+            "seed": self.s.seed, "stream": True, **self.s.extra_body}
+        if self.s.model:
+            body["model"] = self.s.model
+        if self.return_token_ids:
+            body["return_token_ids"] = True
+        return body
+
+    async def _attempt(self, prompt: str | list[str], n: int,
+                       max_tokens: int) -> dict[int, _Choice]:
+        """One streamed request; raises RequestFailed on any failure."""
+        choices: dict[int, _Choice] = {}
+        try:
+            async with self._client().stream(
+                    "POST", "/v1/completions", json=self._body(prompt, max_tokens)) as resp:
+                if resp.status_code != 200:
+                    detail = (await resp.aread()).decode("utf-8", "replace")[:500]
+                    raise RequestFailed(f"HTTP {resp.status_code}: {detail}",
+                                        retriable=resp.status_code in RETRY_STATUS)
+                done = False
+                async for line in resp.aiter_lines():  # read to the end: no dangling generator
+                    if done or not line.startswith("data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == "[DONE]":
+                        done = True
+                        continue
+                    now = time.time()
+                    try:
+                        chunk = json.loads(payload)
+                    except ValueError as exc:
+                        raise RequestFailed(f"malformed stream chunk: {payload[:200]}") from exc
+                    if "error" in chunk:
+                        raise RequestFailed(f"server error in stream: {chunk['error']}")
+                    if chunk.get("system_fingerprint"):
+                        self.system_fingerprint = chunk["system_fingerprint"]
+                    for c in chunk.get("choices") or []:
+                        ch = choices.setdefault(int(c.get("index", 0)), _Choice())
+                        if ch.t_first is None:
+                            ch.t_first = now
+                        if c.get("text"):
+                            ch.text.append(c["text"])
+                            ch.chunks += 1
+                        if c.get("token_ids") is not None:
+                            ch.got_ids = True
+                            ch.token_ids.extend(int(t) for t in c["token_ids"])
+                        if c.get("finish_reason"):
+                            ch.finish_reason = c["finish_reason"]
+                            ch.t_done = now
+        except httpx.ConnectError as exc:
+            raise RequestFailed(f"{type(exc).__name__}: {exc}", connect=True) from exc
+        except httpx.TimeoutException as exc:
+            raise RequestFailed(f"timeout ({type(exc).__name__}): {exc}") from exc
+        except httpx.TransportError as exc:  # read/write errors, protocol errors
+            raise RequestFailed(f"{type(exc).__name__}: {exc}") from exc
+        end = time.time()
+        missing = [i for i in range(n) if i not in choices]
+        if missing:
+            raise RequestFailed(f"response has no choice for index {missing}")
+        for ch in choices.values():
+            ch.t_done = ch.t_done or end
+        return choices
+
+    async def _request(self, prompt: str | list[str], n: int,
+                       max_tokens: int | None = None) -> list[Result]:
+        """A request with timeout and bounded retries; always returns n results."""
+        max_tokens = self.s.max_tokens if max_tokens is None else max_tokens
+        t_start = time.time()
+        last = RequestFailed("no attempt made")
+        attempts = 0
+        for attempt in range(1, self.s.max_retries + 2):
+            attempts = attempt
+            t_submit = time.time()
+            try:
+                choices = await asyncio.wait_for(self._attempt(prompt, n, max_tokens),
+                                                 self.s.request_timeout_s)
+            except asyncio.TimeoutError:
+                last = RequestFailed(f"timeout: no complete response within "
+                                     f"{self.s.request_timeout_s:g} s")
+            except RequestFailed as exc:
+                last = exc
+            else:
+                return [self._result(choices[i], t_submit, attempt) for i in range(n)]
+            if not last.retriable or attempt > self.s.max_retries:
+                break
+            await asyncio.sleep(min(self.s.retry_backoff_s * 2 ** (attempt - 1), 30.0))
+        t_fail = time.time()
+        msg = f"{last} (after {attempts} attempt{'s' if attempts > 1 else ''})"
+        return [Result(text="", token_ids=[], finish_reason="error", n_tokens=0,
+                       t_submit=t_start, t_first=t_fail, t_done=t_fail, attempts=attempts,
+                       error=msg, extra={"connect_error": last.connect})
+                for _ in range(n)]
+
+    def _result(self, ch: _Choice, t_submit: float, attempts: int) -> Result:
+        text = "".join(ch.text)
+        ids = ch.token_ids
+        n_tokens = len(ids)
+        if not ch.got_ids and text:
+            ids = self._retokenize(text)
+            n_tokens = len(ids) if self._tokenizer is not None else ch.chunks
+        t_first = ch.t_first if ch.t_first is not None else ch.t_done
+        return Result(text=text, token_ids=ids, finish_reason=ch.finish_reason or "unknown",
+                      n_tokens=n_tokens, t_submit=t_submit, t_first=t_first or t_submit,
+                      t_done=ch.t_done or t_submit, attempts=attempts)
+
+    def _retokenize(self, text: str) -> list[int]:
+        if self.token_ids_source == "server":
+            self.token_ids_source = "unavailable"
+            if self._tokenizer_loader is not None:
+                try:
+                    self._tokenizer = self._tokenizer_loader()
+                    self.token_ids_source = "client_tokenizer"
+                except Exception:  # noqa: BLE001 - recorded as 'unavailable'
+                    self._tokenizer = None
+        if self._tokenizer is None:
+            return []
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    # ---- groups ---------------------------------------------------------------------------
+
+    async def _delayed(self, delay_s: float, prompt: str) -> Result:
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)
+        return (await self._request(prompt, 1))[0]
+
+    async def run_group_async(self, group: Group, condition: Condition) -> list[Result]:
+        """Dispatch one group as the condition says; results in member order."""
+        prompts = [m.prompt for m in group.members]
+        if condition.dispatch == "list":
+            return await self._request(prompts, len(prompts))
+        if condition.dispatch in ("sync", "cobatch"):
+            delays = [0.0] * len(prompts)
+        elif condition.dispatch == "stagger":
+            gap = abs(condition.stagger_ms) / 1000.0
+            before = condition.stagger_ms < 0  # fillers before the target
+            delays = [(0.0 if before else gap) if m.role == "filler" else (gap if before else 0.0)
+                      for m in group.members]
+        else:
+            raise BatchflipError(f"condition '{condition.name}': unknown dispatch "
+                                 f"'{condition.dispatch}'")
+        tasks = [asyncio.ensure_future(self._delayed(d, p)) for d, p in zip(delays, prompts,
+                                                                               strict=True)]
+        return list(await asyncio.gather(*tasks))
+
+    def run_group(self, group: Group, condition: Condition) -> list[Result]:
+        """Synchronous wrapper around :meth:`run_group_async`."""
+        return self._run(self.run_group_async(group, condition))
+
+    def warmup(self, n: int = 3, max_tokens: int = 8) -> None:
+        """``n`` sequential unrecorded requests; detects whether token ids are returned.
+
+        A server that rejects ``return_token_ids`` (HTTP 400/422) is asked again without it.
+        Raises BatchflipError when the server cannot answer at all.
+        """
+        for i in range(n):
+            res = self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0]
+            if res.error and i == 0 and self.return_token_ids and (
+                    "HTTP 400" in res.error or "HTTP 422" in res.error):
+                self.return_token_ids = False
+                res = self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0]
+            if res.error:
+                raise BatchflipError(f"warm-up request to {self.base_url}/v1/completions "
+                                     f"failed: {res.error}")
+        self.warmed_up = True

