@@ -1,0 +1,113 @@
+# Study D (kernel ablation): the label flips of a discovery study (`source`), each re-run
+# alone and inside its reconstructed original group, under every kernel mode in
+# `kernel_modes` (a wildcard), with the source's generation settings (batchflip.ablation).
+# Only studies with `kind: ablation` match these rules; the generic `numbers` and `figure`
+# rules are constrained to discovery studies, so results/numbers/{study}.json has exactly
+# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# Helpers (ablation_source, ablation_models, ablation_settings, ...): common.smk.
+
+
+rule ablation_candidates:
+    """The source's label flips, each with its original group (members, positions, roles)."""
+    input:
+        flips=lambda w: f"results/flips/{ablation_source(w.study)}/{w.model}.parquet",
+        generations=lambda w: ablation_source_generations(w.study, w.model),
+    output:
+        "results/ablation/{study}/{model}/candidates.parquet",
+    wildcard_constraints:
+        study=studies_of("ablation"),
+    params:
+        baseline=lambda w: study_cfg(ablation_source(w.study))["baseline"],
+        own=lambda w: " ".join(
+            f"--dispatch-baseline {d}={c}"
+            for d, c in sorted(
+                study_cfg(ablation_source(w.study)).get("dispatch_baselines", {}).items()
+            )
+        ),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/ablation/{study}/{model}/candidates.log",
+    shell:
+        "python -m batchflip ablation candidates --flips {input.flips:q} "
+        "--generations {input.generations:q} --baseline {params.baseline} {params.own} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule ablation_generate:
+    """Rerun every candidate alone and in its group under one kernel mode."""
+    input:
+        candidates="results/ablation/{study}/{model}/candidates.parquet",
+        battery=lambda w: battery_of(ablation_source(w.study)),
+        model=model_input,
+    output:
+        runs="results/ablation/{study}/{model}/{kernel_mode}.parquet",
+        stack="results/ablation/{study}/{model}/{kernel_mode}.stack.json",
+    wildcard_constraints:
+        study=studies_of("ablation"),
+        kernel_mode="standard|batch_invariant",
+    params:
+        settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
+        model_dir=lambda w: model_dir(w.model),
+    threads: lambda w: study_cfg(ablation_source(w.study)).get("threads", 1)
+    conda:
+        "../../envs/generation.yaml"
+    log:
+        "results/logs/ablation/{study}/{model}/{kernel_mode}.log",
+    shell:
+        "python -m batchflip ablation generate --candidates {input.candidates:q} "
+        "--battery {input.battery:q} --params {params.settings:q} "
+        "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
+        "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+
+
+rule ablation_numbers:
+    """Study D numbers (scored here: a scorer change re-scores, never regenerates)."""
+    input:
+        candidates=lambda w: [
+            f"results/ablation/{w.study}/{m}/candidates.parquet" for m in ablation_models(w.study)
+        ],
+        runs=lambda w: ablation_runs(w.study),
+        stacks=lambda w: [p.replace(".parquet", ".stack.json") for p in ablation_runs(w.study)],
+        battery=lambda w: battery_of(ablation_source(w.study)),
+        patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
+    output:
+        numbers="results/numbers/{study}.json",
+        rows="results/ablation/{study}/rows.parquet",
+    wildcard_constraints:
+        study=studies_of("ablation"),
+    params:
+        versions=json.dumps(config["scorers"], sort_keys=True),
+        source=lambda w: ablation_source(w.study),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/ablation/{study}/numbers.log",
+    shell:
+        "python -m batchflip ablation numbers --study {wildcards.study} --source {params.source} "
+        "--candidates {input.candidates:q} --runs {input.runs:q} --stacks {input.stacks:q} "
+        "--battery {input.battery:q} --versions {params.versions:q} "
+        "--patterns {input.patterns:q} --out {output.numbers:q} "
+        "--rows-out {output.rows:q} > {log:q} 2>&1"
+
+
+rule ablation_figure:
+    """Label flips and text changes per kernel mode with Wilson 95% intervals."""
+    input:
+        "results/numbers/{study}.json",
+    output:
+        png=report(
+            "results/figures/{study}_ablation.png",
+            caption=repo_path("workflow/report/ablation.rst"),
+            category="Figures",
+        ),
+        pdf="results/figures/{study}_ablation.pdf",
+    wildcard_constraints:
+        study=studies_of("ablation"),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/ablation/{study}/figure.log",
+    shell:
+        "python -m batchflip ablation figure --numbers {input:q} "
+        "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
