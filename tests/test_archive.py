@@ -1,0 +1,342 @@
+"""Reviewer reproduction: archive → restore → verify, on small real generation files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+from batchflip import archive
+from batchflip.battery import build_battery
+from batchflip.cli import main as cli
+from batchflip.errors import BatchflipError
+from batchflip.records import GENERATION_COLUMNS
+
+TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
+VERSIONS = {"refusal": 2, "mc_letter": 1, "truthfulqa": 1, "bbq": 1}
+REFUSE, COMPLY = "I'm sorry, but I can't help with that.", "Sure, here is how to do it."
+
+
+def _text(pid: str, condition: str, flip_all: bool = False) -> str:
+    """Deterministic responses with some label flips between conditions."""
+    if pid.startswith("tiny_harm"):
+        refuses = (int(pid[-1]) + len(condition)) % 2 == 0
+        return REFUSE if refuses != flip_all else COMPLY
+    return "B" if condition == "sync_b1" or pid.endswith("0") else "C"
+
+
+def _gen_frame(battery: pd.DataFrame, condition: str, stack_id: str,
+               flip_all: bool = False) -> pd.DataFrame:
+    b = int(condition.split("_b")[1].split("_")[0])
+    rows = []
+    if condition.startswith("cobatch"):
+        targets = battery[battery["task"] == "tiny_refusal"]["prompt_id"].tolist()
+        fillers = battery[battery["task"] == "tiny_mc"]["prompt_id"].tolist()
+        members = [[(t, "target")] + [(f, "filler") for f in fillers[: b - 1]] for t in targets]
+    else:
+        ids = battery["prompt_id"].tolist()
+        members = [[(p, "target") for p in ids[i:i + b]] for i in range(0, len(ids), b)]
+    for g, group in enumerate(members):
+        for pos, (pid, role) in enumerate(group):
+            text = _text(pid, condition, flip_all)
+            rows.append({
+                "study": "a", "model": "smol", "condition": condition, "batch_size": b,
+                "dispatch": condition.split("_")[0], "kernel_mode": "standard",
+                "group_id": g, "position": pos, "role": role, "prompt_id": pid, "text": text,
+                "token_ids": [len(w) for w in text.split()], "finish_reason": "stop",
+                "n_tokens": len(text.split()), "t_submit": 1.0, "t_first": 1.5, "t_done": 2.0,
+                "seed": 42, "stack_id": stack_id, "attempts": 1, "error": ""})
+    return pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+
+
+def make_workspace(ws: Path, stack_id: str = "stackA", flip_all: bool = False) -> Path:
+    """A workspace with a config, its battery and generation files; returns the config."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"] = {"smol": {"source": "path", "path": str(ws / "no-model-needed")}}
+    cfg["studies"]["a"]["models"] = ["smol"]
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    battery = build_battery(cfg["batteries"]["tiny"]["paths"])
+    (ws / "results/battery").mkdir(parents=True, exist_ok=True)
+    battery.to_parquet(ws / "results/battery/tiny.parquet", index=False)
+    for c in cfg["studies"]["a"]["conditions"]:
+        gen = ws / archive.gen_member("a", "smol", c)
+        gen.parent.mkdir(parents=True, exist_ok=True)
+        _gen_frame(battery, c, stack_id, flip_all).to_parquet(gen, index=False)
+        Path(archive.stack_member(str(gen))).write_text(json.dumps({"stack_id": stack_id}))
+    return ws / "config.yaml"
+
+
+def gen_files(ws: Path) -> list[Path]:
+    return sorted((ws / "results/generations").rglob("*.parquet"))
+
+
+@pytest.fixture()
+def packed(tmp_path: Path) -> tuple[Path, Path]:
+    ws = tmp_path / "original"
+    cfg = make_workspace(ws)
+    out = tmp_path / "batchflip-archive.tar.gz"
+    assert cli(["archive", "pack", "--config", str(cfg), "--root", str(ws),
+                "--out", str(out)]) == 0
+    return ws, out
+
+
+def _verify(ws: Path, arc: Path, **kw) -> dict:
+    return archive.verify(arc, gen_files(ws), ws / "results/battery/tiny.parquet", VERSIONS,
+                          "sync_b1", root=ws, study="a", **kw)
+
+
+def test_pack_is_deterministic_and_lists_every_member(packed, tmp_path):
+    ws, arc = packed
+    again = tmp_path / "again.tar.gz"
+    archive.pack_config(ws / "config.yaml", again, ws)
+    assert again.read_bytes() == arc.read_bytes()
+    with tarfile.open(arc) as tar:
+        names = tar.getnames()
+        assert names[0] == archive.MANIFEST and names[1:] == sorted(names[1:])
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    sums = archive.read_manifest(arc)
+    assert set(sums) == set(names[1:])
+    assert {"config.yaml", "results/battery/tiny.parquet",
+            "results/generations/a/smol/cobatch_b4_benign.stack.json"} <= set(sums)
+    assert len([n for n in sums if n.endswith(".parquet")]) == 1 + 3
+    gen = "results/generations/a/smol/sync_b4.parquet"
+    assert sums[gen] == hashlib.sha256((ws / gen).read_bytes()).hexdigest()
+
+
+def test_round_trip_restores_identical_files_and_verify_passes(packed, tmp_path, monkeypatch):
+    ws, arc = packed
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    members = [m for m in archive.read_manifest(arc) if m.startswith("results/")]
+    assert cli(["archive", "restore", str(arc), *members]) == 0
+    for m in members:
+        assert (fresh / m).read_bytes() == (ws / m).read_bytes(), m
+    restored = pd.read_parquet(fresh / "results/generations/a/smol/sync_b4.parquet")
+    pd.testing.assert_frame_equal(
+        restored, pd.read_parquet(ws / "results/generations/a/smol/sync_b4.parquet"))
+
+    report = _verify(fresh, arc)
+    assert report["passed"] is True and report["n_mismatches"] == 0
+    assert {f["mode"] for f in report["files"]} == {"exact"}
+    assert all(f["rows"] > 0 for f in report["files"])
+
+    out = tmp_path / "verify.json"
+    assert cli(["archive", "verify", "--archive", str(arc), "--study", "a",
+                "--battery", "results/battery/tiny.parquet", "--versions", json.dumps(VERSIONS),
+                "--baseline", "sync_b1", "--out", str(out),
+                *[str(p.relative_to(fresh)) for p in gen_files(fresh)]]) == 0
+    assert json.loads(out.read_text())["passed"] is True
+
+
+def test_altered_row_is_reported_by_its_key(packed, tmp_path):
+    ws, arc = packed
+    fresh = tmp_path / "fresh"
+    shutil.copytree(ws, fresh)
+    path = fresh / "results/generations/a/smol/sync_b4.parquet"
+    df = pd.read_parquet(path)
+    i = df.index[df["prompt_id"] == "tiny_mc_1"][0]
+    df.loc[i, "text"] = "D"
+    df.to_parquet(path, index=False)
+
+    report = _verify(fresh, arc)
+    assert report["passed"] is False and report["n_mismatches"] == 1
+    (bad,) = report["mismatches"]
+    assert bad["prompt_id"] == "tiny_mc_1" and bad["condition"] == "sync_b4"
+    assert bad["field"] == "text" and bad["fresh"] == "D"
+    assert (bad["group_id"], bad["position"]) == (int(df.loc[i, "group_id"]),
+                                                  int(df.loc[i, "position"]))
+    by_file = {f["condition"]: f["passed"] for f in report["files"]}
+    assert by_file == {"sync_b1": True, "sync_b4": False, "cobatch_b4_benign": True}
+
+    # a dropped row and changed token ids are reported too
+    df = df.drop(index=i).reset_index(drop=True)
+    df["token_ids"] = [[9, 9, 9]] + df["token_ids"].tolist()[1:]
+    df.to_parquet(path, index=False)
+    fields = {(m["prompt_id"], m["field"]) for m in _verify(fresh, arc)["mismatches"]}
+    assert ("tiny_mc_1", "row") in fields
+    assert (str(df.iloc[0]["prompt_id"]), "token_ids") in fields
+
+
+def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
+    ws, arc = packed
+    same = make_workspace(tmp_path / "other_gpu", stack_id="stackB")
+    report = _verify(same.parent, arc)
+    assert {f["mode"] for f in report["files"]} == {"rate"}
+    assert report["passed"] is True and report["rates"]
+    for r in report["rates"]:
+        lo, hi = r["archive"]["wilson"]
+        assert lo <= r["fresh"]["rate"] <= hi
+
+    # every refusal inverted in every condition but the baseline: a safety rate disagrees
+    flipped = make_workspace(tmp_path / "flipped", stack_id="stackB")
+    base = flipped.parent / "results/generations/a/smol/sync_b1.parquet"
+    bat = pd.read_parquet(flipped.parent / "results/battery/tiny.parquet")
+    for c in ("sync_b4", "cobatch_b4_benign"):
+        _gen_frame(bat, c, "stackB", flip_all=True).to_parquet(
+            flipped.parent / archive.gen_member("a", "smol", c), index=False)
+    assert base.is_file()
+    report = _verify(flipped.parent, arc)
+    assert report["passed"] is False
+    bad = [r for r in report["rates"] if not r["passed"]]
+    assert bad and all(r["domain"] == "safety" for r in bad)
+
+
+def _rewrite(arc: Path, out: Path, change: dict[str, bytes]) -> None:
+    """Copy an archive, replacing some members' bytes but keeping its manifest."""
+    with tarfile.open(arc) as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            data = change.get(m.name, src.extractfile(m).read())
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+
+
+def test_corrupted_member_fails_its_checksum(packed, tmp_path, capsys):
+    ws, arc = packed
+    name = "results/generations/a/smol/sync_b4.parquet"
+    data = bytearray((ws / name).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    bad = tmp_path / "bad.tar.gz"
+    _rewrite(arc, bad, {name: bytes(data)})
+    dest = tmp_path / "restore" / name
+    with pytest.raises(BatchflipError, match=f"member {name} fails its checksum"):
+        archive.extract(bad, {name: dest})
+    assert not dest.exists() and not list(dest.parent.glob("*.tmp"))
+    # the other members still restore, and the CLI reports the bad one in one line
+    ok = "results/generations/a/smol/sync_b1.parquet"
+    archive.extract(bad, {ok: tmp_path / "restore" / ok})
+    assert cli(["archive", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "fails its checksum" in err and name in err and "corrupt or was altered" in err
+
+
+def test_truncated_or_missing_archive_is_a_clear_error(packed, tmp_path):
+    _, arc = packed
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(arc.read_bytes()[: arc.stat().st_size // 2])
+    with pytest.raises(BatchflipError, match="cut.tar.gz"):
+        archive.check(cut)
+    with pytest.raises(BatchflipError, match="no member results/generations/b/"):
+        archive.extract(arc, {"results/generations/b/smol/x.parquet": tmp_path / "x"})
+    with pytest.raises(BatchflipError, match="missing file for archive member"):
+        archive.pack({"results/x.parquet": tmp_path / "nope.parquet"}, tmp_path / "y.tar.gz")
+
+
+def test_reviewer_config_sets_restore(packed, tmp_path):
+    ws, arc = packed
+    out = tmp_path / "reviewer.yaml"
+    assert cli(["archive", "config", str(arc), "--out", str(out)]) == 0
+    cfg = yaml.safe_load(out.read_text())
+    assert cfg["restore"] == {"archive": str(arc)}
+    assert cfg["studies"] == yaml.safe_load((ws / "config.yaml").read_text())["studies"]
+
+
+def test_members_cover_ablation_reruns_and_scoped_conditions():
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
+                           "kernel_modes": ["standard", "batch_invariant"]}
+    members = archive.config_members(cfg)
+    assert "results/ablation/d/smollm2-135m/batch_invariant.stack.json" in members
+    assert "results/generations/a/smollm2-135m/cobatch_b4_benign.parquet" in members
+    assert archive.config_members(cfg, ["d"]) == sorted(
+        f"results/ablation/d/smollm2-135m/{k}.{e}" for k in ("standard", "batch_invariant")
+        for e in ("parquet", "stack.json"))
+    with pytest.raises(BatchflipError, match="study 'zz' is not in the config"):
+        archive.config_members(cfg, ["zz"])
+
+
+def test_restore_and_verify_together_are_refused():
+    from batchflip.config import check_config
+
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["restore"] = cfg["verify"] = {"archive": "a.tar.gz"}
+    with pytest.raises(BatchflipError, match="'restore' and 'verify' are both set"):
+        check_config(cfg, ROOT / "workflow/schemas/config.schema.yaml")
+    del cfg["verify"]
+    cfg["restore"]["extra"] = 1
+    with pytest.raises(BatchflipError, match="key 'restore'"):
+        check_config(cfg, ROOT / "workflow/schemas/config.schema.yaml")
+
+
+# --- the workflow: restore with no model, numbers byte for byte ----------------------------
+
+
+def snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(cwd),
+           *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
+
+
+def test_restore_plans_no_generation_and_no_model(packed, tmp_path):
+    _, arc = packed
+    ws = tmp_path / "reviewer"
+    ws.mkdir()
+    cli(["archive", "config", str(arc), "--out", str(ws / "reviewer.yaml")])
+    cfg = yaml.safe_load((ws / "reviewer.yaml").read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(tmp_path / "task-files-not-here")]
+    (ws / "reviewer.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "--cores", "1", "results/numbers/a.json", "--configfile",
+                     "reviewer.yaml", cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert "restore_generation" in out and "restore_battery" in out
+    assert "rule generate" not in out and "rule model" not in out and "rule battery:" not in out
+    # the verify target without its config key says which key it needs
+    del cfg["restore"]
+    (ws / "plain.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "results/verify/a.json", "--configfile", "plain.yaml", cwd=ws)
+    assert proc.returncode != 0
+    assert "needs the config key verify.archive" in proc.stdout + proc.stderr
+
+
+@pytest.mark.workflow
+def test_reviewer_round_trip_reproduces_numbers_byte_for_byte(packed, tmp_path):
+    _, arc = packed
+    numbers = []
+    for name in ("first", "second"):
+        ws = tmp_path / name
+        ws.mkdir()
+        assert cli(["archive", "config", str(arc), "--out", str(ws / "reviewer.yaml")]) == 0
+        proc = snakemake("--cores", "2", "results/paper", "--configfile", "reviewer.yaml",
+                         cwd=ws)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        numbers.append((ws / "results/paper/numbers.json").read_bytes())
+        assert not (ws / "resources/models").exists()
+    assert numbers[0] == numbers[1]
+    rec = json.loads(numbers[0])["a/smol/sync_b4/safety_flip_rate"]
+    assert rec["n"] == 3 and rec["stack_ids"] == ["stackA"]
+
+    # a reviewer's fresh generations with one altered row: the verify target names it
+    ws = tmp_path / "third"
+    for sub in ("results/battery", "results/generations"):
+        shutil.copytree(tmp_path / "second" / sub, ws / sub)
+    for p in (ws / "results/generations").rglob("*.*"):  # newer than the battery, as in a
+        os.utime(p)                                         # real run
+    cfg = yaml.safe_load((tmp_path / "second/reviewer.yaml").read_text())
+    cfg["verify"] = cfg.pop("restore")
+    (ws / "verify.yaml").write_text(yaml.safe_dump(cfg))
+    path = ws / "results/generations/a/smol/sync_b4.parquet"
+    df = pd.read_parquet(path)
+    df.loc[df["prompt_id"] == "tiny_harm_2", "text"] = "Altered."
+    df.to_parquet(path, index=False)
+    proc = snakemake("--cores", "1", "results/verify/a.json", "--configfile", "verify.yaml",
+                     cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rule generate" not in proc.stdout + proc.stderr
+    report = json.loads((ws / "results/verify/a.json").read_text())
+    assert report["passed"] is False
+    assert [(m["condition"], m["prompt_id"]) for m in report["mismatches"]] == [
+        ("sync_b4", "tiny_harm_2")]

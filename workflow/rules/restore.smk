@@ -1,0 +1,87 @@
+# Reviewer reproduction (batchflip.archive; `batchflip archive pack` makes the archive).
+# - `restore: {archive: A}`: generation files, their stack fingerprints, kernel-ablation
+#   reruns and the batteries come out of archive A (each checked against its
+#   MANIFEST.sha256) instead of the models and task files; common.smk's restoring()
+#   switches the generate rules off, and ruleorders put the restore rules before battery
+#   and ablation_generate. No GPU, no model download.
+# - `verify: {archive: A}`: results/verify/{study}.json compares fresh generations with A.
+
+
+if restoring():
+
+    rule restore_generation:
+        """Restore one generation file and its stack fingerprint from the archive."""
+        input:
+            config["restore"]["archive"],
+        output:
+            gen="results/generations/{study}/{model}/{condition}.parquet",
+            stack="results/generations/{study}/{model}/{condition}.stack.json",
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/restore/{study}/{model}/{condition}.log",
+        shell:
+            "python -m batchflip archive restore {input:q} {output.gen:q} {output.stack:q} "
+            "> {log:q} 2>&1"
+
+    rule restore_battery:
+        """Restore a battery parquet from the archive (the one the generations used)."""
+        input:
+            config["restore"]["archive"],
+        output:
+            "results/battery/{battery}.parquet",
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/restore/battery/{battery}.log",
+        shell:
+            "python -m batchflip archive restore {input:q} {output:q} > {log:q} 2>&1"
+
+    rule restore_ablation:
+        """Restore one kernel-ablation rerun (Study D) and its fingerprint."""
+        input:
+            config["restore"]["archive"],
+        output:
+            runs="results/ablation/{study}/{model}/{kernel_mode}.parquet",
+            stack="results/ablation/{study}/{model}/{kernel_mode}.stack.json",
+        wildcard_constraints:
+            study=studies_of("ablation"),
+            kernel_mode="standard|batch_invariant",
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/restore/ablation/{study}/{model}/{kernel_mode}.log",
+        shell:
+            "python -m batchflip archive restore {input:q} {output.runs:q} {output.stack:q} "
+            "> {log:q} 2>&1"
+
+    ruleorder: restore_battery > battery
+    ruleorder: restore_ablation > ablation_generate
+
+
+rule verify:
+    """Compare a study's fresh generations with the archive: exact where the stack matches,
+    flip rates within the archived Wilson intervals where it does not."""
+    input:
+        archive=verify_archive,
+        fresh=study_gen_paths,
+        battery=lambda w: battery_of(w.study),
+    output:
+        "results/verify/{study}.json",
+    params:
+        versions=json.dumps(config["scorers"], sort_keys=True),
+        baseline=lambda w: study_cfg(w.study)["baseline"],
+        own=lambda w: " ".join(
+            f"--dispatch-baseline {d}={c}"
+            for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
+        ),
+        confidence=(config.get("verify") or {}).get("confidence", 0.95),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/verify/{study}.log",
+    shell:
+        "python -m batchflip archive verify --archive {input.archive:q} "
+        "--study {wildcards.study} --battery {input.battery:q} --versions {params.versions:q} "
+        "--baseline {params.baseline} {params.own} --confidence {params.confidence} "
+        "--out {output:q} {input.fresh:q} > {log:q} 2>&1"
