@@ -1,0 +1,115 @@
+"""Subsets and scopes (batchflip.design) and their config checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT
+
+from batchflip.conditions import parse_condition
+from batchflip.config import check_config
+from batchflip.design import condition_params, conditions_for, models_for, select_subset
+from batchflip.errors import BatchflipError
+from batchflip.generate import build_groups
+
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+
+
+def battery() -> pd.DataFrame:
+    rows = [(f"{t}_{i}", t) for t in ("x", "y", "z") for i in range(10)]
+    df = pd.DataFrame(rows, columns=["prompt_id", "task"])
+    df["domain"] = df["task"].map({"x": "safety", "y": "safety", "z": "capability"})
+    return df.sample(frac=1, random_state=3).reset_index(drop=True)  # tasks interleaved
+
+
+def test_head_keeps_the_first_n_of_each_task_in_battery_order():
+    b = battery()
+    out = select_subset(b, {"per_task": {"x": 3, "z": 2}})
+    expect = [*b[b.task == "x"].prompt_id[:3], *b[b.task == "z"].prompt_id[:2]]
+    assert sorted(out.prompt_id) == sorted(expect)
+    assert list(out.prompt_id) == [p for p in b.prompt_id if p in set(expect)]  # order kept
+    assert "y" not in set(out.task)  # unlisted tasks are left out
+
+
+def test_sample_is_seeded():
+    b = battery()
+    spec = {"per_task": {"x": 4, "y": 4}, "method": "sample", "seed": 7}
+    one, two = select_subset(b, spec), select_subset(b, spec)
+    assert list(one.prompt_id) == list(two.prompt_id)
+    others = {tuple(select_subset(b, {**spec, "seed": s}).prompt_id) for s in range(8)}
+    assert len(others) > 1
+
+
+def test_subset_errors_name_the_field():
+    with pytest.raises(BatchflipError, match=r"subset\.per_task\.x: asks for 11"):
+        select_subset(battery(), {"per_task": {"x": 11}})
+    with pytest.raises(BatchflipError, match=r"subset\.per_task\.nope: no such task"):
+        select_subset(battery(), {"per_task": {"nope": 1}})
+
+
+STUDY = {"models": ["m1", "m2", "m3"], "baseline": "sync_b1",
+         "dispatch_baselines": {"list": "list_b1"},
+         "conditions": ["sync_b1", "sync_b4", "list_b1", "list_b4"],
+         "scopes": [{"conditions": ["list_b1", "list_b4"], "models": ["m2", "m3"],
+                     "subset": {"per_task": {"x": 2, "z": 2}}}]}
+
+
+def test_scopes_narrow_models_and_prompts():
+    assert conditions_for(STUDY, "m1") == ["sync_b1", "sync_b4"]
+    assert conditions_for(STUDY, "m2") == STUDY["conditions"]
+    assert models_for(STUDY, "list_b4") == ["m2", "m3"]
+    params = {"seed": 1, "condition_overrides": {"list_b4": {"subset": {"per_task": {"x": 2}}}}}
+    assert condition_params(params, "list_b4") == {"seed": 1, "subset": {"per_task": {"x": 2}}}
+    assert condition_params(params, "sync_b4") == {"seed": 1}
+    # a list_b4 job on the subset: 4 targets in one group of 4
+    b = select_subset(battery(), STUDY["scopes"][0]["subset"]).assign(sent="p")
+    groups = build_groups(b, parse_condition("list_b4"), {"seed": 1})
+    assert sum(m.role == "target" for g in groups for m in g.members) == 4
+
+
+def default_config() -> dict:
+    return yaml.safe_load((ROOT / "config/config.yaml").read_text())
+
+
+def test_config_checks_scopes():
+    cfg = default_config()
+    study = cfg["studies"]["a"]
+    study["scopes"] = [{"conditions": ["sync_b8"], "models": ["smollm2-135m"]}]
+    check_config(copy.deepcopy(cfg), SCHEMA)
+    study["scopes"] = [{"conditions": ["sync_b9"]}]
+    with pytest.raises(BatchflipError, match=r"studies\.a\.scopes\.0\.conditions.*sync_b9"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    study["scopes"] = [{"conditions": ["sync_b8"], "models": ["other"]}]
+    with pytest.raises(BatchflipError, match=r"scopes\.0\.models.*'other'"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+def test_config_checks_a_scope_that_drops_a_baseline():
+    cfg = default_config()
+    cfg["models"]["m2"] = dict(cfg["models"]["smollm2-135m"])
+    study = cfg["studies"]["a"]
+    study["models"] = ["smollm2-135m", "m2"]
+    study["scopes"] = [{"conditions": ["sync_b1"], "models": ["m2"]}]
+    with pytest.raises(BatchflipError, match=r"\['smollm2-135m'\] run '.*' but not its "
+                                             r"baseline 'sync_b1'"):
+        check_config(cfg, SCHEMA)
+
+
+def test_config_checks_a_chat_study_on_a_model_without_a_template():
+    cfg = default_config()
+    cfg["models"]["gemma3-270m"].pop("prompt_format")
+    with pytest.raises(BatchflipError, match=r"models\.gemma3-270m\.prompt_format"):
+        check_config(cfg, SCHEMA)
+
+
+def test_config_checks_subset_from():
+    cfg = default_config()
+    cfg["studies"]["e"] = {**copy.deepcopy(cfg["studies"]["a"]),
+                           "subset_from": {"study": "nope"}}
+    with pytest.raises(BatchflipError, match=r"studies\.e\.subset_from\.study"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    cfg["studies"]["e"]["subset_from"] = {"study": "a"}
+    check_config(cfg, SCHEMA)

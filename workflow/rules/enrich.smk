@@ -1,0 +1,52 @@
+# Enriched subset (batchflip.enrich): a study with `subset_from: {study: S, rule: boundary}`
+# runs only the prompts that finished study S found boundary-sensitive (a score of 0.5 or a
+# flip in any condition), and reports its rates beside S's full-set rates with a note that
+# the selection inflates them. battery_of() points the study's generate and score jobs at
+# the enriched battery; the rules are inert without such studies (enriched_studies()
+# and enrich_source() live in common.smk).
+
+
+rule enriched_battery:
+    """The source study's boundary-sensitive prompts, in battery order."""
+    input:
+        battery=lambda w: battery_of(enrich_source(w.study)),
+        scored=lambda w: all_scored_paths(enrich_source(w.study)),
+        flips=lambda w: flips_paths(enrich_source(w.study)),
+    output:
+        "results/battery/enriched/{study}.parquet",
+    wildcard_constraints:
+        study=enriched_studies(),
+    params:
+        rule=lambda w: study_cfg(w.study)["subset_from"].get("rule", "boundary"),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/battery/enriched_{study}.log",
+    shell:
+        "python -m batchflip enrich select --battery {input.battery:q} "
+        "--scored {input.scored:q} --flips {input.flips:q} --rule {params.rule} "
+        "--out {output:q} > {log:q} 2>&1"
+
+
+rule enriched_numbers:
+    """Enriched-subset flip rates beside the source's full-set rates (same conditions)."""
+    input:
+        flips=lambda w: flips_paths(w.study),
+        source_flips=lambda w: flips_paths(enrich_source(w.study)),
+        selected="results/battery/enriched/{study}.parquet",
+        battery=lambda w: battery_of(enrich_source(w.study)),
+    output:
+        "results/numbers/enriched_{study}.json",
+    wildcard_constraints:
+        study=enriched_studies(),
+    params:
+        source=lambda w: enrich_source(w.study),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/numbers/enriched_{study}.log",
+    shell:
+        "python -m batchflip enrich compare --study {wildcards.study} "
+        "--source {params.source} --flips {input.flips:q} "
+        "--source-flips {input.source_flips:q} --selected {input.selected:q} "
+        "--battery {input.battery:q} --out {output:q} > {log:q} 2>&1"

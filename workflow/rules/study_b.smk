@@ -1,0 +1,54 @@
+# Study B (kind: models): fragility and output instability across models (batchflip.fragility).
+# Only studies with `kind: models` match these rules; the generic `numbers` and `figure`
+# rules are constrained to discovery studies, so results/numbers/{study}.json has exactly
+# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# Generation, scoring and flips are the shared stages; alignment types come from
+# models.<name>.alignment ("unspecified" when absent).
+
+
+rule models_numbers:
+    """Per-model fragility and instability, pooled rates, ANOVA by alignment type, Pearson r
+    with a seeded bootstrap interval, flip directions with a binomial test."""
+    input:
+        flips=lambda w: flips_paths(w.study),
+    output:
+        "results/numbers/{study}.json",
+    wildcard_constraints:
+        study=studies_of("models"),
+    params:
+        alignment=lambda w: " ".join(
+            f"--alignment {m}={config['models'][m].get('alignment', 'unspecified')}"
+            for m in study_cfg(w.study)["models"]
+        ),
+        seed=lambda w: study_cfg(w.study)["seed"],
+        resamples=2000,
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/models/{study}_numbers.log",
+    shell:
+        "python -m batchflip fragility numbers --study {wildcards.study} "
+        "--flips {input.flips:q} {params.alignment} --seed {params.seed} "
+        "--resamples {params.resamples} --out {output:q} > {log:q} 2>&1"
+
+
+rule models_figure:
+    """Instability vs fragility per model with the fit line."""
+    input:
+        "results/numbers/{study}.json",
+    output:
+        png=report(
+            "results/figures/{study}_models.png",
+            caption=repo_path("workflow/report/models.rst"),
+            category="Figures",
+        ),
+        pdf="results/figures/{study}_models.pdf",
+    wildcard_constraints:
+        study=studies_of("models"),
+    conda:
+        "../../envs/analysis.yaml"
+    log:
+        "results/logs/models/{study}_figure.log",
+    shell:
+        "python -m batchflip fragility figure --numbers {input:q} "
+        "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
