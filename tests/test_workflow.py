@@ -42,10 +42,24 @@ def test_default_config_plans_the_whole_dag(tmp_path):
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     counts = job_counts(proc.stdout)
-    n_cond = len(cfg["studies"]["a"]["conditions"])
-    assert counts["generate"] == n_cond and counts["score"] == n_cond
-    assert counts["model"] == 1 and counts["battery"] == 1
-    assert counts["paper"] == 1 and counts["figure"] == 2 and counts["flips"] == 1
+    from batchflip.design import conditions_for
+
+    gen = {s: v for s, v in cfg["studies"].items() if v["kind"] != "ablation"}
+    per_model = {s: [len(conditions_for(v, m)) for m in v["models"]] for s, v in gen.items()}
+    hf = [s for s, v in gen.items() if v["engine"] == "hf"]
+    assert counts["generate"] == sum(sum(per_model[s]) for s in hf)  # one job per condition
+    assert counts["score"] == sum(sum(n) for n in per_model.values())
+    # composition numbers read the scored files; every other kind pairs flips per model
+    assert counts["flips"] == sum(len(n) for s, n in per_model.items()
+                                  if gen[s]["kind"] != "composition")
+    used = {m for v in gen.values() for m in v["models"]}
+    assert counts["model"] == sum(cfg["models"][m]["source"] == "pypi_gguf" for m in used)
+    assert counts["battery"] == len({v["battery"] for v in gen.values()})
+    discovery = [s for s in cfg["paper"]["studies"] if gen.get(s, {}).get("kind") == "discovery"]
+    assert counts["paper"] == 1 and counts["figure"] == 2 * len(discovery)
+    # Study B (kind models): its own numbers and figure rules
+    if any(v["kind"] == "models" for v in gen.values()):
+        assert counts["models_numbers"] == counts["models_figure"] == 1
 
 
 def test_invalid_config_names_key_and_rule(tmp_path):

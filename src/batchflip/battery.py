@@ -61,6 +61,12 @@ def load_task(path: Path) -> pd.DataFrame:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise InputError(path, f"not readable YAML: {exc}") from None
+    return render_task(doc, path)
+
+
+def render_task(doc: Any, path: object) -> pd.DataFrame:
+    """Render one task document (a parsed task YAML, or one built by batchflip.builders)
+    into battery rows; ``path`` names its origin in errors."""
     if not isinstance(doc, dict):
         raise InputError(path, "top level must be a mapping")
     for key in ("name", "task_type", "prompt_template", "samples"):
@@ -105,14 +111,20 @@ def load_task(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=BATTERY_COLUMNS)
 
 
-def build_battery(paths: list[str | Path]) -> pd.DataFrame:
-    """All task files → one frame; duplicate prompt ids across or within files are errors."""
+def build_battery(paths: list[str | Path], builder: dict[str, Any] | None = None
+                  ) -> pd.DataFrame:
+    """All task files, then the rows of a builder spec (batchflip.builders), as one frame;
+    duplicate prompt ids across or within them are errors."""
     files = task_files(paths)
-    if not files:
-        raise InputError(", ".join(map(str, paths)), "no task YAML files found")
+    if not files and not builder:
+        raise InputError(", ".join(map(str, paths)) or "battery", "no task YAML files found")
+    parts: list[tuple[object, pd.DataFrame]] = [(f, load_task(f)) for f in files]
+    if builder:
+        from batchflip.builders import build
+
+        parts.append(("builder", build(builder)))
     frames, seen = [], {}
-    for f in files:
-        df = load_task(f)
+    for f, df in parts:
         for i, pid in enumerate(df["prompt_id"], start=1):
             if pid in seen:
                 raise InputError(f, f"duplicate prompt id '{pid}' (first in {seen[pid]})",
@@ -123,14 +135,16 @@ def build_battery(paths: list[str | Path]) -> pd.DataFrame:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip battery --out X.parquet PATH...``."""
-    parser.add_argument("paths", nargs="+", help="task YAML files or directories")
+    """CLI: ``batchflip battery --out X.parquet [--builder JSON] PATH...``."""
+    parser.add_argument("paths", nargs="*", help="task YAML files or directories")
+    parser.add_argument("--builder", default="null",
+                        help="builder spec as JSON (see batchflip.builders); null for none")
     parser.add_argument("--out", required=True)
 
 
 def main(args: argparse.Namespace) -> int:
     """Build and write a battery."""
-    df = build_battery(args.paths)
+    df = build_battery(args.paths, json.loads(args.builder))
     write_parquet(df, args.out)
     counts = df.groupby("domain").size().to_dict()
     print(f"{args.out}: {len(df)} prompts {counts}")

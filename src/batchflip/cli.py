@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablation": ("batchflip.ablation", "Study D: kernel-mode ablation"),
     "composition": ("batchflip.composition", "Study C: co-batch composition numbers"),
     "archive": ("batchflip.archive", "pack generations for reviewer reproduction"),
+    "fragility": ("batchflip.fragility", "Study B: fragility and instability across models"),
+    "enrich": ("batchflip.enrich", "enriched subset: select boundary prompts, compare rates"),
 }
 
 

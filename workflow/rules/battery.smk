@@ -1,12 +1,16 @@
 rule battery:
-    """Render task-YAML files into one battery parquet."""
+    """Render task-YAML files, and/or sample public datasets (a builder), into one battery."""
     input:
-        battery_files,
+        tasks=battery_files,
+        sources=builder_files,
     output:
         "results/battery/{battery}.parquet",
+    params:
+        builder=lambda w: builder_spec(w.battery),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/battery/{battery}.log",
     shell:
-        "python -m batchflip battery {input:q} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip battery {input.tasks:q} --builder {params.builder:q} "
+        "--out {output:q} > {log:q} 2>&1"

@@ -12,7 +12,7 @@ rule composition_numbers:
         generations=lambda w: [
             gen_path(w.study, m, c)
             for m in study_cfg(w.study)["models"]
-            for c in study_cfg(w.study)["conditions"]
+            for c in conditions_of(w.study, m)
         ],
     output:
         "results/numbers/{study}.json",

@@ -9,6 +9,7 @@ rule flips:
         own=lambda w: " ".join(
             f"--dispatch-baseline {d}={c}"
             for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
+            if c in conditions_of(w.study, w.model)  # a scope may leave a dispatch out
         ),
     conda:
         "../../envs/analysis.yaml"

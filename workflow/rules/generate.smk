@@ -1,13 +1,15 @@
 rule generate:
-    """One generation job per (study, model, condition)."""
+    """hf engine: one generation job per (study, model, condition)."""
     input:
         battery=lambda w: battery_of(w.study),
         model=model_input,
     output:
         gen="results/generations/{study}/{model}/{condition}.parquet",
         stack="results/generations/{study}/{model}/{condition}.stack.json",
+    wildcard_constraints:
+        study=studies_on("hf"),
     params:
-        settings=lambda w: gen_settings(w.study, w.model),
+        settings=lambda w: gen_settings(w.study, w.model, [w.condition]),
         model_dir=lambda w: model_dir(w.model),
     threads: lambda w: study_cfg(w.study).get("threads", 1)
     conda:
@@ -18,3 +20,35 @@ rule generate:
         "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
         "--out {output.gen:q} --stack-out {output.stack:q} 2> {log:q}"
+
+
+# Server engines (vllm, openai): one job per (study, model) runs every condition of the
+# study against one server start (start-up takes minutes on CPU); the job still writes
+# one parquet + stack fingerprint per condition. One rule per such study and set of
+# conditions (scopes can give models different condition lists; server_jobs groups them),
+# because its outputs depend on the condition list.
+for _name, _study, _models, _conds in server_jobs():
+
+    rule:
+        name:
+            _name
+        input:
+            battery=battery_of(_study),
+            model=model_input,
+        output:
+            gen=[f"results/generations/{_study}/{{model}}/{c}.parquet" for c in _conds],
+            stack=[f"results/generations/{_study}/{{model}}/{c}.stack.json" for c in _conds],
+        wildcard_constraints:
+            model="|".join(re.escape(m) for m in _models),
+        params:
+            settings=lambda w, _s=_study: gen_settings(_s, w.model),
+            model_dir=lambda w: model_dir(w.model),
+            jobs=lambda w, output, _s=_study: server_job_args(_s, output),
+        threads: study_cfg(_study).get("threads", 1)
+        conda:
+            "../../envs/generation.yaml"
+        log:
+            f"results/logs/generate/{_study}/{{model}}/server_job.log",
+        shell:
+            "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
+            "--model-dir {params.model_dir:q} {params.jobs} 2> {log:q}"

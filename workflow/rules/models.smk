@@ -3,7 +3,13 @@ rule model:
     output:
         "resources/models/{model}/model.json",
     params:
-        spec=lambda w: json.dumps(config["models"][w.model], sort_keys=True),
+        # what the weights are made from; alignment, chat and prompt_format describe how a
+        # study uses the model and change no weights
+        spec=lambda w: json.dumps(
+            {k: v for k, v in config["models"][w.model].items()
+             if k not in ("alignment", "chat", "prompt_format")},
+            sort_keys=True,
+        ),
         out=lambda w: f"resources/models/{w.model}",
     conda:
         "../../envs/generation.yaml"
