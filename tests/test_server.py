@@ -521,3 +521,22 @@ def test_bad_model_path_raises_with_log_lines(tmp_path):
     assert "exited with status" in msg and "last 30 log lines" in msg
     assert "config.json" in msg or "not-a-model" in msg
     assert set(srv._LIVE) == live
+
+
+def test_cpu_launch_drops_inherited_thread_counts(monkeypatch):
+    # Snakemake exports OMP_NUM_THREADS=<rule threads>; vLLM's pinned CPU worker must not
+    # inherit it (two spinning threads on one bound core: ~400x slower, measured)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("MKL_NUM_THREADS", "2")
+    _, env, _ = srv.build_launch(_params(), "/models/x", 4321, FAKE_CPU_PROBE)
+    full = srv.server_environ(env)
+    assert "OMP_NUM_THREADS" not in full and "MKL_NUM_THREADS" not in full
+    assert full["VLLM_BATCH_INVARIANT"] == "0"
+    # a user's own setting wins
+    _, env, _ = srv.build_launch(_params(extra_env={"OMP_NUM_THREADS": "1"}), "/models/x",
+                                 4321, FAKE_CPU_PROBE)
+    assert srv.server_environ(env)["OMP_NUM_THREADS"] == "1"
+    # GPU builds keep the caller's environment as it is
+    gpu = {**FAKE_CPU_PROBE, "device_type": "cuda"}
+    _, env, _ = srv.build_launch(_params(), "/models/x", 4321, gpu)
+    assert srv.server_environ(env)["OMP_NUM_THREADS"] == "2"

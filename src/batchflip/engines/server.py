@@ -132,6 +132,9 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "log_dir": "results/logs/vllm",
 }
 KERNEL_MODES = ("standard", "batch_invariant")
+# thread-count variables a job inherits (Snakemake sets them from a rule's threads)
+INHERITED_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                         "GOTO_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 CPU_GPU_MEMORY_UTILIZATION = 0.3
 LOG_TAIL_LINES = 30
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
@@ -232,9 +235,21 @@ def check_kernel_mode(kernel_mode: str, probe: dict[str, Any]) -> None:
             f"the vllm package, or use engine hf (its batch_invariant mode works on CPU).")
 
 
-def build_launch(params: dict[str, Any], model_dir: str, port: int,
-                 probe: dict[str, Any]) -> tuple[list[str], dict[str, str], list[str]]:
-    """The server argv, the environment variables it sets, and the flags worth recording.
+def server_environ(env: dict[str, str | None]) -> dict[str, str]:
+    """This process's environment with ``env`` applied (a None value unsets the variable)."""
+    full = dict(os.environ)
+    for key, value in env.items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    return full
+
+
+def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[str, Any]
+                 ) -> tuple[list[str], dict[str, str | None], list[str]]:
+    """The server argv, the environment variables it sets (None: unsets), and the flags
+    worth recording.
 
     The recorded flags leave out ``--host``, ``--port`` and ``--model`` (run-specific or
     hashed separately) and the launcher prefix.
@@ -255,8 +270,15 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int,
     eager = cfg["enforce_eager"] if cfg["enforce_eager"] is not None else cpu
     if eager:
         flags.append("--enforce-eager")
-    env = {"VLLM_BATCH_INVARIANT": "1" if kernel_mode == "batch_invariant" else "0",
-           "PYTHONUNBUFFERED": "1"}
+    env: dict[str, str | None] = {
+        "VLLM_BATCH_INVARIANT": "1" if kernel_mode == "batch_invariant" else "0",
+        "PYTHONUNBUFFERED": "1"}
+    if cpu:
+        # vLLM's CPU worker pins itself to the cores it binds (VLLM_CPU_OMP_THREADS_BIND) and
+        # sizes its OpenMP pool to them; a thread count inherited from the job (Snakemake
+        # exports OMP_NUM_THREADS=<threads>) puts several spinning threads on one pinned
+        # core: measured 0.5 instead of ~200 tokens/s on 2 cores. None = unset.
+        env.update({k: None for k in INHERITED_THREAD_VARS if k in os.environ})
     if cfg["attention_backend"]:
         if probe.get("attention_backend_env"):
             env["VLLM_ATTENTION_BACKEND"] = str(cfg["attention_backend"])
@@ -445,7 +467,7 @@ def _signal(pid: int, sig: int, group: bool = False) -> None:
 class VLLMServer:
     """One launched server process group with its log file."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], log_path: Path, host: str,
+    def __init__(self, argv: list[str], env: dict[str, str | None], log_path: Path, host: str,
                  port: int, startup_timeout_s: float, stop_grace_s: float) -> None:
         self.argv, self.env, self.log_path = argv, env, log_path
         self.base_url = f"http://{host}:{port}"
@@ -472,7 +494,7 @@ class VLLMServer:
         try:
             self.proc = subprocess.Popen(
                 self.argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.env}, start_new_session=True,
+                env=server_environ(self.env), start_new_session=True,
                 preexec_fn=_pdeathsig if sys.platform.startswith("linux") else None)
         except OSError as exc:
             self._log.close()
@@ -619,8 +641,8 @@ def _log_name(params: dict[str, Any], kernel_mode: str) -> str:
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in parts) + ".log"
 
 
-def _recorded_env(env: dict[str, str]) -> dict[str, str]:
-    full = {**os.environ, **env}
+def _recorded_env(env: dict[str, str | None]) -> dict[str, str]:
+    full = server_environ(env)
     return {k: full[k] for k in sorted(full)
             if (k.startswith("VLLM_") or k.startswith("OMP_")) and not _SECRET.search(k)}
 
