@@ -140,6 +140,24 @@ def test_candidates_reconstruct_the_recorded_groups(tmp_path):
     assert set(cands["source_study"]) == {"a"}
 
 
+def test_candidates_keep_only_the_dispatch_modes_asked_for(tmp_path):
+    paths = _write_source(tmp_path)
+    flips_path = tmp_path / "flips.parquet"
+    write_parquet(_flips(FLIPPED), flips_path)
+    out = tmp_path / "sync_only.parquet"
+    argv = ["ablation", "candidates", "--flips", str(flips_path), "--generations",
+            *paths.values(), "--baseline", "sync_b1", "--dispatch", "sync", "--out", str(out)]
+    assert cli_main(argv) == 0
+    kept = pd.read_parquet(out)
+    assert sorted(kept["candidate_id"]) == sorted(
+        f"{c}/{p}" for c, p, _ in FLIPPED if c.startswith("sync_"))
+    assert set(kept["dispatch"]) == {"sync"}
+    only_cobatch = ablation.select_candidates(_flips(FLIPPED), {p: pd.read_parquet(p) for p in
+                                              paths.values()}, "sync_b1",
+                                              dispatches=["cobatch"])
+    assert list(only_cobatch["candidate_id"]) == ["cobatch_b4_benign/h1"]
+
+
 def test_candidates_fail_on_bad_records_naming_file_and_field(tmp_path):
     paths = _write_source(tmp_path)
     gens = {p: pd.read_parquet(p) for p in paths.values()}
@@ -395,6 +413,9 @@ def test_config_check_refuses_bad_ablation_studies():
         check_references(config(dtype="float32"))
     with pytest.raises(BatchflipError, match=r"studies\.d\.models.*'x'"):
         check_references(config(models=["x"]))
+    check_references(config(dispatches=["sync"]))
+    with pytest.raises(BatchflipError, match=r"studies\.d\.dispatches.*'list'"):
+        check_references(config(dispatches=["sync", "list"]))
 
 
 def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_dir):

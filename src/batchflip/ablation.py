@@ -51,7 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
@@ -133,12 +133,15 @@ def reconstruct_group(gen: pd.DataFrame, model: str, prompt_id: str, path: objec
 
 def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
                       baseline: str, dispatch_baselines: dict[str, str] | None = None,
-                      flips_path: object = "flips") -> pd.DataFrame:
+                      flips_path: object = "flips",
+                      dispatches: Sequence[str] | None = None) -> pd.DataFrame:
     """Label-flip rows of ``flips`` with their original groups (``CANDIDATE_COLUMNS``).
 
     ``generations`` maps a generation file's path to its frame (one condition per file).
     The baseline text comes from ``dispatch_baselines[dispatch]`` or ``baseline`` when its
     file is given (else it is left empty and the reproduction number says so).
+    ``dispatches``, when given, keeps only flips of those dispatch modes (the paper's Study
+    D took its source's synchronized and prompt-list flips).
     """
     require_columns(flips, FLIP_NEEDED, flips_path)
     by_cond: dict[str, tuple[str, pd.DataFrame]] = {}
@@ -149,6 +152,8 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
                              field="condition")
         by_cond[cond] = (str(path), gen)
     flipped = flips[flips["flip"].astype(bool)]
+    if dispatches is not None:
+        flipped = flipped[flipped["dispatch"].astype(str).isin(list(dispatches))]
     flipped = flipped.sort_values(["model", "condition", "prompt_id"], kind="stable")
     own = dict(dispatch_baselines or {})
     out = []
@@ -568,6 +573,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--baseline", required=True)
     c.add_argument("--dispatch-baseline", action="append", default=[],
                    metavar="DISPATCH=CONDITION")
+    c.add_argument("--dispatch", action="append", default=None, metavar="DISPATCH",
+                   help="keep only flips of this dispatch mode (repeat; default: all)")
     c.add_argument("--out", required=True)
     g = sub.add_parser("generate", help="rerun candidates alone and in group, one kernel mode")
     g.add_argument("--candidates", required=True)
@@ -654,7 +661,8 @@ def _candidates_main(args: argparse.Namespace) -> int:
 
     gens = {p: read_columns(p, GEN_NEEDED) for p in args.generations}
     own = dict(x.split("=", 1) for x in args.dispatch_baseline)
-    cands = select_candidates(flips, gens, args.baseline, own, flips_path=args.flips)
+    cands = select_candidates(flips, gens, args.baseline, own, flips_path=args.flips,
+                              dispatches=args.dispatch)
     write_parquet(cands, args.out)
     print(f"{args.out}: {len(cands)} candidates")
     return 0

@@ -111,6 +111,11 @@ def check_ablation(config: dict[str, Any], name: str) -> None:
         if m not in src["models"]:
             raise BatchflipError(f"invalid config: key '{where}.models': model '{m}' is not "
                                  f"a model of source study '{source}'")
+    used = {parse_condition(c).dispatch for c in src["conditions"]}
+    for d in study.get("dispatches", []):
+        if d not in used:
+            raise BatchflipError(f"invalid config: key '{where}.dispatches': no condition of "
+                                 f"source study '{source}' uses dispatch '{d}'")
 
 
 def check_design(config: dict[str, Any], name: str) -> None:

@@ -24,6 +24,9 @@ rule ablation_candidates:
                 study_cfg(ablation_source(w.study)).get("dispatch_baselines", {}).items()
             )
         ),
+        dispatches=lambda w: " ".join(
+            f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -31,7 +34,7 @@ rule ablation_candidates:
     shell:
         "python -m batchflip ablation candidates --flips {input.flips:q} "
         "--generations {input.generations:q} --baseline {params.baseline} {params.own} "
-        "--out {output:q} > {log:q} 2>&1"
+        "{params.dispatches} --out {output:q} > {log:q} 2>&1"
 
 
 rule ablation_generate:
