@@ -236,6 +236,10 @@ def test_verification_rate_on_constructed_timings():
             nums[f"c/m1/{JAIL}/cobatch_verified_rate"]["n"]) == (1, 3)
     assert nums[f"c/m1/{stag}/cobatch_verified_rate"]["stagger_ms"] == -250
     assert f"c/m1/{SOLO}/cobatch_verified_rate" not in nums
+    # timing-derived records (and only they) say so: they can differ between runs whose
+    # texts are identical
+    timed = {k for k, r in nums.items() if r.get("timing")}
+    assert timed == {k for k in nums if k.endswith("cobatch_verified_rate")} and timed
     only_solo = composition_numbers(_by_file(_scored()), {"g.parquet": gen[
         gen["condition"] == SOLO]}, "c", SOLO)
     assert only_solo["c/all/cobatch_verified_rate"]["value"] is None

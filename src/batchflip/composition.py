@@ -65,7 +65,9 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   ``<s>/all/cobatch_verified_rate``: from the generation files, the share of targets
   whose decode interval ``[t_first, t_done]`` overlaps (closed intervals) the interval of
   every filler of its group. Groups without fillers (solo) are excluded; stagger groups
-  are included. A filler with a recorded ``error`` never overlaps.
+  are included. A filler with a recorded ``error`` never overlaps. These records carry
+  ``timing: true``: they come from wall-clock timings, so two runs with identical texts can
+  give different values (every other number is a function of the texts).
 
 A statistic that cannot be estimated is a record with ``value: null`` and a ``note``
 starting "not estimable:" — never NaN, never a crash.
@@ -602,10 +604,12 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
     gen = _concat(generations, GEN_NEEDED)
     gpaths = _path_index(generations) if generations else {}
     definition = ("share of targets whose decode interval [t_first, t_done] overlaps that "
-                  "of every filler of its group (groups without fillers excluded)")
+                  "of every filler of its group (groups without fillers excluded); measured "
+                  "from wall-clock request timings, so it varies between runs that give "
+                  "identical texts")
     if gen.empty:
         numbers[f"{study}/all/cobatch_verified_rate"] = _na(
-            "no generation rows given", definition, sorted(generations), [],
+            "no generation rows given", definition, sorted(generations), [], timing=True,
             **_meta("all", None, baseline))
         return numbers
     gen = gen.assign(model=gen["model"].astype(str), condition=gen["condition"].astype(str))
@@ -615,19 +619,21 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
     for (model, cond), part in ver.groupby(["model", "condition"], sort=True):
         numbers[f"{study}/{model}/{cond}/cobatch_verified_rate"] = proportion(
             int(part["verified"].sum()), len(part), f"{definition}; {cond}, model {model}",
-            gpaths[(model, cond)], stacks[(model, cond)], **_meta(model, cond, baseline))
+            gpaths[(model, cond)], stacks[(model, cond)], timing=True,
+            **_meta(model, cond, baseline))
     for cond, part in ver.groupby("condition", sort=True):
         keys = sorted({(m, cond) for m in part["model"]})
         numbers[f"{study}/all/{cond}/cobatch_verified_rate"] = proportion(
             int(part["verified"].sum()), len(part), f"{definition}; {cond}, pooled over "
-            "models", _union(gpaths, keys), _union(stacks, keys), **_meta("all", cond, baseline))
+            "models", _union(gpaths, keys), _union(stacks, keys), timing=True,
+            **_meta("all", cond, baseline))
     keys = sorted({(str(m), str(c)) for m, c in ver[["model", "condition"]].itertuples(
         index=False)})
     numbers[f"{study}/all/cobatch_verified_rate"] = _prop(
         int(ver["verified"].sum()), len(ver), f"{definition}; every non-solo composition and "
         "stagger condition, pooled over models", _union(gpaths, keys) or sorted(generations),
         _union(stacks, keys), "no target shares a group with a filler (only solo groups)",
-        **_meta("all", None, baseline))
+        timing=True, **_meta("all", None, baseline))
     return numbers
 
 
