@@ -135,6 +135,23 @@ def test_cli_writes_json(tmp_path, capsys):
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary
 
 
+def test_sources_do_not_depend_on_where_the_checkout_is(tmp_path, monkeypatch):
+    """The workflow passes an absolute path; the numbers name it relative to the run dir, so
+    two checkouts in different places give byte-identical numbers."""
+    texts = []
+    for where in ("one", "two"):
+        root = tmp_path / where
+        (root / "resources").mkdir(parents=True)
+        src = root / "resources" / "published.yaml"
+        src.write_bytes(PUBLISHED.read_bytes())
+        monkeypatch.chdir(root)
+        assert cli.main(["fidelity", "--published", str(src.resolve()), "--out",
+                         "fidelity.json"]) == 0
+        texts.append((root / "fidelity.json").read_text())
+    assert texts[0] == texts[1] and str(tmp_path) not in texts[0]
+    assert json.loads(texts[0])["summary"]["source"] == "resources/published.yaml"
+
+
 def test_mismatch_is_reported_and_strict_fails(tmp_path, capsys):
     data = yaml.safe_load(PUBLISHED.read_text())
     for entry in data["numbers"]:

@@ -322,9 +322,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def shown_path(path: str | Path) -> str:
+    """``path`` relative to the working directory when it lies inside it (so the numbers do
+    not depend on where the checkout is), else as given."""
+    p = Path(path)
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def main(args: argparse.Namespace) -> int:
     """Recompute, write the JSON atomically, print a one-line summary (and mismatches)."""
-    doc = compute_fidelity(load_published(args.published), source=str(args.published))
+    doc = compute_fidelity(load_published(args.published), source=shown_path(args.published))
     write_json(doc, args.out)
     summary = doc["summary"]
     print(
