@@ -121,6 +121,12 @@ def test_tiny_dag_end_to_end(tmp_path, model_dir):
     again = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)
     assert "Nothing to be done" in again.stdout + again.stderr
 
+    # Snakemake's own report builds, with each figure's own caption
+    rep = snakemake("--report", str(tmp_path / "smk.html"), "--configfile", str(cfg),
+                    cwd=tmp_path)
+    assert rep.returncode == 0, rep.stderr[-2000:]
+    assert (tmp_path / "smk.html").stat().st_size > 100_000
+
     # a scorer version change re-scores and recomputes downstream, never regenerates
     changed = yaml.safe_load(cfg.read_text())
     changed["scorers"]["refusal"] = 1

@@ -5,13 +5,16 @@ rule figure:
     output:
         png=report(
             "results/figures/{study}_{name}.png",
-            caption=repo_path("workflow/report/{name}.rst"),
+            caption=repo_path("workflow/report/figure.rst"),
             category="Figures",
         ),
         pdf="results/figures/{study}_{name}.pdf",
     wildcard_constraints:
         name="flip_rates|identity",
         study=studies_of("discovery"),
+    params:
+        # report captions are not wildcard-expanded: figure.rst renders this text
+        caption=lambda w: Path(repo_path(f"workflow/report/{w.name}.rst")).read_text(),
     conda:
         "../../envs/analysis.yaml"
     log:
