@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchflip.cli import figure_arguments
 from batchflip.conditions import Condition, parse_condition
 from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError, InputError
@@ -595,10 +596,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--patterns", help="refusal lexicon (default: the shipped one)")
     n.add_argument("--out", required=True)
     n.add_argument("--rows-out", help="per candidate and mode comparison (parquet)")
-    f = sub.add_parser("figure", help="label flips and text changes per kernel mode")
-    f.add_argument("--numbers", required=True)
-    f.add_argument("--png", required=True)
-    f.add_argument("--pdf", required=True)
+    figure_arguments(sub.add_parser("figure", help="label flips and text changes per kernel "
+                                    "mode"))
 
 
 def _numbers_main(args: argparse.Namespace) -> int:

@@ -33,6 +33,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def figure_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The arguments every figure action takes: ``--numbers N --png P --pdf Q``."""
+    parser.add_argument("--numbers", required=True)
+    parser.add_argument("--png", required=True)
+    parser.add_argument("--pdf", required=True)
+    return parser
+
+
 def build_parser(names: list[str] | None = None) -> argparse.ArgumentParser:
     """Return the top-level parser with the named subcommands (all by default)."""
     parser = argparse.ArgumentParser(prog="batchflip", description=__doc__.splitlines()[0])

@@ -94,6 +94,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
+from batchflip.cli import figure_arguments
 from batchflip.conditions import POOLS, parse_condition
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import write_json
@@ -702,10 +703,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--domain", default="safety",
                    help="domain of the targets counted ('all' keeps every row)")
     n.add_argument("--out", required=True)
-    f = sub.add_parser("figure", help="refusal rate per composition, one series per model")
-    f.add_argument("--numbers", required=True)
-    f.add_argument("--png", required=True)
-    f.add_argument("--pdf", required=True)
+    figure_arguments(sub.add_parser("figure", help="refusal rate per composition, one series "
+                                    "per model"))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from batchflip.cli import figure_arguments  # noqa: E402
 from batchflip.io import atomic_path  # noqa: E402
 
 _META_PDF = {"CreationDate": None, "ModDate": None, "Producer": "batchflip"}
@@ -88,10 +89,8 @@ FIGURES = {"flip_rates": flip_rate_figure, "identity": identity_figure}
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """CLI: ``batchflip figures --numbers N --name flip_rates --png P --pdf Q``."""
-    parser.add_argument("--numbers", required=True)
+    figure_arguments(parser)
     parser.add_argument("--name", required=True, choices=sorted(FIGURES))
-    parser.add_argument("--png", required=True)
-    parser.add_argument("--pdf", required=True)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchflip.cli import figure_arguments
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import write_json
 from batchflip.numbers import proportion, scalar
@@ -248,10 +249,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--seed", type=int, required=True, help="bootstrap seed")
     n.add_argument("--resamples", type=int, default=2000)
     n.add_argument("--out", required=True)
-    f = sub.add_parser("figure", help="instability vs fragility scatter")
-    f.add_argument("--numbers", required=True)
-    f.add_argument("--png", required=True)
-    f.add_argument("--pdf", required=True)
+    figure_arguments(sub.add_parser("figure", help="instability vs fragility scatter"))
 
 
 def main(args: argparse.Namespace) -> int:
