@@ -255,6 +255,55 @@ def _run_both(tmp: Path, cands_path: Path, battery_path: Path) -> dict[str, Path
     return out
 
 
+class CrashingEngine(ScriptedEngine):
+    """A ScriptedEngine that is killed (KeyboardInterrupt) at its ``crash_at``-th call."""
+
+    def __init__(self, mode: str, script: dict, crash_at: int) -> None:
+        super().__init__(mode, script)
+        self.crash_at = crash_at
+
+    def run_group(self, group: Group, condition) -> list[Result]:
+        if len(self.calls) == self.crash_at:
+            raise KeyboardInterrupt
+        return super().run_group(group, condition)
+
+
+def test_killed_rerun_resumes_without_running_finished_executions(tmp_path):
+    _, cands_path = _candidates(tmp_path)
+    cands, battery = pd.read_parquet(cands_path), _battery()
+    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "bfloat16",
+              "max_new_tokens": 2, "seed": 42, "prompt_format": "raw"}
+
+    def run(where: Path, engine: ScriptedEngine) -> pd.DataFrame:
+        where.mkdir(exist_ok=True)
+        runs, _ = ablation.run_mode(cands, battery, params, "no-model", "standard",
+                                    where / "standard.parquet", where / "s.stack.json",
+                                    engine=engine)
+        return runs
+
+    clean = ScriptedEngine("standard", SCRIPT)
+    expected = run(tmp_path / "clean", clean)
+    killed = CrashingEngine("standard", SCRIPT, crash_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "r", killed)
+    assert not (tmp_path / "r/standard.parquet").exists()
+    assert (tmp_path / "r/standard.parquet.partial.jsonl").exists()
+    again = ScriptedEngine("standard", SCRIPT)
+    resumed = run(tmp_path / "r", again)
+    # the 3 finished executions are read back; only the rest run, none twice
+    assert len(killed.calls) == 3 and killed.calls + again.calls == clean.calls
+    pd.testing.assert_frame_equal(resumed, expected)
+    assert not (tmp_path / "r/standard.parquet.partial.jsonl").exists()
+    # a checkpoint of another job (other kernel mode settings) is not reused
+    other = CrashingEngine("standard", SCRIPT, crash_at=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "o", other)
+    params["max_new_tokens"] = 3
+    fresh = ScriptedEngine("standard", SCRIPT)
+    run(tmp_path / "o", fresh)
+    assert fresh.calls == clean.calls
+
+
 def test_reruns_use_the_reconstructed_groups_and_numbers_match_hand_counts(tmp_path):
     _, cands_path = _candidates(tmp_path)
     battery_path = tmp_path / "battery.parquet"

@@ -43,12 +43,14 @@ Numbers (``<s>`` study, ``<m>`` model or ``all`` pooled over models, ``<k>`` ker
   facets domain, task, dispatch and direction (the source flip's direction).
 
 Generation timings are kept in the run records, not in the numbers (numbers reproduce byte
-for byte on a rerun). Reruns are not checkpointed: a killed job starts again.
+for byte on a rerun). Reruns are checkpointed execution by execution
+(batchflip.checkpoint): a killed job resumes without running a finished one again.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -60,6 +62,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchflip.checkpoint import Checkpoint
 from batchflip.cli import figure_arguments
 from batchflip.conditions import Condition, parse_condition
 from batchflip.engines import Engine, Group, Member, Result
@@ -239,28 +242,39 @@ class RerunStats:
 
 def rerun_candidates(candidates: pd.DataFrame, sent: dict[str, str], engine: Engine,
                      base: dict[str, Any], source: object = "candidates",
+                     checkpoint: Checkpoint | None = None,
                      ) -> tuple[pd.DataFrame, RerunStats]:
     """Run every candidate alone and in its group with ``engine``; one row per run.
 
     ``sent`` maps a prompt id to the exact string sent (``format_prompts`` of the battery).
     Identical executions are shared: one alone run per (dispatch, prompt) and one group run
     per (condition, group) serve every candidate they hold. ``base`` holds the columns every
-    row carries (study, source_study, model, kernel_mode, seed, stack_id).
+    row carries (study, source_study, model, kernel_mode, seed, stack_id). With a
+    ``checkpoint``, executions it holds are read back instead of run (``stats`` counts only
+    those run now) and each new one is added as it finishes.
     """
     stats = RerunStats()
     cache: dict[tuple[Any, ...], list[Result]] = {}
 
     def execute(key: tuple[Any, ...], group: Group, cond: Condition) -> list[Result]:
-        if key not in cache:
-            t0 = time.perf_counter()
-            results = engine.run_group(group, cond)
-            stats.seconds += time.perf_counter() - t0
-            if len(results) != len(group.members):
-                raise BatchflipError(f"engine returned {len(results)} results for "
-                                     f"{len(group.members)} prompts")
-            stats.groups += 1
-            stats.tokens += sum(int(r.n_tokens) for r in results)
-            cache[key] = results
+        unit = "/".join(map(str, key))
+        if key in cache:
+            return cache[key]
+        if checkpoint is not None and unit in checkpoint.done:
+            cache[key] = [Result(**r) for r in checkpoint.done[unit]]
+            return cache[key]
+        t0 = time.perf_counter()
+        results = engine.run_group(group, cond)
+        stats.seconds += time.perf_counter() - t0
+        if len(results) != len(group.members):
+            raise BatchflipError(f"engine returned {len(results)} results for "
+                                 f"{len(group.members)} prompts")
+        stats.groups += 1
+        stats.tokens += sum(int(r.n_tokens) for r in results)
+        if checkpoint is not None:
+            checkpoint.add(unit, [{k: v for k, v in asdict(r).items() if k != "extra"}
+                                  for r in results])
+        cache[key] = results
         return cache[key]
 
     def text_of(pid: str, cid: str) -> str:
@@ -310,7 +324,7 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
     mode given here overrides any in ``params``. With no candidates the engine is still
     built, so the stack fingerprint is real, and an empty run file is written.
     """
-    from batchflip.generate import make_engine, stack_fingerprint
+    from batchflip.generate import job_key, make_engine, stack_fingerprint
     from batchflip.prompts import format_prompts
 
     params = {**params, "kernel_mode": kernel_mode}
@@ -327,12 +341,17 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
         base = {"study": params["study"], "source_study": src[0] if src else "",
                 "model": params["model"], "kernel_mode": kernel_mode,
                 "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
-        runs, stats = rerun_candidates(candidates, sent, engine, base, source)
+        inputs = hashlib.sha256(json.dumps(
+            [candidates[["candidate_id", "members"]].to_numpy().tolist(), sent],
+            sort_keys=True).encode()).hexdigest()
+        with Checkpoint(out, job_key(params, kernel_mode, inputs, stack["stack_id"])) as ckpt:
+            runs, stats = rerun_candidates(candidates, sent, engine, base, source, ckpt)
     finally:
         if own:
             engine.close()
     write_json(stack, stack_out)
     write_parquet(runs, out)
+    ckpt.remove()
     return runs, stats
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
 import zlib
 from dataclasses import asdict
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchflip.checkpoint import Checkpoint, checkpoint_path
 from batchflip.conditions import Condition, parse_condition
 from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result
@@ -109,24 +109,6 @@ def job_key(params: dict[str, Any], condition: str, battery_sha: str, stack_id: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def read_checkpoint(path: Path, key: str) -> dict[int, list[dict[str, Any]]]:
-    """Finished groups from a checkpoint written by the same job; else nothing."""
-    done: dict[int, list[dict[str, Any]]] = {}
-    if not path.exists():
-        return done
-    with open(path) as fh:
-        lines = fh.read().split("\n")
-    if not lines or lines[0] != json.dumps({"job_key": key}):
-        return done
-    for line in lines[1:]:
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # the line a kill cut short: that group runs again
-        done[int(entry["group_id"])] = entry["rows"]
-    return done
-
-
 def stack_fingerprint(engine: Engine, model_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The engine's facts plus the model files and the job's own settings; with its id."""
     stack = {**engine.fingerprint(), "model": model_fingerprint(model_dir), **extra}
@@ -195,8 +177,8 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()
         key = job_key(params, condition, battery_sha, stack["stack_id"])
-        ckpt = checkpoint_path(out)
-        done = read_checkpoint(ckpt, key)
+        ckpt = Checkpoint(out, key)
+        done = ckpt.done
         base = {"study": params["study"], "model": params["model"], "condition": condition,
                 "batch_size": cond.batch_size, "dispatch": cond.dispatch,
                 "kernel_mode": params.get("kernel_mode", "standard"),
@@ -205,18 +187,11 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
         if done:
             print(f"resuming {out}: {len(done)} of {len(groups)} groups already done",
                   file=sys.stderr)
-        mode = "a" if done else "w"
-        with open(ckpt, mode) as fh:
-            if not done:
-                fh.write(json.dumps({"job_key": key}) + "\n")
+        with ckpt:
             bar = tqdm(todo, desc=f"{params['model']}/{condition}", unit="group",
                        disable=not progress, file=sys.stderr)
             for group in bar:
-                rows = _rows(group, engine.run_group(group, cond), base)
-                fh.write(json.dumps({"group_id": group.group_id, "rows": rows}) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-                done[group.group_id] = rows
+                ckpt.add(group.group_id, _rows(group, engine.run_group(group, cond), base))
     finally:
         if own_engine:
             engine.close()
@@ -224,13 +199,8 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     write_json(stack, stack_out)
     write_parquet(df, out)
     if not keep_checkpoint:
-        ckpt.unlink(missing_ok=True)
+        ckpt.remove()
     return df
-
-
-def checkpoint_path(out: Path) -> Path:
-    """Where a generation job checkpoints its finished groups."""
-    return out.with_name(out.name + ".partial.jsonl")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
