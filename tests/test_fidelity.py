@@ -150,6 +150,12 @@ def test_sources_do_not_depend_on_where_the_checkout_is(tmp_path, monkeypatch):
         texts.append((root / "fidelity.json").read_text())
     assert texts[0] == texts[1] and str(tmp_path) not in texts[0]
     assert json.loads(texts[0])["summary"]["source"] == "resources/published.yaml"
+    # the shipped table, run from a directory outside the checkout: named from its root
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["fidelity", "--published", str(PUBLISHED.resolve()), "--out",
+                     "f.json"]) == 0
+    source = json.loads((tmp_path / "f.json").read_text())["summary"]["source"]
+    assert source == "resources/fidelity/published.yaml"
 
 
 def test_mismatch_is_reported_and_strict_fails(tmp_path, capsys):

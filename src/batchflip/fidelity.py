@@ -323,13 +323,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def shown_path(path: str | Path) -> str:
-    """``path`` relative to the working directory when it lies inside it (so the numbers do
-    not depend on where the checkout is), else as given."""
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
-    except ValueError:
-        return str(path)
+    """``path`` relative to the working directory, or else to this checkout's root, when it
+    lies inside one of them (so the numbers do not depend on where either is), else as
+    given."""
+    p = Path(path).resolve()
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if p.is_relative_to(root.resolve()):
+            return p.relative_to(root.resolve()).as_posix()
+    return str(path)
 
 
 def main(args: argparse.Namespace) -> int:
