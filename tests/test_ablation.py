@@ -104,13 +104,14 @@ FLIPPED = [("sync_b4", "h0", "to_unsafe"), ("sync_b4", "q1", "to_safe"),
            ("cobatch_b4_benign", "h1", "to_unsafe")]
 
 
-def _candidates(tmp: Path, flipped=FLIPPED) -> tuple[pd.DataFrame, Path]:
+def _candidates(tmp: Path, flipped=FLIPPED, extra: tuple[str, ...] = ()
+                ) -> tuple[pd.DataFrame, Path]:
     paths = _write_source(tmp)
     flips_path = tmp / "flips.parquet"
     write_parquet(_flips(flipped), flips_path)
     out = tmp / "candidates.parquet"
     argv = ["ablation", "candidates", "--flips", str(flips_path), "--generations",
-            *paths.values(), "--baseline", "sync_b1", "--out", str(out)]
+            *paths.values(), "--baseline", "sync_b1", *extra, "--out", str(out)]
     assert cli_main(argv) == 0
     return pd.read_parquet(out), out
 
@@ -141,19 +142,12 @@ def test_candidates_reconstruct_the_recorded_groups(tmp_path):
 
 
 def test_candidates_keep_only_the_dispatch_modes_asked_for(tmp_path):
-    paths = _write_source(tmp_path)
-    flips_path = tmp_path / "flips.parquet"
-    write_parquet(_flips(FLIPPED), flips_path)
-    out = tmp_path / "sync_only.parquet"
-    argv = ["ablation", "candidates", "--flips", str(flips_path), "--generations",
-            *paths.values(), "--baseline", "sync_b1", "--dispatch", "sync", "--out", str(out)]
-    assert cli_main(argv) == 0
-    kept = pd.read_parquet(out)
+    kept, _ = _candidates(tmp_path, extra=("--dispatch", "sync"))
     assert sorted(kept["candidate_id"]) == sorted(
         f"{c}/{p}" for c, p, _ in FLIPPED if c.startswith("sync_"))
     assert set(kept["dispatch"]) == {"sync"}
-    only_cobatch = ablation.select_candidates(_flips(FLIPPED), {p: pd.read_parquet(p) for p in
-                                              paths.values()}, "sync_b1",
+    gens = {p: pd.read_parquet(p) for p in _write_source(tmp_path).values()}
+    only_cobatch = ablation.select_candidates(_flips(FLIPPED), gens, "sync_b1",
                                               dispatches=["cobatch"])
     assert list(only_cobatch["candidate_id"]) == ["cobatch_b4_benign/h1"]
 

@@ -543,7 +543,7 @@ def ablation_numbers(candidates: pd.DataFrame, compared: pd.DataFrame, study: st
 
 def ablation_figure(numbers: dict[str, Record], png: str | Path, pdf: str | Path) -> None:
     """Label flips and text changes (%) per kernel mode, pooled, Wilson 95% CI and k/n."""
-    from batchflip.figures import plt, save
+    from batchflip.figures import legend_or_note, plt, save
 
     metrics = [("label_flip_rate", "label flips"), ("text_change_rate", "text changes")]
     modes = [k for k in MODES if any(r.get("kernel_mode") == k for r in numbers.values())]
@@ -573,11 +573,7 @@ def ablation_figure(numbers: dict[str, Record], png: str | Path, pdf: str | Path
     ax.set_ylim(0, 110)
     ax.set_ylabel("candidates, alone vs in group (%)")
     ax.set_title("Kernel ablation of label-flip rows (Wilson 95% CI)")
-    if drawn:
-        ax.legend(frameon=False, fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no candidates (n = 0)", ha="center", va="center",
-                transform=ax.transAxes)
+    legend_or_note(ax, drawn, "no candidates (n = 0)")
     save(fig, png, pdf)
 
 

@@ -643,7 +643,7 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
 
 def composition_figure(numbers: dict[str, Record], png: str | Path, pdf: str | Path) -> None:
     """Refusal rate (%) per composition with Wilson 95% intervals, one series per model."""
-    from batchflip.figures import plt, save
+    from batchflip.figures import legend_or_note, plt, save
 
     recs = [r for nid, r in numbers.items() if nid.endswith("/refusal_rate")
             and r.get("model") not in (None, "all") and r.get("condition")
@@ -668,11 +668,7 @@ def composition_figure(numbers: dict[str, Record], png: str | Path, pdf: str | P
     ax.set_xlabel("composition of the batch")
     ax.set_ylabel("targets refused (%)")
     ax.set_title("Refusal rate by batch composition (Wilson 95% CI)")
-    if models:
-        ax.legend(frameon=False, fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no refusal-rate numbers", ha="center", va="center",
-                transform=ax.transAxes)
+    legend_or_note(ax, bool(models), "no refusal-rate numbers")
     save(fig, png, pdf)
 
 

@@ -35,6 +35,14 @@ def save(fig: plt.Figure, png: str | Path, pdf: str | Path) -> None:
     plt.close(fig)
 
 
+def legend_or_note(ax: plt.Axes, drawn: bool, note: str) -> None:
+    """The legend when something was drawn, else ``note`` in the middle of the axes."""
+    if drawn:
+        ax.legend(frameon=False, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+
+
 def _series(numbers: dict[str, dict[str, Any]], suffix: str, model: str = "all",
             ) -> dict[str, list[dict[str, Any]]]:
     """Records ending in ``suffix`` for one model, grouped by dispatch, sorted by batch size."""
