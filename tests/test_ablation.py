@@ -152,6 +152,22 @@ def test_candidates_keep_only_the_dispatch_modes_asked_for(tmp_path):
     assert list(only_cobatch["candidate_id"]) == ["cobatch_b4_benign/h1"]
 
 
+def test_text_change_candidates_add_changed_rows_whose_label_held(tmp_path):
+    gens = {p: pd.read_parquet(p) for p in _write_source(tmp_path).values()}
+    flips = _flips(FLIPPED)
+    # q3 changed its text under sync_b4 but kept its label; h4 changed nothing
+    flips.loc[(flips["prompt_id"] == "q3") & ~flips["flip"], "text_changed"] = True
+    labels = ablation.select_candidates(flips, gens, "sync_b1")
+    texts = ablation.select_candidates(flips, gens, "sync_b1", candidates="text_changes")
+    assert "sync_b4/q3" not in set(labels["candidate_id"])
+    assert sorted(texts["candidate_id"]) == sorted(
+        [*labels["candidate_id"], "sync_b4/q3"])
+    q3 = texts.set_index("candidate_id").loc["sync_b4/q3"]
+    assert q3["direction"] == "none" and (q3["group_id"], q3["position"]) == (1, 2)
+    with pytest.raises(BatchflipError, match="candidates 'all'"):
+        ablation.select_candidates(flips, gens, "sync_b1", candidates="all")
+
+
 def test_candidates_fail_on_bad_records_naming_file_and_field(tmp_path):
     paths = _write_source(tmp_path)
     gens = {p: pd.read_parquet(p) for p in paths.values()}

@@ -94,6 +94,8 @@ RUN_COLUMNS = [
 RUNS = ("alone", "group")
 FACETS = ("domain", "task", "dispatch", "direction")
 MODES = ("standard", "batch_invariant")
+# which source rows Study D reruns (config key `candidates`)
+CANDIDATE_SETS = ("label_flips", "text_changes")
 
 
 # --------------------------------------------------------------------------- candidates
@@ -138,8 +140,12 @@ def reconstruct_group(gen: pd.DataFrame, model: str, prompt_id: str, path: objec
 def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
                       baseline: str, dispatch_baselines: dict[str, str] | None = None,
                       flips_path: object = "flips",
-                      dispatches: Sequence[str] | None = None) -> pd.DataFrame:
+                      dispatches: Sequence[str] | None = None,
+                      candidates: str = "label_flips") -> pd.DataFrame:
     """Label-flip rows of ``flips`` with their original groups (``CANDIDATE_COLUMNS``).
+
+    ``candidates="text_changes"`` takes every row whose text changed (label flips
+    included), for models that change text under batching but rarely flip a label.
 
     ``generations`` maps a generation file's path to its frame (one condition per file).
     The baseline text comes from ``dispatch_baselines[dispatch]`` or ``baseline`` when its
@@ -155,7 +161,13 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
             raise InputError(path, f"condition '{cond}' also in {by_cond[cond][0]}",
                              field="condition")
         by_cond[cond] = (str(path), gen)
-    flipped = flips[flips["flip"].astype(bool)]
+    if candidates not in CANDIDATE_SETS:
+        raise BatchflipError(f"candidates '{candidates}': must be one of {CANDIDATE_SETS}")
+    chosen = flips["flip"].astype(bool)
+    if candidates == "text_changes":
+        require_columns(flips, ["text_changed"], flips_path)
+        chosen = chosen | flips["text_changed"].astype(bool)
+    flipped = flips[chosen]
     if dispatches is not None:
         flipped = flipped[flipped["dispatch"].astype(str).isin(list(dispatches))]
     flipped = flipped.sort_values(["model", "condition", "prompt_id"], kind="stable")
@@ -591,6 +603,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    metavar="DISPATCH=CONDITION")
     c.add_argument("--dispatch", action="append", default=None, metavar="DISPATCH",
                    help="keep only flips of this dispatch mode (repeat; default: all)")
+    c.add_argument("--candidates", default="label_flips", choices=CANDIDATE_SETS,
+                   help="label_flips (Study D proper) or text_changes (every changed text)")
     c.add_argument("--out", required=True)
     g = sub.add_parser("generate", help="rerun candidates alone and in group, one kernel mode")
     g.add_argument("--candidates", required=True)
@@ -676,7 +690,7 @@ def _candidates_main(args: argparse.Namespace) -> int:
     gens = {p: read_columns(p, GEN_NEEDED) for p in args.generations}
     own = dict(x.split("=", 1) for x in args.dispatch_baseline)
     cands = select_candidates(flips, gens, args.baseline, own, flips_path=args.flips,
-                              dispatches=args.dispatch)
+                              dispatches=args.dispatch, candidates=args.candidates)
     write_parquet(cands, args.out)
     print(f"{args.out}: {len(cands)} candidates")
     return 0

@@ -24,6 +24,7 @@ rule ablation_candidates:
                 study_cfg(ablation_source(w.study)).get("dispatch_baselines", {}).items()
             )
         ),
+        candidates=lambda w: study_cfg(w.study).get("candidates", "label_flips"),
         dispatches=lambda w: " ".join(
             f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
         ),
@@ -34,7 +35,7 @@ rule ablation_candidates:
     shell:
         "python -m batchflip ablation candidates --flips {input.flips:q} "
         "--generations {input.generations:q} --baseline {params.baseline} {params.own} "
-        "{params.dispatches} --out {output:q} > {log:q} 2>&1"
+        "{params.dispatches} --candidates {params.candidates} --out {output:q} > {log:q} 2>&1"
 
 
 rule ablation_generate:
