@@ -21,6 +21,18 @@ if not config:
 
 check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 
+# GPU jobs declare `gpu=1` (common.smk). On one machine at most as many run at once as it
+# has GPUs: unless `--resources gpu=N` is given, the gpu resource is the number of devices
+# visible here (CUDA_VISIBLE_DEVICES, else nvidia-smi). With none (a CPU machine) it stays
+# unset, i.e. unconstrained, and GPU-less runs proceed as before. Cluster executors size
+# each job's request instead (profiles/slurm). Each job leases its own device
+# (batchflip.gpu_lease).
+if workflow.local_exec and "gpu" not in workflow.global_resources:
+    from batchflip.gpu_lease import visible_devices  # noqa: E402
+
+    if _gpus := len(visible_devices()):
+        workflow.register_resource("gpu", _gpus)
+
 
 wildcard_constraints:
     study="|".join(config["studies"]),

@@ -26,6 +26,28 @@ needs_shared = pytest.mark.skipif(
     reason="../shared/data/paper_battery is absent (shared inputs are not part of the repo)")
 
 
+# the paper battery's tasks and task types (../shared/data/paper_battery/*.yaml)
+PAPER_TASKS = {"advbench_refusal": "safety_refusal", "jailbreak_amplification": "safety_refusal",
+               "bbq_bias": "safety_bias", "truthfulqa": "safety_truthfulness",
+               "mmlu_real": "classification", "arc_challenge": "classification"}
+
+
+def paper_battery(tmp: Path, n: int = 3) -> Path:
+    """../shared/data/paper_battery when present, else a synthetic battery with the paper's
+    task names and types (n samples each) written under ``tmp``: enough to plan the DAG."""
+    if (SHARED / "paper_battery").is_dir():
+        return SHARED / "paper_battery"
+    out = tmp / "paper_battery"
+    out.mkdir(parents=True, exist_ok=True)
+    for task, kind in PAPER_TASKS.items():
+        samples = "".join(f"  - {{id: {task}_{i:03d}, question: q{i}, reference: A}}\n"
+                          for i in range(n))
+        (out / f"{task}.yaml").write_text(
+            f"name: {task}\ntask_type: {kind}\nprompt_template: \"{{{{ question }}}}\"\n"
+            f"filters: []\nsamples:\n{samples}")
+    return out
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The real SmolLM2-135M-Instruct directory, built by the model stage if missing."""

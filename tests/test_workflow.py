@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import PAPER_TASKS, ROOT, SHARED, needs_shared, paper_battery
 
 TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
 
@@ -181,14 +181,72 @@ def test_killed_generation_resumes_without_redoing_groups(tmp_path, model_dir):
         assert row["t_done"] == entry["rows"][0]["t_done"]
 
 
-def test_slurm_profile_plans_gpu_jobs(tmp_path):
+JOB = re.compile(r"^rule (\w+):\n(.*?)(?=\n\n|\Z)", re.M | re.S)
+
+
+def planned_jobs(output: str) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(rule, outputs, resources) of every job block a dry run prints."""
+    jobs = []
+    for m in JOB.finditer(output):
+        body = m[2]
+        outs = re.search(r"^\s+output: (.*)$", body, re.M)
+        res = re.search(r"^\s+resources: (.*)$", body, re.M)
+        pairs = dict(kv.split("=", 1) for kv in res[1].split(", ")) if res else {}
+        jobs.append((m[1], outs[1].split(", ") if outs else [], pairs))
+    return jobs
+
+
+def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
+    """config/paper.yaml (plus an openai study: a remote server, no GPU) planned through
+    profiles/slurm with the SLURM executor. The oracle for "GPU job" is the config: a job
+    writing generation files of a study whose engine loads a model (hf, vllm without
+    base_url), or Study D reruns of such an ablation."""
     pytest.importorskip("snakemake_executor_plugin_slurm")
-    cfg = _tiny_config(tmp_path, ROOT / "resources/models/smollm2-135m")
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    extra = {"batteries": {"paper": {"paths": [str(paper_battery(tmp_path))]}},
+             "studies": {"remote": {**{k: cfg["studies"]["c"][k] for k in (
+                 "battery", "dtype", "max_new_tokens", "seed", "prompt_format")},
+                 "kind": "discovery", "models": ["llama3.2-1b"], "engine": "openai",
+                 "server": {"base_url": "http://10.0.0.5:8000"},
+                 "baseline": "sync_b1", "conditions": ["sync_b1", "sync_b8"]}}}
+    (tmp_path / "extra.yaml").write_text(yaml.safe_dump(extra))
     proc = snakemake("-n", "--profile", str(ROOT / "profiles/slurm"), "results/paper",
-                     "--configfile", str(cfg), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    out = proc.stdout + proc.stderr
-    gen_block = out.split("rule generate:")[1].split("\n\n")[0]
-    assert "gres=gpu:1" in gen_block and "slurm_partition=gpu" in gen_block
-    score_block = out.split("rule score:")[1].split("\n\n")[0]
-    assert "gres" not in score_block
+                     "results/numbers/remote.json", "--configfile",
+                     str(ROOT / "config/paper.yaml"), str(tmp_path / "extra.yaml"),
+                     cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    studies = {**cfg["studies"], **extra["studies"]}
+
+    def loads_model(study: str) -> bool:
+        s = studies[study]
+        if s["kind"] == "ablation":
+            return loads_model(s["source"])
+        return s["engine"] == "hf" or (s["engine"] == "vllm"
+                                       and not s.get("server", {}).get("base_url"))
+
+    jobs = planned_jobs(proc.stdout + proc.stderr)
+    gpu_rules = set()
+    for rule, outs, res in jobs:
+        produced = [re.match(r"results/(generations|ablation)/(\w+)/[^/]+/(\w+)\.parquet$", o)
+                    for o in outs]
+        runs = [m for m in produced if m and not (m[1] == "ablation" and m[3] == "candidates")]
+        gpu_job = bool(runs) and all(loads_model(m[2]) for m in runs)
+        assert "gres" not in res, (rule, res)  # the plugin refuses gres together with gpu
+        if gpu_job:
+            gpu_rules.add(rule)
+            assert res.get("gpu") == "1" and res.get("slurm_partition") == "gpu", (rule, res)
+        else:
+            assert res.get("gpu", "0") == "0", (rule, outs, res)
+            assert res.get("slurm_partition") == "cpu", (rule, outs, res)
+    server_rules = {r for r, _, _ in jobs if r.startswith("generate_server_")}
+    assert "generate_server_remote" in server_rules  # the openai study: planned, on the CPU
+    assert gpu_rules == {"ablation_generate"} | server_rules - {"generate_server_remote"}
+    assert {"generate_server_a_0", "generate_server_a_1", "generate_server_ae",
+            "generate_server_b", "generate_server_c"} <= gpu_rules
+
+
+@needs_shared
+def test_synthetic_battery_has_the_papers_task_names_and_types():
+    found = {yaml.safe_load(p.read_text())["name"]: yaml.safe_load(p.read_text())["task_type"]
+             for p in (SHARED / "paper_battery").glob("*.yaml")}
+    assert found == PAPER_TASKS

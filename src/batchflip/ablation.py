@@ -68,6 +68,7 @@ from batchflip.conditions import Condition, parse_condition
 from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError, InputError
 from batchflip.flips import FLIP_TOL
+from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import proportion, scalar
 from batchflip.records import require_columns
@@ -699,9 +700,12 @@ def _candidates_main(args: argparse.Namespace) -> int:
 def _generate_main(args: argparse.Namespace) -> int:
     cands = pd.read_parquet(args.candidates)
     require_columns(cands, CANDIDATE_COLUMNS, args.candidates)
-    runs, stats = run_mode(cands, pd.read_parquet(args.battery), json.loads(args.params),
-                           args.model_dir, args.kernel_mode, args.out, args.stack_out,
-                           source=args.candidates)
+    params = json.loads(args.params)
+    # a GPU job holds its own device (batchflip.gpu_lease)
+    with lease_for({**params, "kernel_mode": args.kernel_mode}):
+        runs, stats = run_mode(cands, pd.read_parquet(args.battery), params, args.model_dir,
+                               args.kernel_mode, args.out, args.stack_out,
+                               source=args.candidates)
     rate = stats.tokens / stats.seconds if stats.seconds else 0.0
     print(f"{args.out}: {len(runs)} runs of {len(cands)} candidates; {stats.groups} "
           f"executions, {stats.tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s)")

@@ -26,6 +26,7 @@ from batchflip.conditions import Condition, parse_condition
 from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError
+from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
 from batchflip.models import model_fingerprint
 from batchflip.prompts import format_prompts
@@ -220,14 +221,16 @@ def main(args: argparse.Namespace) -> int:
         raise BatchflipError("give one --out and one --stack-out per --condition")
     battery = pd.read_parquet(args.battery)
     params = json.loads(args.params)
-    engine = make_engine(params, args.model_dir)
-    try:
-        for cond, out, stack_out in zip(args.condition, args.out, args.stack_out, strict=True):
-            df = run_job(battery, params, cond, args.model_dir, out, stack_out, engine=engine,
-                         progress=not args.no_progress, keep_checkpoint=True)
-            print(f"{out}: {len(df)} rows ({int((df['role'] == 'target').sum())} targets)")
-    finally:
-        engine.close()
+    with lease_for(params):  # a GPU job holds its own device (batchflip.gpu_lease)
+        engine = make_engine(params, args.model_dir)
+        try:
+            for cond, out, stack_out in zip(args.condition, args.out, args.stack_out,
+                                            strict=True):
+                df = run_job(battery, params, cond, args.model_dir, out, stack_out,
+                             engine=engine, progress=not args.no_progress, keep_checkpoint=True)
+                print(f"{out}: {len(df)} rows ({int((df['role'] == 'target').sum())} targets)")
+        finally:
+            engine.close()
     for out in args.out:  # every condition is written: the checkpoints have done their job
         checkpoint_path(out).unlink(missing_ok=True)
     return 0

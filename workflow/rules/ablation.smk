@@ -54,6 +54,8 @@ rule ablation_generate:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
     threads: lambda w: study_cfg(ablation_source(w.study)).get("threads", 1)
+    resources:
+        gpu=ablation_gpu,
     conda:
         "../../envs/generation.yaml"
     log:

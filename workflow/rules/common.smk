@@ -306,3 +306,38 @@ def ablation_runs(study):
         for m in ablation_models(study)
         for k in study_cfg(study)["kernel_modes"]
     ]
+
+
+# --- GPU jobs (README: GPU scheduling; batchflip.gpu_lease) ---
+# A job that loads a model on an accelerator declares `gpu=1` (hf generate, vllm server
+# jobs, Study D reruns); openai jobs and vllm with server.base_url launch nothing (gpu=0).
+# Locally the Snakefile caps them at the GPU count it finds; each job leases its own device.
+def study_gpu(study):
+    """1 when a generation study's jobs load a model on an accelerator, else 0."""
+    from batchflip.gpu_lease import needs_gpu
+
+    return int(needs_gpu(study_cfg(study)))
+
+
+def ablation_gpu(wildcards):
+    """Study D reruns run with the ablation's engine and its source's server settings."""
+    from batchflip.gpu_lease import needs_gpu
+
+    src = study_cfg(ablation_source(wildcards.study))
+    return int(needs_gpu({"engine": study_cfg(wildcards.study)["engine"],
+                          "server": src.get("server")}))
+
+
+def inherit_profile_settings(name, family):
+    """A profile's set-resources / set-threads given for `family` (a rule family such as
+    generate_server, whose rules are named per study) apply to rule `name` too, unless the
+    profile names `name` itself. Must run before rule `name` is defined."""
+    rs = workflow.resource_settings
+    for attr in ("_parsed_overwrite_resources", "_parsed_overwrite_threads"):
+        table = getattr(rs, attr, None)
+        if table is None:
+            raise WorkflowError(
+                f"this Snakemake has no ResourceSettings.{attr}: set-resources/set-threads "
+                f"for '{family}' cannot reach rule '{name}'; name that rule in the profile")
+        if family in table and name not in table:
+            table[name] = table[family]

@@ -12,6 +12,8 @@ rule generate:
         settings=lambda w: gen_settings(w.study, w.model, [w.condition]),
         model_dir=lambda w: model_dir(w.model),
     threads: lambda w: study_cfg(w.study).get("threads", 1)
+    resources:
+        gpu=lambda w: study_gpu(w.study),
     conda:
         "../../envs/generation.yaml"
     log:
@@ -26,8 +28,11 @@ rule generate:
 # study against one server start (start-up takes minutes on CPU); the job still writes
 # one parquet + stack fingerprint per condition. One rule per such study and set of
 # conditions (scopes can give models different condition lists; server_jobs groups them),
-# because its outputs depend on the condition list.
+# because its outputs depend on the condition list. A profile's settings for the family
+# name `generate_server` apply to every such rule of a GPU study (profiles/slurm).
 for _name, _study, _models, _conds in server_jobs():
+    if study_gpu(_study):
+        inherit_profile_settings(_name, "generate_server")
 
     rule:
         name:
@@ -45,6 +50,8 @@ for _name, _study, _models, _conds in server_jobs():
             model_dir=lambda w: model_dir(w.model),
             jobs=lambda w, output, _s=_study: server_job_args(_s, output),
         threads: study_cfg(_study).get("threads", 1)
+        resources:
+            gpu=study_gpu(_study),
         conda:
             "../../envs/generation.yaml"
         log:
