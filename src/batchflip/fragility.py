@@ -275,8 +275,8 @@ def main(args: argparse.Namespace) -> int:
     scored = {p: read_columns(p, SCORED_NEEDED, ["error", "finish_reason"])
               for p in args.scored}
     failures = error_numbers(scored, args.study, args.max_error_share)
-    numbers = failures | study_b_numbers(read_flips(args.flips), alignment, args.study, args.seed,
-                              args.resamples)
+    numbers = failures | study_b_numbers(read_flips(args.flips), alignment, args.study,
+                                         args.seed, args.resamples)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
     return 0
