@@ -74,7 +74,7 @@ def _world(root: Path) -> dict[str, list[str] | str]:
                                              "label", "scorer", "scorer_version"])
             df = df.assign(study="a", model=model, condition=cond, batch_size=bs,
                            dispatch="sync", kernel_mode="standard", group_id=0, position=0,
-                           stack_id=f"stack-{model}-{cond}")[SCORED_COLUMNS]
+                           stack_id=f"stack-{model}-{cond}", error="")[SCORED_COLUMNS]
             path = root / "scored" / model / f"{cond}.parquet"
             path.parent.mkdir(parents=True, exist_ok=True)
             df.to_parquet(path, index=False)

@@ -296,7 +296,8 @@ def _write_inputs(tmp_path, df: pd.DataFrame) -> tuple[list[str], list[str]]:
     scored, gens = [], []
     for (model, cond), part in df.groupby(["model", "condition"]):
         full = part.assign(study="c", kernel_mode="standard", group_id=range(len(part)),
-                           position=0, text="x", scorer="refusal", scorer_version=2)
+                           position=0, text="x", scorer="refusal", scorer_version=2,
+                           error="")
         path = tmp_path / "scored" / model / f"{cond}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
         full[SCORED_COLUMNS].to_parquet(path, index=False)

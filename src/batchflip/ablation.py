@@ -42,6 +42,13 @@ Numbers (``<s>`` study, ``<m>`` model or ``all`` pooled over models, ``<k>`` ker
 - ``<s>/all/<k>/by_<facet>/<level>/label_flip_rate`` and ``/text_change_rate`` for the
   facets domain, task, dispatch and direction (the source flip's direction).
 
+Failed requests (``batchflip.failures``; a server engine's reruns can fail) are never
+answers: the flips they come from already leave failed rows out, so a failure never becomes
+a candidate; a (candidate, mode) whose alone or group rerun failed is marked ``failed`` in
+the compared rows and left out of every rate and McNemar pair. ``<s>/<m>/<k>/error_count``
+and ``/error_share`` count the failed reruns per run file, and a share above
+``--max-error-share`` (config ``errors.max_share``) fails the numbers job, writing nothing.
+
 Generation timings are kept in the run records, not in the numbers (numbers reproduce byte
 for byte on a rerun). Reruns are checkpointed execution by execution
 (batchflip.checkpoint): a killed job resumes without running a finished one again.
@@ -67,6 +74,7 @@ from batchflip.cli import figure_arguments
 from batchflip.conditions import Condition, parse_condition
 from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers, failed_mask
 from batchflip.flips import FLIP_TOL
 from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
@@ -390,12 +398,14 @@ def compare_runs(candidates: pd.DataFrame, scored: pd.DataFrame, modes: list[str
 
     Adds ``label_flip`` (|group - alone| > 0.01), ``text_change`` (not byte-identical),
     ``ablation_direction`` (alone → group: to_unsafe / to_safe / none),
-    ``group_reproduces_source`` and ``alone_reproduces_baseline`` (None when the baseline
-    text is unknown). Every candidate needs exactly one alone and one group run in every
-    mode of ``modes``, and every run must belong to a candidate (else an InputError).
+    ``group_reproduces_source``, ``alone_reproduces_baseline`` (None when the baseline
+    text is unknown) and ``failed`` (the alone or the group rerun is a failed request; such
+    rows are left out of the numbers). Every candidate needs exactly one alone and one group
+    run in every mode of ``modes``, and every run must belong to a candidate (else an
+    InputError).
     """
     key = ["model", "candidate_id", "kernel_mode", "run"]
-    runs = scored.assign(model=scored["model"].astype(str))
+    runs = scored.assign(model=scored["model"].astype(str), failed=failed_mask(scored))
     dup = runs.duplicated(key)
     if dup.any():
         d = runs[dup].iloc[0]
@@ -416,9 +426,11 @@ def compare_runs(candidates: pd.DataFrame, scored: pd.DataFrame, modes: list[str
                              + problem.format(run=b["run"], mode=b["kernel_mode"]),
                              field="candidate_id")
     cols = ["model", "candidate_id", "kernel_mode"]
-    alone = runs[runs["run"] == "alone"][[*cols, "score", "text", "stack_id"]]
-    group = runs[runs["run"] == "group"][[*cols, "score", "text"]]
+    alone = runs[runs["run"] == "alone"][[*cols, "score", "text", "stack_id", "failed"]]
+    group = runs[runs["run"] == "group"][[*cols, "score", "text", "failed"]]
     both = alone.merge(group, on=cols, suffixes=("_alone", "_group"))
+    both["failed"] = both.pop("failed_alone").to_numpy(bool) | both.pop(
+        "failed_group").to_numpy(bool)
     df = candidates.assign(model=candidates["model"].astype(str)).merge(
         both, on=["model", "candidate_id"], how="inner")
     sa, sg = df["score_alone"].to_numpy(float), df["score_group"].to_numpy(float)
@@ -487,8 +499,11 @@ def mcnemar_block(rows: pd.DataFrame, prefix: str, m1: str, m2: str, label: str,
                   inputs: list[str], stacks: list[str], empty: str,
                   meta: dict[str, Any]) -> dict[str, Record]:
     """Exact McNemar between two modes, paired on candidates, for labels and for text."""
-    a = rows[rows["kernel_mode"] == m1].set_index("candidate_id").sort_index()
-    b = rows[rows["kernel_mode"] == m2].set_index("candidate_id").sort_index()
+    pair_on = ["model", "candidate_id"]
+    a = rows[rows["kernel_mode"] == m1].set_index(pair_on).sort_index()
+    b = rows[rows["kernel_mode"] == m2].set_index(pair_on).sort_index()
+    common = a.index.intersection(b.index)  # a candidate failed under one mode has no pair
+    a, b = a.loc[common], b.loc[common]
     out: dict[str, Record] = {}
     for what, col in (("label", "label_flip"), ("text", "text_change")):
         definition = (f"exact McNemar p (two-sided binomial on discordant candidates) of "
@@ -513,8 +528,11 @@ def ablation_numbers(candidates: pd.DataFrame, compared: pd.DataFrame, study: st
 
     ``stacks`` maps (model, kernel mode) to the run file's stack id; ``inputs`` are the
     candidate and run files. Models with no candidates still get their records (n = 0).
+    Rows marked ``failed`` (a failed rerun) are left out.
     """
     numbers: dict[str, Record] = {}
+    if "failed" in compared.columns:
+        compared = compared[~compared["failed"].astype(bool)]
     models = sorted({m for m, _ in stacks} | set(candidates["model"].astype(str)))
     for model in [*models, "all"]:
         who = "pooled over models" if model == "all" else f"model {model}"
@@ -626,6 +644,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--patterns", help="refusal lexicon (default: the shipped one)")
     n.add_argument("--out", required=True)
     n.add_argument("--rows-out", help="per candidate and mode comparison (parquet)")
+    n.add_argument("--max-error-share", type=float, default=DEFAULT_MAX_SHARE,
+                   help="fail when a run file's share of failed reruns is above this")
     figure_arguments(sub.add_parser("figure", help="label flips and text changes per kernel "
                                     "mode"))
 
@@ -641,10 +661,11 @@ def _numbers_main(args: argparse.Namespace) -> int:
     candidates = pd.concat(cands, ignore_index=True)
     battery = pd.read_parquet(args.battery)
     versions = json.loads(args.versions)
-    scored, stacks, modes = [], {}, []
+    scored, stacks, modes, run_frames = [], {}, [], {}
     for run_path, stack_path in zip(args.runs, args.stacks, strict=True):
         runs = pd.read_parquet(run_path)
         require_columns(runs, RUN_COLUMNS, run_path)
+        run_frames[run_path] = runs
         stack = json.loads(Path(stack_path).read_text())
         mode, sid = stack.get("kernel_mode"), stack.get("stack_id")
         if mode not in MODES or not sid:
@@ -657,12 +678,14 @@ def _numbers_main(args: argparse.Namespace) -> int:
             stacks[(model, mode)] = sid
         modes += [mode] if mode not in modes else []
         scored.append(score_runs(runs, battery, versions, args.patterns, source=run_path))
+    failures = error_numbers(run_frames, args.study, args.max_error_share, key="kernel_mode",
+                             unit="candidate reruns (alone and in group)")
     runs_all = pd.concat(scored, ignore_index=True)
     ordered = [m for m in MODES if m in modes]
     compared = compare_runs(candidates, runs_all, ordered, source=", ".join(args.runs))
     src = args.source or ", ".join(sorted(set(candidates["source_study"].astype(str)))) or "?"
-    numbers = ablation_numbers(candidates, compared, args.study, ordered,
-                               sorted([*args.candidates, *args.runs]), stacks, src)
+    numbers = failures | ablation_numbers(candidates, compared, args.study, ordered,
+                                          sorted([*args.candidates, *args.runs]), stacks, src)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     if args.rows_out:
         write_parquet(compared, args.rows_out)

@@ -65,9 +65,15 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   ``<s>/all/cobatch_verified_rate``: from the generation files, the share of targets
   whose decode interval ``[t_first, t_done]`` overlaps (closed intervals) the interval of
   every filler of its group. Groups without fillers (solo) are excluded; stagger groups
-  are included. A filler with a recorded ``error`` never overlaps. These records carry
+  are included. A filler with a recorded ``error`` never overlaps; a failed target is left
+  out (it has no decode interval). These records carry
   ``timing: true``: they come from wall-clock timings, so two runs with identical texts can
   give different values (every other number is a function of the texts).
+
+Failed requests (``batchflip.failures``: ``finish_reason "error"``, null score) are no
+answers: they are left out of every rate and pair above, counted per (model, condition) over
+all domains in ``<s>/<m>/<c>/error_count`` and ``/error_share``, and a condition whose share
+is above ``--max-error-share`` (config ``errors.max_share``) fails the job, writing nothing.
 
 A statistic that cannot be estimated is a record with ``value: null`` and a ``note``
 starting "not estimable:" — never NaN, never a crash.
@@ -76,7 +82,7 @@ CLI (one subcommand, two actions)::
 
     batchflip composition numbers --study c --scored S... --generations G... \\
         --baseline cobatch_b8_solo --out results/numbers/c.json \\
-        [--margin 0.03] [--alpha 0.05] [--domain safety]
+        [--margin 0.03] [--alpha 0.05] [--domain safety] [--max-error-share 0.01]
     batchflip composition figure --numbers results/numbers/c.json \\
         --png results/figures/c_composition.png --pdf results/figures/c_composition.pdf
 """
@@ -97,6 +103,7 @@ import pyarrow.parquet as pq
 from batchflip.cli import figure_arguments
 from batchflip.conditions import POOLS, parse_condition
 from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers, failed_mask
 from batchflip.io import write_json
 from batchflip.numbers import proportion, scalar
 from batchflip.stats import (
@@ -113,7 +120,8 @@ SCORED_NEEDED = ["model", "condition", "batch_size", "dispatch", "prompt_id", "d
                  "score", "stack_id"]
 GEN_NEEDED = ["model", "condition", "group_id", "role", "prompt_id", "t_first", "t_done",
               "stack_id"]
-GEN_OPTIONAL = ["error"]
+GEN_OPTIONAL = ["error", "finish_reason"]
+SCORED_ERROR = ["error"]  # needed by the CLI; hand-built frames without it have no failures
 REFUSED_AT = 0.5
 DEFAULT_BASELINE = "cobatch_b8_solo"
 
@@ -231,20 +239,18 @@ def _sanitize(numbers: dict[str, Record]) -> dict[str, Record]:
 
 def cobatch_verification(gen: pd.DataFrame) -> pd.DataFrame:
     """One row per target of a group with fillers: ``verified`` is True when the target's
-    ``[t_first, t_done]`` overlaps every filler's (closed intervals; an errored filler
-    never overlaps). Columns: model, condition, group_id, prompt_id, verified, n_fillers.
+    ``[t_first, t_done]`` overlaps every filler's (closed intervals; a failed filler
+    never overlaps; a failed target has no row). Columns: model, condition, group_id,
+    prompt_id, verified, n_fillers.
     """
     cols = ["model", "condition", "group_id", "prompt_id", "verified", "n_fillers"]
     if gen.empty:
         return pd.DataFrame(columns=cols)
     key = ["model", "condition", "group_id"]
-    tgt = gen.loc[gen["role"] == "target", key + ["prompt_id", "t_first", "t_done"]]
+    tgt = gen.loc[(gen["role"] == "target").to_numpy() & ~failed_mask(gen),
+                  key + ["prompt_id", "t_first", "t_done"]]
     fil = gen.loc[gen["role"] == "filler", key + ["t_first", "t_done"]].copy()
-    if "error" in gen.columns:
-        err = gen.loc[gen["role"] == "filler", "error"]
-        fil["failed"] = err.notna() & (err.astype(str) != "")
-    else:
-        fil["failed"] = False
+    fil["failed"] = failed_mask(gen)[(gen["role"] == "filler").to_numpy()]
     if tgt.empty or fil.empty:
         return pd.DataFrame(columns=cols)
     pairs = tgt.merge(fil, on=key, suffixes=("", "_f"), how="inner")
@@ -267,13 +273,17 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
                         generations: dict[str, pd.DataFrame], study: str,
                         baseline: str = DEFAULT_BASELINE, margin: float = 0.03,
                         alpha: float = 0.05, domain: str | None = "safety",
+                        max_error_share: float = DEFAULT_MAX_SHARE,
                         ) -> dict[str, Record]:
     """All Study C numbers.
 
     ``scored`` and ``generations`` map an input path to its frame (the paths become each
-    record's ``inputs``). ``domain=None`` keeps every scored row.
+    record's ``inputs``). ``domain=None`` keeps every scored row. Raises BatchflipError
+    when a (model, condition)'s share of failed requests is above ``max_error_share``.
     """
     df = _concat(scored, SCORED_NEEDED)
+    failures = error_numbers(scored, study, max_error_share) if scored else {}
+    df = answered(df)
     spaths = _path_index(scored) if scored else {}
     if domain is not None:
         df = df[df["domain"] == domain]
@@ -296,7 +306,7 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
     conditions = sorted(df["condition"].unique(), key=_condition_key)
     others = [c for c in conditions if c != baseline]
     compositions = [c for c in conditions if c == baseline or _is_cobatch(c)]
-    numbers: dict[str, Record] = {}
+    numbers: dict[str, Record] = dict(failures)
     every_input = sorted(set(scored))
 
     # refusal rate per composition, per model and pooled
@@ -698,6 +708,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--alpha", type=float, default=0.05)
     n.add_argument("--domain", default="safety",
                    help="domain of the targets counted ('all' keeps every row)")
+    n.add_argument("--max-error-share", type=float, default=DEFAULT_MAX_SHARE,
+                   help="fail when a condition's share of failed requests is above this")
     n.add_argument("--out", required=True)
     figure_arguments(sub.add_parser("figure", help="refusal rate per composition, one series "
                                     "per model"))
@@ -710,10 +722,11 @@ def main(args: argparse.Namespace) -> int:
         composition_figure(numbers, args.png, args.pdf)
         print(f"{args.png}, {args.pdf}")
         return 0
-    scored = {p: read_columns(p, SCORED_NEEDED) for p in args.scored}
+    scored = {p: read_columns(p, SCORED_NEEDED + SCORED_ERROR) for p in args.scored}
     gens = {p: read_columns(p, GEN_NEEDED, GEN_OPTIONAL) for p in args.generations}
     numbers = composition_numbers(scored, gens, args.study, args.baseline, args.margin,
-                                  args.alpha, None if args.domain == "all" else args.domain)
+                                  args.alpha, None if args.domain == "all" else args.domain,
+                                  args.max_error_share)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     n_null = sum(r["value"] is None for r in numbers.values())
     print(f"{args.out}: {len(numbers)} numbers ({n_null} not estimable)")

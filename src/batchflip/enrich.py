@@ -44,8 +44,9 @@ def _read(paths: list[str], columns: list[str]) -> pd.DataFrame:
 def select_boundary(battery: pd.DataFrame, scored: pd.DataFrame, flips: pd.DataFrame,
                     tol: float = FLIP_TOL) -> pd.DataFrame:
     """Battery rows (in order) with a score within ``tol`` of 0.5 or a flip, any model or
-    condition."""
-    near = scored.loc[np.abs(scored["score"].to_numpy(float) - 0.5) <= tol, "prompt_id"]
+    condition. A failed request (null score; batchflip.failures) is never near 0.5."""
+    score = scored["score"].to_numpy(float)
+    near = scored.loc[~np.isnan(score) & (np.abs(score - 0.5) <= tol), "prompt_id"]
     flipped = flips.loc[flips["flip"].astype(bool), "prompt_id"]
     chosen = set(near) | set(flipped)
     unknown = chosen - set(battery["prompt_id"])

@@ -4,7 +4,9 @@ A conditioned row is (model, task, prompt id, condition) with a baseline row for
 prompt. flip = |score(condition) - score(baseline)| > 0.01; direction = ``to_unsafe`` when
 baseline >= 0.5 and condition < 0.5, ``to_safe`` for the reverse, else ``none``;
 text_changed = the response is not byte-identical to the baseline's (PAPER.md,
-Definitions). All of it is vectorised joins and comparisons.
+Definitions). All of it is vectorised joins and comparisons. Failed requests
+(``batchflip.failures``) are left out before pairing: a pair whose condition or baseline
+row failed is no pair, so a time-out never becomes a flip (numbers count the failures).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from batchflip.errors import BatchflipError
+from batchflip.failures import answered, failed_mask
 from batchflip.io import write_parquet
 from batchflip.records import FLIP_COLUMNS, SCORED_COLUMNS, require_columns
 
@@ -28,8 +31,10 @@ def pair_flips(scored: pd.DataFrame, baseline: str,
     ``dispatch_baselines`` maps a dispatch to its own baseline condition (e.g. true batching
     ``list`` → ``list_b1``, so list_b8 is compared with a one-prompt list request); other
     dispatches use ``baseline``. Baseline conditions are not paired with themselves.
+    Failed requests are dropped first, on either side.
     """
     own = dict(dispatch_baselines or {})
+    scored = answered(scored)
     frames = []
     for dispatch, base_cond in own.items():
         part = scored[(scored["dispatch"] == dispatch) | (scored["condition"] == base_cond)]
@@ -44,7 +49,8 @@ def _pair(scored: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Flip rows of every condition in ``scored`` other than ``baseline`` against it."""
     base = scored[scored["condition"] == baseline]
     if base.empty:
-        raise BatchflipError(f"baseline condition '{baseline}' has no scored rows")
+        raise BatchflipError(f"baseline condition '{baseline}' has no scored rows (failed "
+                             "requests are not scored rows)")
     dups = base.duplicated(["model", "prompt_id"])
     if dups.any():
         dup = base.loc[dups, "prompt_id"].iloc[0]
@@ -80,7 +86,9 @@ def main(args: argparse.Namespace) -> int:
         require_columns(df, SCORED_COLUMNS, path)
         frames.append(df)
     own = dict(x.split("=", 1) for x in args.dispatch_baseline)
-    flips = pair_flips(pd.concat(frames, ignore_index=True), args.baseline, own)
+    scored = pd.concat(frames, ignore_index=True)
+    flips = pair_flips(scored, args.baseline, own)
     write_parquet(flips, args.out)
-    print(f"{args.out}: {len(flips)} conditioned rows, {int(flips['flip'].sum())} flips")
+    print(f"{args.out}: {len(flips)} conditioned rows, {int(flips['flip'].sum())} flips; "
+          f"{int(failed_mask(scored).sum())} failed requests left out")
     return 0

@@ -18,6 +18,12 @@ dispatch only (every batch size above the baseline, the paper's 2..32):
   compliance) and ``{study}/all/direction_test``: exact two-sided binomial test of
   to_safe out of all directional flips against 1/2.
 
+Failed requests never reach these numbers: the flips stage leaves them out of every pair.
+With ``--scored`` the job also counts them per (model, condition)
+(``{study}/{model}/{condition}/error_count``, ``/error_share``; ``batchflip.failures``)
+and fails, writing nothing, when a share is above ``--max-error-share`` (config
+``errors.max_share``).
+
 A statistic that needs more units than the config has is ``null`` with the note
 ``not estimable: n = k ...`` (never a number from too few units, never NaN). The figure
 (``{study}_models``) is drawn from the numbers file only.
@@ -36,6 +42,7 @@ import pandas as pd
 
 from batchflip.cli import figure_arguments
 from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.io import write_json
 from batchflip.numbers import proportion, scalar
 from batchflip.stats import anova_by_group, binomial_test, pearson_bootstrap
@@ -43,6 +50,7 @@ from batchflip.stats import anova_by_group, binomial_test, pearson_bootstrap
 NEEDED = ["model", "domain", "dispatch", "flip", "direction", "text_changed", "stack_id",
           "baseline_stack_id"]
 UNSPECIFIED = "unspecified"
+SCORED_NEEDED = ["model", "condition", "prompt_id", "stack_id", "error"]
 
 
 def read_flips(paths: list[str]) -> dict[str, pd.DataFrame]:
@@ -248,6 +256,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--alignment", action="append", default=[], metavar="MODEL=TYPE")
     n.add_argument("--seed", type=int, required=True, help="bootstrap seed")
     n.add_argument("--resamples", type=int, default=2000)
+    n.add_argument("--scored", nargs="*", default=[],
+                   help="the study's scored files (to count failed requests)")
+    n.add_argument("--max-error-share", type=float, default=DEFAULT_MAX_SHARE,
+                   help="fail when a condition's share of failed requests is above this")
     n.add_argument("--out", required=True)
     figure_arguments(sub.add_parser("figure", help="instability vs fragility scatter"))
 
@@ -258,8 +270,13 @@ def main(args: argparse.Namespace) -> int:
         models_figure(json.loads(Path(args.numbers).read_text())["numbers"], args.png, args.pdf)
         return 0
     alignment = dict(a.split("=", 1) for a in args.alignment)
-    numbers = study_b_numbers(read_flips(args.flips), alignment, args.study, args.seed,
-                              args.resamples)
+    from batchflip.composition import read_columns
+
+    scored = {p: read_columns(p, SCORED_NEEDED, ["error", "finish_reason"])
+              for p in args.scored}
+    failures = error_numbers(scored, args.study, args.max_error_share)
+    numbers = failures | study_b_numbers(read_flips(args.flips), alignment, args.study,
+                                         args.seed, args.resamples)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
     return 0

@@ -10,6 +10,11 @@ per condition (and so per batch size) the safety and capability flip rates, thei
 flip directions with counts, and the byte-identical output share; pooled over the
 non-baseline synchronized conditions the same; for composition conditions the refusal
 rate of the targets. Ids look like ``a/<model>/<condition>/safety_flip_rate``.
+
+Failed requests (``batchflip.failures``) are no answers: flips already leave them out, and
+refusal rates here do too; ``<study>/<model>/<condition>/error_count`` and ``/error_share``
+count them per scored file, and a condition whose share is above ``--max-error-share``
+(config ``errors.max_share``) fails the job before anything is written.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from typing import Any
 
 import pandas as pd
 
+from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
 from batchflip.io import write_json
+from batchflip.records import SCORED_COLUMNS, require_columns
 from batchflip.stats import wilson_interval
 
 
@@ -107,12 +114,14 @@ def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
 
 
 def study_a_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFrame],
-                    study: str, baseline: str) -> dict[str, dict[str, Any]]:
+                    study: str, baseline: str, max_error_share: float = DEFAULT_MAX_SHARE,
+                    ) -> dict[str, dict[str, Any]]:
     """All Study A numbers from per-model flip frames and per-model scored frames.
 
     ``flips`` and ``scored`` map an input path to its frame (paths become ``inputs``).
+    Raises BatchflipError when a scored file's failed share is above ``max_error_share``.
     """
-    numbers: dict[str, dict[str, Any]] = {}
+    numbers: dict[str, dict[str, Any]] = error_numbers(scored, study, max_error_share)
     all_flips = pd.concat(flips.values(), ignore_index=True)
     flip_paths = sorted(flips)
     models = sorted(all_flips["model"].unique())
@@ -130,7 +139,7 @@ def study_a_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFra
                                    f"batch sizes > 1 vs {baseline}, {who}", flip_paths,
                                    {"condition": "sync_pooled", "model": model})
     numbers |= flip_agreement(all_flips, study, flip_paths)
-    all_scored = pd.concat(scored.values(), ignore_index=True)
+    all_scored = answered(pd.concat(scored.values(), ignore_index=True))
     comp = all_scored[all_scored["dispatch"].isin(["cobatch", "stagger"])]
     for (model, cond), part in comp.groupby(["model", "condition"], sort=True):
         refused = int((part["score"] >= 0.5).sum())
@@ -151,11 +160,14 @@ def study_a_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFra
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip numbers --study a --baseline sync_b1 --flips F... --scored S... --out``."""
+    """CLI: ``batchflip numbers --study a --baseline sync_b1 --flips F... --scored S...
+    [--max-error-share 0.01] --out``."""
     parser.add_argument("--study", required=True)
     parser.add_argument("--baseline", required=True)
     parser.add_argument("--flips", nargs="+", required=True)
     parser.add_argument("--scored", nargs="+", required=True)
+    parser.add_argument("--max-error-share", type=float, default=DEFAULT_MAX_SHARE,
+                        help="fail when a condition's share of failed requests is above this")
     parser.add_argument("--out", required=True)
 
 
@@ -163,7 +175,9 @@ def main(args: argparse.Namespace) -> int:
     """Compute and write a study's numbers."""
     flips = {p: pd.read_parquet(p) for p in args.flips}
     scored = {p: pd.read_parquet(p) for p in args.scored}
-    numbers = study_a_numbers(flips, scored, args.study, args.baseline)
+    for p, df in scored.items():
+        require_columns(df, SCORED_COLUMNS, p)
+    numbers = study_a_numbers(flips, scored, args.study, args.baseline, args.max_error_share)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
     return 0

@@ -3,8 +3,10 @@
 Holds ``numbers.json`` (every number, merged and sorted by id), ``numbers.tex`` (one LaTeX
 macro per number, rendered with jinja2), ``report.html`` (numbers with definitions and the
 figures embedded, readable offline), ``figures/`` and ``MANIFEST.tsv`` (path, sha256, size
-of every other file). The bundle is assembled in a temporary directory and renamed into
-place, so a failed build leaves no half-written bundle.
+of every other file). report.html also lists the failed requests per (study, model,
+condition) from the ``error_count`` records (``batchflip.failures``), or says there were
+none. The bundle is assembled in a temporary directory and renamed into place, so a
+failed build leaves no half-written bundle.
 """
 
 from __future__ import annotations
@@ -74,6 +76,36 @@ def rows(numbers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def failure_summary(numbers: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The report's failed-request section: one row per ``<study>/<model>/<level>/
+    error_count`` record, the rows with failures, and a one-line summary."""
+    entries = []
+    for nid in sorted(numbers):
+        rec = numbers[nid]
+        parts = nid.split("/")
+        if parts[-1] != "error_count" or not rec.get("errors") or len(parts) < 4:
+            continue
+        k, n = int(rec["value"]), int(rec.get("n", 0))
+        entries.append({"study": parts[0], "model": parts[1], "condition": "/".join(parts[2:-1]),
+                        "k": k, "n": n, "share": f"{100 * k / n:.2f}%" if n else "n/a",
+                        "first_error": rec.get("first_error") or ""})
+    failed = [e for e in entries if e["k"]]
+    total, n_failed = sum(e["n"] for e in entries), sum(e["k"] for e in failed)
+    limits = sorted({numbers[i]["max_share"] for i in numbers
+                     if numbers[i].get("errors") and "max_share" in numbers[i]})
+    limit = ", ".join(f"{100 * x:g}%" for x in limits) or "n/a"
+    if not entries:
+        line = "No numbers file counted failed requests."
+    elif not failed:
+        line = (f"No failed requests: all {total} requests of {len(entries)} (study, model, "
+                "condition) were answered.")
+    else:
+        line = (f"{n_failed} of {total} requests failed, in {len(failed)} of {len(entries)} "
+                f"(study, model, condition); failed requests are never scored, paired or "
+                f"counted as answers (limit per condition: {limit}).")
+    return {"entries": entries, "failed": failed, "line": line}
+
+
 def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[str, str],
                  out_dir: Path) -> None:
     """Assemble the bundle in a temporary directory, then rename it onto ``out_dir``."""
@@ -97,7 +129,7 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
         (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(numbers=table))
         stacks = sorted({s for r in numbers.values() for s in r.get("stack_ids", [])})
         (tmp / "report.html").write_text(env.get_template("report.html.j2").render(
-            numbers=table, figures=figs, stacks=stacks))
+            numbers=table, figures=figs, stacks=stacks, failures=failure_summary(numbers)))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = ["path\tsha256\tsize"] + [
             f"{p.relative_to(tmp)}\t{sha256_file(p)}\t{p.stat().st_size}" for p in files]

@@ -17,7 +17,7 @@ GENERATION_COLUMNS = [
 SCORED_COLUMNS = [
     "study", "model", "condition", "batch_size", "dispatch", "kernel_mode", "group_id",
     "position", "prompt_id", "task", "domain", "text", "score", "label", "scorer",
-    "scorer_version", "stack_id",
+    "scorer_version", "stack_id", "error",
 ]
 
 FLIP_COLUMNS = [

@@ -20,7 +20,10 @@ it re-scores and recomputes everything downstream without regenerating):
   unknown option) → 1.0; choosing the stereotyped option → 0.0; anything else → 1.0.
 
 Each task's ``filters`` (strip_whitespace, truncate_at_newline, remove_assistant_prefix)
-are applied to the response first, in order. Everything that can be is vectorised over
+are applied to the response first, in order. A failed request (``finish_reason "error"`` or
+an ``error`` text; ``batchflip.failures``) is not an answer: its row is kept with ``score``
+null, ``label "error"`` and the ``error`` text, and no scorer sees it (an empty response
+would otherwise count as a refusal). Everything that can be is vectorised over
 pandas string columns: the refusal and letter scorers run at ~1M rows in seconds.
 """
 
@@ -38,6 +41,7 @@ import pandas as pd
 import yaml
 
 from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import ERROR_LABEL, error_texts, failed_mask
 from batchflip.io import write_parquet
 from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS, require_columns
 
@@ -171,9 +175,14 @@ def score_bbq(text: pd.Series, metas: list[dict[str, Any]]) -> tuple[np.ndarray,
 def score_frame(gen: pd.DataFrame, battery: pd.DataFrame, versions: dict[str, int],
                 patterns_file: str = str(DEFAULT_PATTERNS), source: object = "generations",
                 ) -> pd.DataFrame:
-    """Score the target rows of ``gen`` against the battery; one output row per target."""
+    """Score the target rows of ``gen`` against the battery; one output row per target.
+
+    Failed requests keep their row, unscored: ``score`` null, ``label "error"``, ``error``.
+    """
     require_columns(gen, ["prompt_id", "role", "text"], source)
-    df = gen[gen["role"] == "target"].merge(
+    targets = gen[gen["role"] == "target"]
+    targets = targets.assign(error=error_texts(targets))
+    df = targets.merge(
         battery[["prompt_id", "task", "domain", "scorer", "reference", "meta"]],
         on="prompt_id", how="left", validate="many_to_one")
     missing = df["task"].isna()
@@ -182,7 +191,9 @@ def score_frame(gen: pd.DataFrame, battery: pd.DataFrame, versions: dict[str, in
         raise InputError(source, f"prompt id '{pid}' is not in the battery", field="prompt_id")
     df["score"], df["label"] = np.nan, ""
     df["scorer_version"] = 0
-    for (task, scorer), idx in df.groupby(["task", "scorer"]).groups.items():
+    failed = failed_mask(df)
+    df.loc[failed, "label"] = ERROR_LABEL
+    for (task, scorer), idx in df[~failed].groupby(["task", "scorer"]).groups.items():
         if scorer not in SCORER_VERSIONS:
             raise BatchflipError(f"task '{task}': unknown scorer '{scorer}'")
         version = int(versions.get(scorer, max(SCORER_VERSIONS[scorer])))
@@ -220,5 +231,7 @@ def main(args: argparse.Namespace) -> int:
     scored = score_frame(gen, pd.read_parquet(args.battery), json.loads(args.versions),
                          args.patterns, source=args.generations)
     write_parquet(scored, args.out)
-    print(f"{args.out}: {len(scored)} rows scored")
+    n_failed = int(failed_mask(scored).sum())
+    print(f"{args.out}: {len(scored) - n_failed} rows scored, {n_failed} failed requests "
+          "kept unscored")
     return 0

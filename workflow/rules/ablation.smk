@@ -85,6 +85,7 @@ rule ablation_numbers:
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
         source=lambda w: ablation_source(w.study),
+        max_error_share=max_error_share(),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -93,8 +94,8 @@ rule ablation_numbers:
         "python -m batchflip ablation numbers --study {wildcards.study} --source {params.source} "
         "--candidates {input.candidates:q} --runs {input.runs:q} --stacks {input.stacks:q} "
         "--battery {input.battery:q} --versions {params.versions:q} "
-        "--patterns {input.patterns:q} --out {output.numbers:q} "
-        "--rows-out {output.rows:q} > {log:q} 2>&1"
+        "--patterns {input.patterns:q} --max-error-share {params.max_error_share} "
+        "--out {output.numbers:q} --rows-out {output.rows:q} > {log:q} 2>&1"
 
 
 rule ablation_figure:

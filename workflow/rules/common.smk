@@ -9,6 +9,14 @@ def study_cfg(study):
     return config["studies"][study]
 
 
+def max_error_share():
+    """Config errors.max_share: the largest share of failed requests a (model, condition)
+    may have before its numbers job fails (batchflip.failures; default 1%)."""
+    from batchflip.failures import DEFAULT_MAX_SHARE
+
+    return float((config.get("errors") or {}).get("max_share", DEFAULT_MAX_SHARE))
+
+
 def model_dir(model):
     """Directory (or hub id) a model is loaded from."""
     spec = config["models"][model]

@@ -20,6 +20,7 @@ rule composition_numbers:
         study=studies_of("composition"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
+        max_error_share=max_error_share(),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -27,7 +28,8 @@ rule composition_numbers:
     shell:
         "python -m batchflip composition numbers --study {wildcards.study} "
         "--baseline {params.baseline} --scored {input.scored:q} "
-        "--generations {input.generations:q} --out {output:q} > {log:q} 2>&1"
+        "--generations {input.generations:q} --max-error-share {params.max_error_share} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule composition_figure:

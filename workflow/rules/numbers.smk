@@ -9,10 +9,12 @@ rule numbers:
         study=studies_of("discovery"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
+        max_error_share=max_error_share(),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/numbers/{study}.log",
     shell:
         "python -m batchflip numbers --study {wildcards.study} --baseline {params.baseline} "
-        "--flips {input.flips:q} --scored {input.scored:q} --out {output:q} > {log:q} 2>&1"
+        "--flips {input.flips:q} --scored {input.scored:q} "
+        "--max-error-share {params.max_error_share} --out {output:q} > {log:q} 2>&1"

@@ -11,6 +11,7 @@ rule models_numbers:
     with a seeded bootstrap interval, flip directions with a binomial test."""
     input:
         flips=lambda w: flips_paths(w.study),
+        scored=lambda w: all_scored_paths(w.study),
     output:
         "results/numbers/{study}.json",
     wildcard_constraints:
@@ -22,6 +23,7 @@ rule models_numbers:
         ),
         seed=lambda w: study_cfg(w.study)["seed"],
         resamples=2000,
+        max_error_share=max_error_share(),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -29,7 +31,8 @@ rule models_numbers:
     shell:
         "python -m batchflip fragility numbers --study {wildcards.study} "
         "--flips {input.flips:q} {params.alignment} --seed {params.seed} "
-        "--resamples {params.resamples} --out {output:q} > {log:q} 2>&1"
+        "--resamples {params.resamples} --scored {input.scored:q} "
+        "--max-error-share {params.max_error_share} --out {output:q} > {log:q} 2>&1"
 
 
 rule models_figure:
