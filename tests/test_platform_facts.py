@@ -107,3 +107,25 @@ def test_cuda_facts_without_cuda(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pf.cuda_facts() is None
+
+
+def test_hf_fingerprint_names_this_cpu():
+    from pathlib import Path
+
+    import pytest
+
+    model = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m"
+    if not (model / "config.json").is_file():
+        pytest.skip(f"{model} is absent (built by the model stage)")
+    from batchflip.engines.hf import HFEngine
+
+    engine = HFEngine(str(model), "float32", 4, 42, device="cpu")
+    fp = engine.fingerprint()
+    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")]
+    if names:
+        assert fp["device"] == fp["host"]["cpu"]["cpu_model"] == names[0]
+    assert fp["host"]["cpu"]["aten_cpu_capability"] == \
+        __import__("torch").backends.cpu.get_cpu_capability()
+    assert "gpu" not in fp["host"]  # a CPU run records no GPU facts
+    engine.close()

@@ -179,10 +179,8 @@ BATCH_INVARIANT_SIGNS: tuple[tuple[str, re.Pattern[str]], ...] = (
         r"Forcibly updating attention backend to \w+ for batch_invariant")),
     ("vLLM decode-invariant warning", re.compile(
         r"decode-invariant form of batch invariance")),
-    ("vLLM message", re.compile(
-        r"batch[- _]invarian(?:t|ce)(?: mode)? (?:is )?enabled\b", re.I)),
 )
-# also recorded from the server's environment (they change CPU kernel dispatch)
+# server environment variables recorded in the fingerprint (with platform_facts.ISA_ENV_VARS)
 _RECORDED_ENV_PREFIXES = ("VLLM_", "OMP_")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
 _BACKEND_RE = re.compile(
