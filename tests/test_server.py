@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,10 +72,53 @@ def test_cpu_command_line():
     line = " ".join(argv)
     for part in ("--model /models/x", "--host 127.0.0.1", "--port 4321", "--dtype bfloat16",
                  "--max-model-len 2048", "--seed 42", "--gpu-memory-utilization 0.3",
-                 "--enforce-eager"):
+                 "--enforce-eager", "--no-enable-prefix-caching"):
         assert part in line
+    assert "--enable-prefix-caching" not in argv
     assert env["VLLM_BATCH_INVARIANT"] == "0"
     assert not {"--port", "--host", "--model", "4321", "/models/x"} & set(flags)
+
+
+# (server settings, probe, flags that must appear in order, flags that must not appear)
+LAUNCH_CASES = [
+    ({}, FAKE_GPU_PROBE, ["--no-enable-prefix-caching"],
+     ["--enforce-eager", "--gpu-memory-utilization", "--enable-prefix-caching"]),
+    ({"enforce_eager": True, "gpu_memory_utilization": 0.8}, FAKE_GPU_PROBE,
+     ["--gpu-memory-utilization", "0.8", "--enforce-eager"], []),
+    ({"enforce_eager": False}, FAKE_CPU_PROBE, ["--gpu-memory-utilization", "0.3"],
+     ["--enforce-eager"]),
+    ({"gpu_memory_utilization": 0.5}, FAKE_CPU_PROBE, ["--gpu-memory-utilization", "0.5"],
+     ["0.3"]),
+    ({"enable_prefix_caching": True}, FAKE_GPU_PROBE, ["--enable-prefix-caching"],
+     ["--no-enable-prefix-caching"]),
+    ({"enable_prefix_caching": True}, FAKE_CPU_PROBE, ["--enable-prefix-caching"],
+     ["--no-enable-prefix-caching"]),
+    ({"attention_backend": "FLASH_ATTN"}, {**FAKE_GPU_PROBE, "attention_backend_flag": True,
+                                           "attention_backend_env": True},
+     ["--attention-backend", "FLASH_ATTN"], []),
+]
+
+
+@pytest.mark.parametrize("server,probe,present,absent", LAUNCH_CASES)
+def test_launch_flags_per_key(server, probe, present, absent):
+    argv, env, flags = srv.build_launch(_params(**server), "m", 1, probe)
+    assert " ".join(present) in " ".join(flags)
+    assert not set(absent) & set(flags)
+    assert "VLLM_ATTENTION_BACKEND" not in env
+    # what the fingerprint records agrees with the flags
+    eff = srv.launch_settings(_params(**server), probe)
+    assert eff["enforce_eager"] == ("--enforce-eager" in flags)
+    assert eff["enable_prefix_caching"] == ("--enable-prefix-caching" in flags)
+    util = eff["gpu_memory_utilization"]
+    assert (util == "vLLM default") == ("--gpu-memory-utilization" not in flags)
+
+
+def test_schema_lists_every_server_key():
+    import yaml
+
+    schema = yaml.safe_load((ROOT / "workflow/schemas/config.schema.yaml").read_text())
+    server = schema["properties"]["studies"]["additionalProperties"]["properties"]["server"]
+    assert set(server["properties"]) == set(srv.SERVER_DEFAULTS)
 
 
 def test_gpu_command_line_batch_invariant_and_attention_backend():
@@ -126,6 +170,145 @@ def test_batch_invariant_on_cpu_fails_before_launch(monkeypatch, tmp_path):
     with pytest.raises(BatchflipError, match="batch_invariant.*CPU.*Triton"):
         srv.make_server_engine(params, str(MODEL))
     assert not list(tmp_path.iterdir())
+
+
+def test_batch_invariant_below_compute_capability_9_fails_before_launch(monkeypatch,
+                                                                         tmp_path):
+    a100 = {**FAKE_GPU_PROBE, "device": "NVIDIA A100-SXM4-80GB", "compute_capability": "8.0"}
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: a100)
+
+    def no_launch(*a, **k):
+        raise AssertionError("nothing may be launched")
+
+    monkeypatch.setattr(srv.subprocess, "Popen", no_launch)
+    params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
+    with pytest.raises(BatchflipError, match=r"compute capability >= 9\.0.*A100.*8\.0"):
+        srv.make_server_engine(params, str(MODEL))
+    assert not list(tmp_path.iterdir())
+    # the standard mode is fine on that card, and 9.0 / 10.0 pass the check
+    srv.check_kernel_mode("standard", a100)
+    srv.check_kernel_mode("batch_invariant", FAKE_GPU_PROBE)
+    srv.check_kernel_mode("batch_invariant", {**FAKE_GPU_PROBE, "compute_capability": "10.0"})
+
+
+def test_batch_invariant_refused_when_vllm_does_not_know_the_variable():
+    old = {**FAKE_GPU_PROBE, "vllm_version": "0.10.0", "batch_invariant_env": False}
+    with pytest.raises(BatchflipError, match="does not know VLLM_BATCH_INVARIANT"):
+        srv.check_kernel_mode("batch_invariant", old)
+
+
+# What vLLM 0.2x on an H100 writes when VLLM_BATCH_INVARIANT=1 (torch's warning once its
+# batch_invariant.py overrides the first aten CUDA kernel), between ordinary lines.
+BI_LOG = """# batchflip launch: python -m vllm.entrypoints.openai.api_server --model m
+# env: {"PYTHONUNBUFFERED": "1", "VLLM_BATCH_INVARIANT": "1"}
+(APIServer pid=4242) INFO 06-01 12:00:00 [api_server.py:1800] vLLM API server version 0.26.0
+(EngineCore_DP0 pid=4300) /usr/lib/python3.12/site-packages/torch/library.py:356: \
+UserWarning: Warning only once for all operators, other operators may also be overridden.
+  Overriding a previously registered kernel for the same operator and the same dispatch key
+  operator: aten::mm(Tensor self, Tensor mat2) -> Tensor
+    registered at /pytorch/build/aten/src/ATen/RegisterSchema.cpp:6
+  dispatch key: CUDA
+  previous kernel: registered at /pytorch/aten/src/ATen/LegacyBatchingRegistrations.cpp:1079
+       new kernel: registered at /opt/venv/lib/python3.12/site-packages/vllm/model_executor/\
+layers/batch_invariant.py:913 (Triggered internally at /pytorch/aten/src/ATen/core/dispatch/\
+OperatorEntry.cpp:218.)
+(EngineCore_DP0 pid=4300) INFO 06-01 12:00:09 [cuda.py:351] Using FLASH_ATTN attention backend.
+"""
+PLAIN_LOG = "\n".join(line for line in BI_LOG.splitlines()
+                      if "kernel" not in line and "Overriding" not in line)
+
+
+def test_batch_invariant_log_verified_and_normalised(tmp_path):
+    sign = srv.check_batch_invariant_log("batch_invariant", BI_LOG, tmp_path / "x.log")
+    assert sign == ("torch kernel override: new kernel: registered at "
+                    ".../vllm/model_executor/layers/batch_invariant.py:913")
+    # nothing run-specific: a log of another run (other pids, times, paths) gives the same
+    other = BI_LOG.replace("4300", "77").replace("12:00", "13:14").replace("/opt/venv", "/x")
+    assert srv.batch_invariant_sign(other) == sign
+    # older vLLMs: the attention-backend override warning is a sign too
+    old = "WARNING 01-02 03:04:05 [batch_invariant.py:760] Forcibly updating attention " \
+          "backend to FLASH_ATTN for batch_invariant.  Supported backends: ['FLASH_ATTN']."
+    assert srv.batch_invariant_sign(old) == (
+        "vLLM attention override: Forcibly updating attention backend to FLASH_ATTN for "
+        "batch_invariant")
+
+
+def test_batch_invariant_log_without_sign_is_an_error(tmp_path):
+    log = tmp_path / "server.log"
+    with pytest.raises(BatchflipError) as err:
+        srv.check_batch_invariant_log("batch_invariant", PLAIN_LOG, log)
+    msg = str(err.value)
+    assert str(log) in msg and "new kernel: registered at" in msg and "stopped" in msg
+    # batchflip's own header, which names the variable, is not a sign
+    assert srv.batch_invariant_sign("# env: {\"VLLM_BATCH_INVARIANT\": \"1\"}") is None
+    # the standard mode: no sign is right, a sign is an error
+    assert srv.check_batch_invariant_log("standard", PLAIN_LOG, log) is None
+    with pytest.raises(BatchflipError, match="kernel_mode standard.*batch_invariant.py"):
+        srv.check_batch_invariant_log("standard", BI_LOG, log)
+
+
+# A stand-in OpenAI server: prints $FAKE_LOG_LINE, then answers /health, /v1/models,
+# /version and streamed /v1/completions until stopped.
+FAKE_OPENAI_SERVER = textwrap.dedent("""
+    import json, os, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    print(os.environ.get("FAKE_LOG_LINE", "fake server up"), file=sys.stderr, flush=True)
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def reply(self, body, ctype="application/json"):
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        def do_GET(self):
+            if self.path == "/v1/models":
+                self.reply(json.dumps({"data": [{"id": "fake"}]}))
+            elif self.path == "/version":
+                self.reply(json.dumps({"version": "0.0-fake"}))
+            else:
+                self.reply("")
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            chunk = {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop",
+                                  "token_ids": [1]}]}
+            self.reply(f"data: {json.dumps(chunk)}\\n\\ndata: [DONE]\\n\\n",
+                       "text/event-stream")
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+""")
+
+
+@pytest.mark.parametrize("line,ok", [
+    ("       new kernel: registered at /v/vllm/model_executor/layers/batch_invariant.py:913",
+     True),
+    ("INFO nothing about kernels here", False)])
+def test_launched_server_is_verified_or_stopped(monkeypatch, tmp_path, line, ok):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_GPU_PROBE)
+    params = {**_params(command=[sys.executable, "-c", FAKE_OPENAI_SERVER],
+                        log_dir=str(tmp_path), extra_env={"FAKE_LOG_LINE": line},
+                        warmup_requests=1, stop_grace_s=5),
+              "kernel_mode": "batch_invariant"}
+    live = set(srv._LIVE)
+    if not ok:
+        with pytest.raises(BatchflipError, match="no sign that batch-invariant kernels"):
+            srv.make_server_engine(params, str(MODEL))
+        assert set(srv._LIVE) == live  # stopped
+        return
+    engine = srv.make_server_engine(params, str(MODEL))
+    try:
+        fp = engine.fingerprint()
+        assert fp["batch_invariant_verified"] == (
+            "torch kernel override: new kernel: registered at "
+            ".../vllm/model_executor/layers/batch_invariant.py:913")
+        assert fp["kernel_flags"] == {"VLLM_BATCH_INVARIANT": "1"}
+        assert fp["server_settings"]["enable_prefix_caching"] is False
+        assert "--no-enable-prefix-caching" in fp["server_flags"]
+    finally:
+        engine.close()
+    assert engine.server is not None and srv.process_tree(engine.server.pid) == set()
 
 
 def test_unknown_kernel_mode(monkeypatch):
@@ -540,3 +723,105 @@ def test_cpu_launch_drops_inherited_thread_counts(monkeypatch):
     gpu = {**FAKE_CPU_PROBE, "device_type": "cuda"}
     _, env, _ = srv.build_launch(_params(), "/models/x", 4321, gpu)
     assert srv.server_environ(env)["OMP_NUM_THREADS"] == "2"
+
+
+# ---- the real server on a CUDA GPU (run by hand on an H100/H200) ----------------------------
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+needs_gpu = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None or not _cuda_available(),
+    reason="needs a CUDA device and the vllm package")
+
+
+def _gpu_model_dir() -> str:
+    model = os.environ.get("BATCHFLIP_GPU_MODEL_DIR")
+    if not model:
+        pytest.skip("set BATCHFLIP_GPU_MODEL_DIR to a small HF model directory "
+                    "(e.g. SmolLM2-135M-Instruct) to run the GPU server tests")
+    return model
+
+
+def _gpu_params(tmp_path, **kw) -> dict:
+    server = {"log_dir": str(tmp_path / "logs"), "enforce_eager": True,
+              "gpu_memory_utilization": 0.4, "max_model_len": 2048, **kw.pop("server", {})}
+    return {**_params(**server), "max_new_tokens": 32, **kw}
+
+
+def _prefix_cache_hits(base_url: str) -> float:
+    """vLLM's prefix-cache hit counter from /metrics (0 when it reports none)."""
+    text = httpx.get(f"{base_url}/metrics", timeout=10).text
+    names = ("vllm:prefix_cache_hits", "vllm:prefix_cache_hits_total")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if re.split(r"[{ ]", line, maxsplit=1)[0] in names)
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@needs_gpu
+def test_gpu_standard_fingerprint_names_the_stack(tmp_path):
+    import torch
+
+    model = _gpu_model_dir()
+    engine = srv.make_server_engine(_gpu_params(tmp_path), model)
+    try:
+        fp = engine.fingerprint()
+        gpu = fp["host"]["gpu"]
+        assert gpu["gpu"] == torch.cuda.get_device_name(0) == fp["device"]
+        assert gpu["compute_capability"] == fp["compute_capability"]
+        assert re.fullmatch(r"\d+\.\d+(\.\d+)?", gpu["driver"] or "")
+        assert gpu["cuda_runtime"] == torch.version.cuda
+        libs = fp["host"]["libraries"]
+        assert libs["torch"] and libs["vllm"] and libs["triton"]
+        assert fp["flash_attn"]["vendored"] and fp["flash_attn"]["default_fa_version"] in (2, 3, 4)
+        if torch.cuda.get_device_capability(0)[0] == 9:
+            assert fp["flash_attn"]["default_fa_version"] == 3  # Hopper: FA3
+        assert fp["host"]["cpu"]["cpu_model"] and fp["host"]["cpu"]["isa"]
+        assert fp["server_settings"]["enable_prefix_caching"] is False
+        assert fp["server_settings"]["enforce_eager"] is True
+        assert {"--no-enable-prefix-caching", "--enforce-eager"} <= set(fp["server_flags"])
+        assert fp["batch_invariant_verified"] is None
+        # prefix caching really is off: the same prompt twice hits no cached block
+        prompt = _group(["The history of the printing press in Europe, in detail: " * 8])
+        for _i in range(2):
+            (r,) = engine.run_group(prompt, parse_condition("sync_b1"))
+            assert r.error == "" and r.n_tokens > 0
+        assert _prefix_cache_hits(engine.client.base_url) == 0
+    finally:
+        engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.vllm
+@needs_gpu
+def test_gpu_batch_invariant_mode_is_verified_and_invariant(tmp_path):
+    import torch
+
+    if torch.cuda.get_device_capability(0) < (9, 0):
+        pytest.skip("vLLM's batch-invariant mode needs compute capability >= 9.0")
+    model = _gpu_model_dir()
+    params = _gpu_params(tmp_path, kernel_mode="batch_invariant",
+                         server={"attention_backend": "FLASH_ATTN"})
+    engine = srv.make_server_engine(params, model)
+    try:
+        fp = engine.fingerprint()
+        assert fp["batch_invariant_verified"], fp
+        assert fp["kernel_flags"] == {"VLLM_BATCH_INVARIANT": "1"}
+        assert fp["attention_backend"] and "FLASH" in fp["attention_backend"].upper()
+        # the oracle of the mode itself: a prompt alone and at slot 0 of a batch of 4
+        # gives the same token ids
+        prompts = ["Explain how a bicycle stays upright.", "List three prime numbers.",
+                   "Write a limerick about a cat.", "What is the boiling point of water?"]
+        alone = engine.run_group(_group(prompts[:1]), parse_condition("sync_b1"))[0]
+        batch = engine.run_group(_group(prompts), parse_condition("list_b4"))
+        assert alone.error == "" and all(r.error == "" for r in batch)
+        assert batch[0].token_ids == alone.token_ids
+    finally:
+        engine.close()

@@ -11,7 +11,6 @@ not depend on the rest of the batch).
 
 from __future__ import annotations
 
-import platform
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ import torch
 from batchflip.conditions import Condition
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
+from batchflip.platform_facts import host_facts
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -71,18 +71,21 @@ class HFEngine:
         self.eos_ids.add(self.tokenizer.eos_token_id)
 
     def fingerprint(self) -> dict[str, Any]:
-        """Engine, library versions, device and kernel facts."""
+        """Engine, library versions, device, host (CPU model and vector ISA; on GPU the
+        card, driver and CUDA) and kernel facts."""
         import transformers
 
         cuda = torch.cuda.is_available() and self.device.startswith("cuda")
+        host = host_facts(gpu=cuda)
         return {
             "engine": "hf",
             "engine_version": transformers.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
-            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name() if cuda else host["cpu"]["cpu_model"],
             "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))
             if cuda else None,
+            "host": host,
             "dtype": self.dtype,
             "attention_backend": getattr(self.model.config, "_attn_implementation", None),
             "kernel_mode": self.kernel_mode,

@@ -28,16 +28,21 @@ key                        default                 meaning
 ``host``                   ``"127.0.0.1"``         address the launched server binds
 ``port``                   None                    None: a free port picked at launch
 ``max_model_len``          2048                    ``--max-model-len`` (the paper's value)
-``gpu_memory_utilization`` None                    None: 0.3 on CPU builds (there it is the
-                                                   share of RAM for the KV cache), vLLM's own
-                                                   default on GPU
+``gpu_memory_utilization`` None                    ``--gpu-memory-utilization``; None: 0.3 on
+                                                   CPU builds (there it is the share of RAM for
+                                                   the KV cache), vLLM's own default on GPU
+                                                   (the paper's Studies A and C: 0.80)
 ``kv_cache_space_gib``     None                    CPU builds: ``VLLM_CPU_KVCACHE_SPACE``
-``enforce_eager``          None                    None: on for CPU (start-up 25-40 s instead of
-                                                   minutes), off on GPU (vLLM's default: CUDA
-                                                   graphs, as served in the paper)
+``enforce_eager``          None                    ``--enforce-eager``; None: on for CPU
+                                                   (start-up 25-40 s instead of minutes), off
+                                                   on GPU (vLLM's default, CUDA graphs); the
+                                                   paper's Studies A and C ran eager
+``enable_prefix_caching``  False                   False: ``--no-enable-prefix-caching``; True:
+                                                   ``--enable-prefix-caching`` (vLLM's default
+                                                   is on; see below why measurement is off)
 ``attention_backend``      None                    e.g. FLASH_ATTN: ``--attention-backend`` on
-                                                   vLLM builds that have it (0.32), else the
-                                                   ``VLLM_ATTENTION_BACKEND`` env var
+                                                   vLLM builds whose EngineArgs have it, else
+                                                   the ``VLLM_ATTENTION_BACKEND`` env var
 ``extra_args``             []                      more server flags, appended verbatim
 ``extra_env``              {}                      more server environment variables
 ``startup_timeout_s``      600                     wait this long for ``/health``
@@ -55,8 +60,21 @@ per-request ``seed``), ``max_new_tokens`` (``max_tokens``) and ``kernel_mode``:
 ``VLLM_BATCH_INVARIANT=1``. vLLM's batch-invariant kernels are Triton kernels, and the CPU
 build (``vllm-cpu``) has no Triton backend, so ``batch_invariant`` on a CPU build fails
 *before* launch with a message saying so (the ``hf`` engine has a CPU batch-invariant path).
+``batch_invariant`` is also refused before launch on a GPU of compute capability below 9.0
+(vLLM documents the mode for Hopper and newer) and on a vLLM that does not know the
+variable. After start-up and warm-up the server log must show that the mode is active
+(:data:`BATCH_INVARIANT_SIGNS`; on vLLM 0.2x torch's warning ``new kernel: registered at
+.../model_executor/layers/batch_invariant.py``); a server without any sign is stopped and the
+job fails with a message naming the log and the patterns, and a ``standard`` server that
+shows one fails the same way. The matched sign is recorded as ``batch_invariant_verified``.
 For a server this engine did not launch the kernel mode cannot be checked; the fingerprint
 marks it ``declared``.
+
+Prefix caching is off unless ``enable_prefix_caching`` is true: vLLM's automatic prefix
+caching (on by default) serves a prompt's prefill from KV blocks an earlier request
+computed, e.g. the same prompt in the ``sync_b1`` baseline, so a later condition would reuse
+the baseline's prefill instead of computing its own in the new batch shape, hiding exactly
+the batch effects being measured (and making results depend on condition order).
 
 Lifecycle guarantees for a launched server: it runs in its own session (process group, so a
 terminal's Ctrl-C reaches only the job, which then stops it in order) and is stopped by
@@ -77,11 +95,18 @@ Fingerprint (``.stack.json``): vLLM version (``/version``, else package metadata
 distribution (``vllm`` or ``vllm-cpu``), torch and transformers of the server's interpreter,
 device, compute capability, dtype, attention backend (from the server log: ``Using X
 attention backend`` / ``Using X backend``; vLLM 0.32 does not log the CPU choice, which is
-always ``CPU_ATTN`` for non-MLA models), kernel mode with its env flags, the server flags
-(host, port and model path left out: the model files are hashed separately), the ``VLLM_*``
-and ``OMP_*`` environment, vLLM's ``system_fingerprint`` (a hash of its engine config) and
-how token ids were obtained. Nothing run-specific (port, pid, log path, time) is included,
-so a resumed job gets the same stack id.
+always ``CPU_ATTN`` for non-MLA models), kernel mode with its env flags and
+``batch_invariant_verified``, ``server_settings`` (max model length, GPU memory share,
+eager, prefix caching, attention backend asked for, CPU KV space; CPU/GPU defaults
+resolved), the server flags (host, port and model path left out: the model files are hashed
+separately), the ``VLLM_*``, ``OMP_*`` and ISA-override environment, ``host``
+(:func:`batchflip.platform_facts.host_facts` run in the server's interpreter: CPU model and
+vector ISA flags, ATen's CPU capability; on GPU the card, compute capability, driver, CUDA
+runtime and cuDNN; torch, vLLM, triton and flash-attn versions), ``flash_attn`` (vLLM's
+vendored flash-attention: FA2/FA3 availability and the version vLLM picks by default),
+vLLM's ``system_fingerprint`` (a hash of its engine config) and how token ids were obtained.
+Nothing run-specific (port, pid, log path, time, free memory) is included, so a resumed job
+gets the same stack id.
 """
 
 from __future__ import annotations
@@ -103,6 +128,7 @@ from typing import Any
 
 import httpx
 
+from batchflip import platform_facts
 from batchflip.conditions import Condition
 from batchflip.engines import Group, Result
 from batchflip.engines.openai_client import ClientSettings, CompletionClient
@@ -120,6 +146,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "gpu_memory_utilization": None,
     "kv_cache_space_gib": None,
     "enforce_eager": None,
+    "enable_prefix_caching": False,
     "attention_backend": None,
     "extra_args": [],
     "extra_env": {},
@@ -137,6 +164,24 @@ INHERITED_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THR
                          "GOTO_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 CPU_GPU_MEMORY_UTILIZATION = 0.3
 LOG_TAIL_LINES = 30
+# vLLM documents batch-invariant mode for compute capability >= 9.0 (Hopper, Blackwell)
+MIN_BATCH_INVARIANT_CC = (9, 0)
+# Signs in a server log that batch-invariant kernels are active, in the order they are
+# tried. torch warns once when vLLM overrides the first aten CUDA kernel from
+# batch_invariant.py ("new kernel: registered at .../batch_invariant.py:NNN"; the paper
+# confirmed the mode this way); older vLLMs also warn when they force FLASH_ATTN for the
+# mode or when the backend is only decode-invariant.
+BATCH_INVARIANT_SIGNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("torch kernel override", re.compile(
+        r"new kernel: registered at (?:\S*?/)?(?P<where>(?:vllm/model_executor/layers/)?"
+        r"batch_invariant\.py(?::\d+)?)")),
+    ("vLLM attention override", re.compile(
+        r"Forcibly updating attention backend to \w+ for batch_invariant")),
+    ("vLLM decode-invariant warning", re.compile(
+        r"decode-invariant form of batch invariance")),
+)
+# server environment variables recorded in the fingerprint (with platform_facts.ISA_ENV_VARS)
+_RECORDED_ENV_PREFIXES = ("VLLM_", "OMP_")
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)
 _BACKEND_RE = re.compile(
     r"Using (?:AttentionBackendEnum\.)?([A-Za-z0-9_]+(?: [A-Za-z0-9_]+)?) backend\b")
@@ -161,8 +206,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 # ---- what the local vLLM is -------------------------------------------------------------
 
-_PROBE = r"""
-import json, platform, importlib.metadata as md
+# Runs in the server's interpreter after the source of batchflip.platform_facts (which
+# imports only the standard library at load time), so the host facts are the server's own.
+_PROBE_TAIL = r"""
+import json, importlib.metadata as md
 out = {}
 import vllm
 out["vllm_version"] = vllm.__version__
@@ -180,16 +227,9 @@ out["transformers"] = transformers.__version__
 from vllm.platforms import current_platform as p
 out["device_type"] = str(p.device_type)
 out["compute_capability"] = None
-if p.is_cpu():
-    name = platform.processor() or "cpu"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    out["device"] = name
+cpu = p.is_cpu()
+if cpu:
+    out["device"] = cpu_facts()["cpu_model"]
 else:
     try:
         out["device"] = p.get_device_name()
@@ -197,18 +237,34 @@ else:
         out["compute_capability"] = f"{cap.major}.{cap.minor}" if cap else None
     except Exception as exc:
         out["device"] = f"{p.device_type} (name unavailable: {exc})"
+out["host"] = host_facts(gpu=not cpu)
+out["flash_attn"] = None if cpu else vllm_flash_attn_facts()
 import vllm.envs as e
 out["attention_backend_env"] = "VLLM_ATTENTION_BACKEND" in e.environment_variables
 out["batch_invariant_env"] = "VLLM_BATCH_INVARIANT" in e.environment_variables
+try:
+    import dataclasses
+    from vllm.engine.arg_utils import EngineArgs
+    fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    out["attention_backend_flag"] = "attention_backend" in fields
+    out["prefix_caching_flag"] = "enable_prefix_caching" in fields
+except Exception:
+    out["attention_backend_flag"] = out["prefix_caching_flag"] = None
 print("BATCHFLIP_PROBE " + json.dumps(out))
 """
 
 
+def probe_source() -> str:
+    """The probe program: :mod:`batchflip.platform_facts` followed by the vLLM questions."""
+    return Path(platform_facts.__file__).read_text() + "\n" + _PROBE_TAIL
+
+
 @lru_cache(maxsize=8)
 def probe_vllm(python: str) -> dict[str, Any]:
-    """Version, build and device of the vLLM that ``python`` imports (a subprocess, ~5 s)."""
+    """Version, build, device and host facts of the vLLM that ``python`` imports (a
+    subprocess, ~5-20 s)."""
     try:
-        proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True,
+        proc = subprocess.run([python, "-c", probe_source()], capture_output=True, text=True,
                               timeout=300)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise BatchflipError(f"could not run {python} to inspect vLLM: {exc}") from exc
@@ -221,18 +277,60 @@ def probe_vllm(python: str) -> dict[str, Any]:
         f"batchflip[vllm-gpu], or give server.base_url of a running server):\n{tail}")
 
 
+def _capability(text: str | None) -> tuple[int, int] | None:
+    try:
+        major, minor = str(text).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
 def check_kernel_mode(kernel_mode: str, probe: dict[str, Any]) -> None:
-    """Refuse a kernel mode this vLLM build cannot run, before anything is launched."""
+    """Refuse a kernel mode this vLLM build or device cannot run, before anything is
+    launched: batch_invariant needs a vLLM that knows ``VLLM_BATCH_INVARIANT``, not the CPU
+    build, and a GPU of compute capability >= 9.0 (what vLLM documents for the mode)."""
     if kernel_mode not in KERNEL_MODES:
         raise BatchflipError(f"kernel_mode '{kernel_mode}': engine vllm supports "
                              f"{', '.join(KERNEL_MODES)}")
-    if kernel_mode == "batch_invariant" and probe.get("device_type") == "cpu":
+    if kernel_mode != "batch_invariant":
+        return
+    build = f"{probe.get('distribution')} {probe.get('vllm_version')}"
+    if probe.get("device_type") == "cpu":
         raise BatchflipError(
             f"kernel_mode batch_invariant: vLLM's batch-invariant mode "
             f"(VLLM_BATCH_INVARIANT=1) runs Triton kernels, and this vLLM build "
-            f"({probe.get('distribution')} {probe.get('vllm_version')}) runs on CPU, where "
-            f"Triton has no backend, so the server would crash. Run it on a CUDA GPU with "
-            f"the vllm package, or use engine hf (its batch_invariant mode works on CPU).")
+            f"({build}) runs on CPU, where Triton has no backend, so the server would crash. "
+            f"Run it on a CUDA GPU with the vllm package, or use engine hf (its "
+            f"batch_invariant mode works on CPU).")
+    if probe.get("batch_invariant_env") is False:
+        raise BatchflipError(
+            f"kernel_mode batch_invariant: this vLLM ({build}) does not know "
+            f"VLLM_BATCH_INVARIANT (added in vLLM 0.11.1) and would ignore it, so its "
+            f"generations would be labelled batch_invariant without being so.")
+    cap = _capability(probe.get("compute_capability"))
+    if probe.get("device_type") == "cuda" and cap is not None and cap < MIN_BATCH_INVARIANT_CC:
+        raise BatchflipError(
+            f"kernel_mode batch_invariant: vLLM documents its batch-invariant mode for GPUs "
+            f"of compute capability >= {'.'.join(map(str, MIN_BATCH_INVARIANT_CC))} (H100, "
+            f"H200, B200); this one, {probe.get('device')}, has "
+            f"{probe.get('compute_capability')}. Run Study D on a Hopper or newer GPU.")
+
+
+def launch_settings(params: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+    """The server settings a launch uses, with the CPU/GPU defaults resolved (these go into
+    the stack fingerprint as ``server_settings``)."""
+    cfg = server_settings(params)
+    cpu = probe.get("device_type") == "cpu"
+    util = cfg["gpu_memory_utilization"]
+    if util is None and cpu:
+        util = CPU_GPU_MEMORY_UTILIZATION
+    eager = cfg["enforce_eager"] if cfg["enforce_eager"] is not None else cpu
+    return {"max_model_len": cfg["max_model_len"],
+            "gpu_memory_utilization": util if util is not None else "vLLM default",
+            "enforce_eager": bool(eager),
+            "enable_prefix_caching": bool(cfg["enable_prefix_caching"]),
+            "attention_backend": cfg["attention_backend"],
+            "kv_cache_space_gib": cfg["kv_cache_space_gib"]}
 
 
 def server_environ(env: dict[str, str | None]) -> dict[str, str]:
@@ -255,6 +353,7 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
     hashed separately) and the launcher prefix.
     """
     cfg = server_settings(params)
+    eff = launch_settings(params, probe)
     cpu = probe.get("device_type") == "cpu"
     kernel_mode = params.get("kernel_mode", "standard")
     python = cfg["python"] or sys.executable
@@ -262,14 +361,14 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
         python, "-m", "vllm.entrypoints.openai.api_server"]
     flags = ["--dtype", str(params["dtype"]), "--max-model-len", str(cfg["max_model_len"]),
              "--seed", str(int(params["seed"]))]
-    util = cfg["gpu_memory_utilization"]
-    if util is None and cpu:
-        util = CPU_GPU_MEMORY_UTILIZATION
-    if util is not None:
-        flags += ["--gpu-memory-utilization", str(util)]
-    eager = cfg["enforce_eager"] if cfg["enforce_eager"] is not None else cpu
-    if eager:
+    if eff["gpu_memory_utilization"] != "vLLM default":
+        flags += ["--gpu-memory-utilization", str(eff["gpu_memory_utilization"])]
+    if eff["enforce_eager"]:
         flags.append("--enforce-eager")
+    # vLLM turns automatic prefix caching on by default; it would let later conditions reuse
+    # the KV cache an earlier request computed, hiding batch effects in the prefill.
+    flags.append("--enable-prefix-caching" if eff["enable_prefix_caching"]
+                 else "--no-enable-prefix-caching")
     env: dict[str, str | None] = {
         "VLLM_BATCH_INVARIANT": "1" if kernel_mode == "batch_invariant" else "0",
         "PYTHONUNBUFFERED": "1"}
@@ -280,7 +379,9 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
         # core: measured 0.5 instead of ~200 tokens/s on 2 cores. None = unset.
         env.update({k: None for k in INHERITED_THREAD_VARS if k in os.environ})
     if cfg["attention_backend"]:
-        if probe.get("attention_backend_env"):
+        # the --attention-backend flag where EngineArgs has it (it replaced the env var);
+        # VLLM_ATTENTION_BACKEND on older builds that only read the variable
+        if not probe.get("attention_backend_flag") and probe.get("attention_backend_env"):
             env["VLLM_ATTENTION_BACKEND"] = str(cfg["attention_backend"])
         else:
             flags += ["--attention-backend", str(cfg["attention_backend"])]
@@ -303,6 +404,41 @@ def parse_attention_backend(log_text: str) -> str | None:
             name = m.group(1)
             return name[: -len(" attention")] if name.endswith(" attention") else name
     return None
+
+
+def batch_invariant_sign(log_text: str) -> str | None:
+    """The first sign of active batch-invariant kernels in a server log, as
+    ``"<kind>: <text>"`` without time stamps, pids or install paths (None: no sign).
+    batchflip's own header lines (``# ...``) are skipped."""
+    lines = [ln for ln in log_text.splitlines() if not ln.startswith("# ")]
+    for kind, pattern in BATCH_INVARIANT_SIGNS:
+        for line in lines:
+            m = pattern.search(line)
+            if m:
+                text = (f"new kernel: registered at .../{m['where']}"
+                        if "where" in pattern.groupindex else m.group(0))
+                return f"{kind}: {text}"
+    return None
+
+
+def check_batch_invariant_log(kernel_mode: str, log_text: str, log_path: Path) -> str | None:
+    """Compare the kernel mode asked for with what the server log shows; the matched sign
+    (batch_invariant) or None (standard). A mismatch is an error naming the log file."""
+    sign = batch_invariant_sign(log_text)
+    if kernel_mode == "batch_invariant" and sign is None:
+        looked_for = "; ".join(f"{kind}: /{p.pattern}/" for kind, p in BATCH_INVARIANT_SIGNS)
+        raise BatchflipError(
+            f"kernel_mode batch_invariant: the vLLM server was started with "
+            f"VLLM_BATCH_INVARIANT=1, but after start-up and warm-up its log ({log_path}) "
+            f"shows no sign that batch-invariant kernels are active, so its generations "
+            f"would be labelled batch_invariant without being so; the server was stopped. "
+            f"Looked for: {looked_for}")
+    if kernel_mode == "standard" and sign is not None:
+        raise BatchflipError(
+            f"kernel_mode standard: the vLLM server log ({log_path}) shows batch-invariant "
+            f"kernels ({sign}); is VLLM_BATCH_INVARIANT set in server.extra_env? The server "
+            f"was stopped.")
+    return sign
 
 
 def log_tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
@@ -644,7 +780,8 @@ def _log_name(params: dict[str, Any], kernel_mode: str) -> str:
 def _recorded_env(env: dict[str, str | None]) -> dict[str, str]:
     full = server_environ(env)
     return {k: full[k] for k in sorted(full)
-            if (k.startswith("VLLM_") or k.startswith("OMP_")) and not _SECRET.search(k)}
+            if (k.startswith(_RECORDED_ENV_PREFIXES) or k in platform_facts.ISA_ENV_VARS)
+            and not _SECRET.search(k)}
 
 
 def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
@@ -732,6 +869,7 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
             backend, source = "CPU_ATTN", "vLLM CPU platform default (not logged)"
         elif backend is None:
             source = "unknown"
+        verified = check_batch_invariant_log(kernel_mode, log, server.log_path)
     except BaseException:
         client.close()
         server.stop()
@@ -748,6 +886,9 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
         "attention_backend": backend, "attention_backend_source": source,
         "kernel_mode": kernel_mode,
         "kernel_flags": {"VLLM_BATCH_INVARIANT": env["VLLM_BATCH_INVARIANT"]},
+        "batch_invariant_verified": verified,
+        "server_settings": launch_settings(params, probe),
         "server_flags": flags, "server_env": _recorded_env(env), "launched": True,
+        "host": probe.get("host"), "flash_attn": probe.get("flash_attn"),
     }
     return ServerEngine("vllm", client, facts, server)

@@ -1,0 +1,131 @@
+"""Host facts in stack fingerprints: hand-written /proc/cpuinfo texts as oracles, and the
+stack id changing with the CPU (the same default run on a Xeon and an EPYC gave different hf
+numbers under one stack id before)."""
+
+from __future__ import annotations
+
+import json
+
+from batchflip import platform_facts as pf
+from batchflip.generate import stack_fingerprint
+
+# Two processors each; only the first block is read. The Xeon has AVX-512 with VNNI but no
+# BF16; the EPYC (Zen 4) has AVX512_BF16 too. "avx512vbmi" is spelled without the underscore
+# by the kernel, "avx512_vbmi2" with it.
+XEON = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 85
+model name\t: Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz
+cpu MHz\t\t: 2494.140
+flags\t\t: fpu vme sse2 ssse3 fma cx16 sse4_1 sse4_2 popcnt aes avx f16c avx2 avx512f \
+avx512dq avx512cd avx512bw avx512vl avx512_vnni
+
+processor\t: 1
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz
+cpu MHz\t\t: 2601.000
+flags\t\t: fpu sse2
+"""
+EPYC = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9454 48-Core Processor
+cpu MHz\t\t: 2750.000
+flags\t\t: fpu sse2 fma sse4_1 sse4_2 avx f16c avx2 avx512f avx512dq avx512ifma avx512cd \
+avx512bw avx512vl avx512_bf16 avx512vbmi avx512_vbmi2 avx512_vnni
+"""
+GRAVITON = """processor\t: 0
+BogoMIPS\t: 2100.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm \
+asimddp sha512 sve asimdfhm i8mm bf16 svebf16 svei8mm
+CPU implementer\t: 0x41
+CPU part\t: 0xd40
+"""
+
+
+def test_parse_xeon():
+    facts = pf.parse_cpuinfo(XEON, "x86_64")
+    assert facts == {
+        "cpu_model": "Intel(R) Xeon(R) Gold 6248 CPU @ 2.50GHz", "cpu_vendor": "GenuineIntel",
+        "arch": "x86_64",
+        "isa": ["sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512cd",
+                "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"]}
+
+
+def test_parse_epyc_has_bf16_and_no_clock():
+    facts = pf.parse_cpuinfo(EPYC, "x86_64")
+    assert facts["cpu_model"] == "AMD EPYC 9454 48-Core Processor"
+    assert {"avx512_bf16", "avx512vbmi", "avx512_vbmi2", "avx512ifma"} <= set(facts["isa"])
+    assert "amx_bf16" not in facts["isa"] and "fpu" not in facts["isa"]
+    assert "2750" not in json.dumps(facts)  # clock speed is run-specific, never recorded
+
+
+def test_parse_aarch64_features_and_part():
+    facts = pf.parse_cpuinfo(GRAVITON, "aarch64")
+    assert facts["cpu_model"] == "implementer 0x41 part 0xd40"
+    assert facts["isa"] == ["fp", "asimd", "fphp", "asimdhp", "asimddp", "asimdfhm",
+                            "asimdrdm", "bf16", "i8mm", "sve", "svebf16", "svei8mm"]
+
+
+class _Engine:
+    """Test double whose fingerprint carries the host facts of a given cpuinfo text."""
+
+    name = "fake"
+
+    def __init__(self, cpuinfo: str) -> None:
+        self.cpu = pf.parse_cpuinfo(cpuinfo, "x86_64")
+
+    def fingerprint(self) -> dict:
+        return {"engine": "hf", "device": self.cpu["cpu_model"], "host": {"cpu": self.cpu}}
+
+
+def test_same_run_on_xeon_and_epyc_gets_different_stack_ids():
+    extra = {"prompt_format": "chat", "max_new_tokens": 16, "seed": 42}
+    xeon = stack_fingerprint(_Engine(XEON), "no-such-model", extra)
+    epyc = stack_fingerprint(_Engine(EPYC), "no-such-model", extra)
+    assert xeon["stack_id"] != epyc["stack_id"]
+    # the ISA alone changes it too (same model name, AVX512_BF16 added)
+    bf16 = _Engine(XEON)
+    bf16.cpu = {**bf16.cpu, "isa": [*bf16.cpu["isa"], "avx512_bf16"]}
+    assert stack_fingerprint(bf16, "no-such-model", extra)["stack_id"] != xeon["stack_id"]
+    # and the same machine twice gives the same id (resume keeps it)
+    assert stack_fingerprint(_Engine(XEON), "no-such-model", extra)["stack_id"] == \
+        xeon["stack_id"]
+
+
+def test_host_facts_of_this_machine_are_stable(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    first, second = pf.host_facts(gpu=False), pf.host_facts(gpu=False)
+    assert first == second and first["cpu"]["cpu_model"]
+    assert first["libraries"]["torch"]  # the test environment has torch
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert pf.host_facts(gpu=False)["cpu"]["isa_env"] == {"ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+
+def test_cuda_facts_without_cuda(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pf.cuda_facts() is None
+
+
+def test_hf_fingerprint_names_this_cpu():
+    from pathlib import Path
+
+    import pytest
+
+    model = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m"
+    if not (model / "config.json").is_file():
+        pytest.skip(f"{model} is absent (built by the model stage)")
+    from batchflip.engines.hf import HFEngine
+
+    engine = HFEngine(str(model), "float32", 4, 42, device="cpu")
+    fp = engine.fingerprint()
+    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+             if ln.startswith("model name")]
+    if names:
+        assert fp["device"] == fp["host"]["cpu"]["cpu_model"] == names[0]
+    assert fp["host"]["cpu"]["aten_cpu_capability"] == \
+        __import__("torch").backends.cpu.get_cpu_capability()
+    assert "gpu" not in fp["host"]  # a CPU run records no GPU facts
+    engine.close()
