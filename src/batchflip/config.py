@@ -42,13 +42,13 @@ def check_models(config: dict[str, Any]) -> None:
     """A hub model pins its revision (batchflip.hub.check_revision); only hub models take
     ``revision`` and ``allow_patterns``. Raise naming the key at fault."""
     for name, spec in config["models"].items():
-        if spec["source"] == "hub":
+        if spec.get("source") == "hub":
             check_revision(name, spec)
             continue
         for key in ("revision", "allow_patterns"):
             if key in spec:
                 raise BatchflipError(f"invalid config: key 'models.{name}.{key}': only hub "
-                                     f"models take it (source is '{spec['source']}')")
+                                     f"models take it (source is '{spec.get('source')}')")
 
 
 def check_references(config: dict[str, Any]) -> None:
