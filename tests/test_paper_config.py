@@ -139,3 +139,5 @@ def test_every_stage_is_planned(plan):
                  "composition_numbers", "enriched_battery", "enriched_numbers", "paper"):
         assert counts.get(rule, 0) >= 1, rule
     assert any(r.startswith("generate_server_") for r in counts)
+    # each of the 15 hub models is downloaded once, by the model rule
+    assert counts["model"] == 15

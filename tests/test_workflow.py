@@ -53,7 +53,8 @@ def test_default_config_plans_the_whole_dag(tmp_path):
     assert counts["flips"] == sum(len(n) for s, n in per_model.items()
                                   if gen[s]["kind"] != "composition")
     used = {m for v in gen.values() for m in v["models"]}
-    assert counts["model"] == sum(cfg["models"][m]["source"] == "pypi_gguf" for m in used)
+    assert counts["model"] == sum(cfg["models"][m]["source"] in ("pypi_gguf", "hub")
+                                  for m in used)
     assert counts["battery"] == len({v["battery"] for v in gen.values()})
     discovery = [s for s in cfg["paper"]["studies"] if gen.get(s, {}).get("kind") == "discovery"]
     assert counts["paper"] == 1 and counts["figure"] == 2 * len(discovery)

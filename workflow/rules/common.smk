@@ -17,20 +17,32 @@ def max_error_share():
     return float((config.get("errors") or {}).get("max_share", DEFAULT_MAX_SHARE))
 
 
+# model sources the model rule builds into resources/models/<name> (models.smk)
+BUILT_SOURCES = ("pypi_gguf", "hub")
+
+
 def model_dir(model):
-    """Directory (or hub id) a model is loaded from."""
+    """Directory a model is loaded from: resources/models/<name> when the model rule builds
+    it (a PyPI GGUF, a hub snapshot), else the configured path."""
     spec = config["models"][model]
-    if spec["source"] == "pypi_gguf":
+    if spec["source"] in BUILT_SOURCES:
         return f"resources/models/{model}"
-    return spec["path"] if spec["source"] == "path" else spec["id"]
+    return spec["path"]
 
 
 def model_input(wildcards):
     """The model stage's sentinel file, when the model is built by the workflow."""
     spec = config["models"][wildcards.model]
-    return [f"resources/models/{wildcards.model}/model.json"] if spec[
-        "source"
-    ] == "pypi_gguf" else []
+    if spec["source"] in BUILT_SOURCES:
+        return [f"resources/models/{wildcards.model}/model.json"]
+    return []
+
+
+def hub_unpinned():
+    """Hub models configured with revision: unpinned (batchflip.hub)."""
+    from batchflip.hub import unpinned
+
+    return unpinned(config["models"])
 
 
 def gen_settings(study, model, conditions=None):

