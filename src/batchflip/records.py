@@ -14,6 +14,9 @@ GENERATION_COLUMNS = [
     "t_submit", "t_first", "t_done", "seed", "stack_id", "attempts", "error",
 ]
 
+# version of the scored-file layout; the score rule takes it as a params value, so a
+# change (2: failed requests kept unscored with their `error`) re-scores old files
+SCORED_FORMAT = 2
 SCORED_COLUMNS = [
     "study", "model", "condition", "batch_size", "dispatch", "kernel_mode", "group_id",
     "position", "prompt_id", "task", "domain", "text", "score", "label", "scorer",

@@ -4,6 +4,8 @@ import json
 import os
 import re
 
+from batchflip.records import SCORED_FORMAT
+
 
 def study_cfg(study):
     return config["studies"][study]

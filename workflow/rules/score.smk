@@ -8,6 +8,7 @@ rule score:
         "results/scored/{study}/{model}/{condition}.parquet",
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
+        scored_format=SCORED_FORMAT,
     conda:
         "../../envs/analysis.yaml"
     log:
