@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from batchflip.conditions import parse_condition
-from batchflip.engines import Group, Member
+from batchflip.engines import Group, Member, supervise, vllm_launch
 from batchflip.engines import server as srv
 from batchflip.engines.openai_client import ClientSettings, CompletionClient
 from batchflip.errors import BatchflipError
@@ -165,7 +165,7 @@ def test_batch_invariant_on_cpu_fails_before_launch(monkeypatch, tmp_path):
     def no_launch(*a, **k):
         raise AssertionError("nothing may be launched")
 
-    monkeypatch.setattr(srv.subprocess, "Popen", no_launch)
+    monkeypatch.setattr(supervise.subprocess, "Popen", no_launch)
     params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
     with pytest.raises(BatchflipError, match="batch_invariant.*CPU.*Triton"):
         srv.make_server_engine(params, str(MODEL))
@@ -180,7 +180,7 @@ def test_batch_invariant_below_compute_capability_9_fails_before_launch(monkeypa
     def no_launch(*a, **k):
         raise AssertionError("nothing may be launched")
 
-    monkeypatch.setattr(srv.subprocess, "Popen", no_launch)
+    monkeypatch.setattr(supervise.subprocess, "Popen", no_launch)
     params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
     with pytest.raises(BatchflipError, match=r"compute capability >= 9\.0.*A100.*8\.0"):
         srv.make_server_engine(params, str(MODEL))
@@ -224,11 +224,11 @@ def test_batch_invariant_log_verified_and_normalised(tmp_path):
                     ".../vllm/model_executor/layers/batch_invariant.py:913")
     # nothing run-specific: a log of another run (other pids, times, paths) gives the same
     other = BI_LOG.replace("4300", "77").replace("12:00", "13:14").replace("/opt/venv", "/x")
-    assert srv.batch_invariant_sign(other) == sign
+    assert vllm_launch.batch_invariant_sign(other) == sign
     # older vLLMs: the attention-backend override warning is a sign too
     old = "WARNING 01-02 03:04:05 [batch_invariant.py:760] Forcibly updating attention " \
           "backend to FLASH_ATTN for batch_invariant.  Supported backends: ['FLASH_ATTN']."
-    assert srv.batch_invariant_sign(old) == (
+    assert vllm_launch.batch_invariant_sign(old) == (
         "vLLM attention override: Forcibly updating attention backend to FLASH_ATTN for "
         "batch_invariant")
 
@@ -240,7 +240,7 @@ def test_batch_invariant_log_without_sign_is_an_error(tmp_path):
     msg = str(err.value)
     assert str(log) in msg and "new kernel: registered at" in msg and "stopped" in msg
     # batchflip's own header, which names the variable, is not a sign
-    assert srv.batch_invariant_sign("# env: {\"VLLM_BATCH_INVARIANT\": \"1\"}") is None
+    assert vllm_launch.batch_invariant_sign("# env: {\"VLLM_BATCH_INVARIANT\": \"1\"}") is None
     # the standard mode: no sign is right, a sign is an error
     assert srv.check_batch_invariant_log("standard", PLAIN_LOG, log) is None
     with pytest.raises(BatchflipError, match="kernel_mode standard.*batch_invariant.py"):
@@ -291,11 +291,11 @@ def test_launched_server_is_verified_or_stopped(monkeypatch, tmp_path, line, ok)
                         log_dir=str(tmp_path), extra_env={"FAKE_LOG_LINE": line},
                         warmup_requests=1, stop_grace_s=5),
               "kernel_mode": "batch_invariant"}
-    live = set(srv._LIVE)
+    live = set(supervise._LIVE)
     if not ok:
         with pytest.raises(BatchflipError, match="no sign that batch-invariant kernels"):
             srv.make_server_engine(params, str(MODEL))
-        assert set(srv._LIVE) == live  # stopped
+        assert set(supervise._LIVE) == live  # stopped
         return
     engine = srv.make_server_engine(params, str(MODEL))
     try:
@@ -330,7 +330,7 @@ def test_startup_failure_reports_log_tail(monkeypatch, tmp_path):
     monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
     params = _params(command=[sys.executable, "-c", FAKE_SERVER_EXITS], log_dir=str(tmp_path),
                      startup_timeout_s=60)
-    t0, live = time.time(), set(srv._LIVE)
+    t0, live = time.time(), set(supervise._LIVE)
     with pytest.raises(BatchflipError) as err:
         srv.make_server_engine(params, str(MODEL))
     msg = str(err.value)
@@ -338,7 +338,7 @@ def test_startup_failure_reports_log_tail(monkeypatch, tmp_path):
     assert "fake server line 059" in msg and "fake server line 030" in msg
     assert "fake server line 029" not in msg
     assert time.time() - t0 < 30
-    assert set(srv._LIVE) == live
+    assert set(supervise._LIVE) == live
 
 
 def test_startup_timeout_stops_the_whole_group(monkeypatch, tmp_path):
@@ -627,7 +627,7 @@ KILL_SCRIPT = textwrap.dedent("""
 
 def _server_children(pid: int) -> list[int]:
     """Children of ``pid`` that lead their own process group (the launched server)."""
-    return [p for p, ppid, pgrp, state in srv._proc_table()
+    return [p for p, ppid, pgrp, state in supervise._proc_table()
             if ppid == pid and pgrp == p and state != "Z"]
 
 
@@ -697,13 +697,13 @@ def test_bad_model_path_raises_with_log_lines(tmp_path):
     empty.mkdir()
     params = _params(log_dir=str(tmp_path / "logs"), extra_env={"HF_HUB_OFFLINE": "1"},
                      startup_timeout_s=300)
-    live = set(srv._LIVE)  # the module's server may be running
+    live = set(supervise._LIVE)  # the module's server may be running
     with pytest.raises(BatchflipError) as err:
         srv.make_server_engine(params, str(empty))
     msg = str(err.value)
     assert "exited with status" in msg and "last 30 log lines" in msg
     assert "config.json" in msg or "not-a-model" in msg
-    assert set(srv._LIVE) == live
+    assert set(supervise._LIVE) == live
 
 
 def test_cpu_launch_drops_inherited_thread_counts(monkeypatch):

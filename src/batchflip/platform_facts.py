@@ -9,7 +9,7 @@ and Triton. :func:`host_facts` collects those facts, so they enter ``stack_id``.
 Nothing run-specific is recorded (no clock speed, free memory, pid, time, core count), so a
 resumed job keeps its stack id. The ``hf`` engine calls :func:`host_facts` in process; the
 ``vllm`` engine runs this file's source in the server's own interpreter (the probe in
-:mod:`batchflip.engines.server`), so this module imports only the standard library at load
+:mod:`batchflip.engines.vllm_launch`), so this module imports only the standard library at load
 time and everything else inside ``try`` blocks.
 """
 
