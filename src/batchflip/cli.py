@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "archive": ("batchflip.archive", "pack generations for reviewer reproduction"),
     "fragility": ("batchflip.fragility", "Study B: fragility and instability across models"),
     "enrich": ("batchflip.enrich", "enriched subset: select boundary prompts, compare rates"),
+    "doctor": ("batchflip.doctor", "what this machine offers and which config fits"),
 }
 
 

