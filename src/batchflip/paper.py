@@ -1,22 +1,31 @@
 """Paper stage: the bundle ``results/paper/`` built from numbers files and figures.
 
 Holds ``numbers.json`` (every number, merged and sorted by id), ``numbers.tex`` (one LaTeX
-macro per number, rendered with jinja2), ``report.html`` (numbers with definitions and the
-figures embedded, readable offline), ``figures/`` and ``MANIFEST.tsv`` (path, sha256, size
-of every other file). report.html also lists the failed requests per (study, model,
-condition) from the ``error_count`` records (``batchflip.failures``), or says there were
-none. The bundle is assembled in a temporary directory and renamed into place, so a
-failed build leaves no half-written bundle.
+macro per number, rendered with jinja2), ``report.html``, ``figures/`` and ``MANIFEST.tsv``
+(path, sha256, size of every other file). The bundle is assembled in a temporary directory
+and renamed into place, so a failed build leaves no half-written bundle.
+
+report.html is one self-contained file for a reviewer (figures as data: URIs, no script,
+no external resource). Its first screen says what was run (per study: models and their
+weights, engine, device, dtype, kernels; library versions; from the stack fingerprints
+given with ``--stacks``) and when the report was built, and gives one headline sentence
+per study (:mod:`batchflip.headlines`); each number there links to its row in the
+definitions table (anchor ``def-<id>``). Then the figures with captions that say what to
+look at, the failed requests per (study, model, condition) from the ``error_count``
+records (``batchflip.failures``), this run's numbers, and apart from them the values
+recomputed from the paper's published inputs (:mod:`batchflip.report`). The build date is
+in report.html only (``SOURCE_DATE_EPOCH`` fixes it), so numbers.json and numbers.tex stay
+byte-identical across runs of the same generations; report.html and MANIFEST.tsv do not.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import re
 import shutil
 import tempfile
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +34,7 @@ import jinja2
 from batchflip.errors import BatchflipError
 from batchflip.io import sha256_file
 from batchflip.numbers import load_numbers
+from batchflip.report import built_at, context, is_published
 
 _DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
 _TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -53,6 +63,18 @@ def format_value(rec: dict[str, Any]) -> str:
     return f"{v:.3g}"
 
 
+def interval_text(rec: dict[str, Any]) -> str:
+    """``[low, high]`` of a record's 95% interval (``ci_low``/``ci_high``, else ``low``/
+    ``high``): percent for proportions, 3 significant digits otherwise; "" when none."""
+    for lo, hi in (("ci_low", "ci_high"), ("low", "high")):
+        a, b = rec.get(lo), rec.get(hi)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            if "k" in rec and "n" in rec:
+                return f"[{100 * a:.1f}%, {100 * b:.1f}%]"
+            return f"[{a:.3g}, {b:.3g}]"
+    return ""
+
+
 def tex_escape(text: str) -> str:
     """Escape LaTeX special characters."""
     return "".join(_TEX_ESCAPE.get(c, c) for c in text)
@@ -68,12 +90,20 @@ def rows(numbers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             raise BatchflipError(f"numbers '{nid}' and '{seen[macro]}' share macro \\{macro}")
         seen[macro] = nid
         text = format_value(rec)
-        ci = (f"[{100 * rec['ci_low']:.1f}%, {100 * rec['ci_high']:.1f}%]"
-              if "ci_low" in rec else "")
-        out.append({"id": nid, "macro": macro, "text": text, "tex": tex_escape(text),
+        ci = interval_text(rec)
+        out.append({"id": nid, "anchor": f"def-{nid}", "published": is_published(rec),
+                    "macro": macro, "text": text, "tex": tex_escape(text),
                     "ci": ci, "kn": f"{rec['k']} / {rec['n']}" if "k" in rec else "",
-                    "definition": rec.get("definition", ""), "note": rec.get("note")})
+                    "definition": rec.get("definition", ""), "note": rec.get("note"),
+                    "fidelity": fidelity_cells(rec) if is_published(rec) else None})
     return out
+
+
+def fidelity_cells(rec: dict[str, Any]) -> dict[str, Any]:
+    """The published-input table's cells of a fidelity record (batchflip.fidelity)."""
+    return {"formatted": rec.get("formatted", ""), "unit": rec.get("unit", ""),
+            "printed": rec.get("printed"), "match": rec.get("match"),
+            "source": rec.get("source", ""), "inputs": ", ".join(rec.get("inputs", []))}
 
 
 def failure_summary(numbers: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -107,8 +137,12 @@ def failure_summary(numbers: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 
 def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[str, str],
-                 out_dir: Path) -> None:
-    """Assemble the bundle in a temporary directory, then rename it onto ``out_dir``."""
+                 out_dir: Path, stacks: list[str] | None = None,
+                 built: datetime | None = None) -> None:
+    """Assemble the bundle in a temporary directory, then rename it onto ``out_dir``.
+
+    ``captions`` maps a figure's file stem to its caption; ``stacks`` are the stack
+    fingerprint files behind the numbers; ``built`` defaults to :func:`built_at`."""
     numbers = load_numbers(numbers_files)
     table = rows(numbers)
     env = jinja2.Environment(loader=jinja2.PackageLoader("batchflip", "templates"),
@@ -118,18 +152,13 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
     try:
         (tmp / "figures").mkdir()
-        figs = []
         for f in sorted(figures):
             shutil.copyfile(f, tmp / "figures" / Path(f).name)
-            if f.endswith(".png"):
-                stem = Path(f).stem
-                figs.append({"name": stem, "caption": captions.get(stem, ""),
-                             "b64": base64.b64encode(Path(f).read_bytes()).decode()})
         (tmp / "numbers.json").write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
         (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(numbers=table))
-        stacks = sorted({s for r in numbers.values() for s in r.get("stack_ids", [])})
+        extra = context(numbers, figures, captions, stacks or [], built or built_at())
         (tmp / "report.html").write_text(env.get_template("report.html.j2").render(
-            numbers=table, figures=figs, stacks=stacks, failures=failure_summary(numbers)))
+            numbers=table, failures=failure_summary(numbers), **extra))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         manifest = ["path\tsha256\tsize"] + [
             f"{p.relative_to(tmp)}\t{sha256_file(p)}\t{p.stat().st_size}" for p in files]
@@ -143,9 +172,12 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip paper --numbers N... --figures F... --captions-dir D --out DIR``."""
+    """CLI: ``batchflip paper --numbers N... --figures F... --stacks S... --captions-dir D
+    --out DIR``."""
     parser.add_argument("--numbers", nargs="+", required=True)
     parser.add_argument("--figures", nargs="*", default=[])
+    parser.add_argument("--stacks", nargs="*", default=[],
+                        help="stack fingerprints (*.stack.json) for report.html's run facts")
     parser.add_argument("--captions-dir", help="folder of <figure kind>.rst captions")
     parser.add_argument("--out", required=True, type=Path)
 
@@ -158,6 +190,6 @@ def main(args: argparse.Namespace) -> int:
         for f in args.figures:
             stem = Path(f).stem
             captions[stem] = next((t for k, t in kinds.items() if stem.endswith("_" + k)), "")
-    build_bundle(args.numbers, args.figures, captions, args.out)
+    build_bundle(args.numbers, args.figures, captions, args.out, args.stacks)
     print(f"{args.out}: bundle written")
     return 0

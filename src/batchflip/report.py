@@ -1,0 +1,102 @@
+"""The pieces of report.html that paper.py does not hold: build date, run facts, headlines,
+figures with captions, and the split of published-input values from reproduced ones.
+
+The build date is the only thing in report.html that changes between runs of the same
+inputs: it is ``SOURCE_DATE_EPOCH`` when set (reproducible builds), else the time of the
+build, in UTC. It never goes into numbers.json or numbers.tex.
+
+Published-input values are the fidelity records (:mod:`batchflip.fidelity`): recomputed
+from counts the paper publishes (``resources/fidelity/published.yaml``), not from this
+run's generations. The report shows them in a section of their own.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import platform
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from batchflip import __version__, headlines, stacks
+
+LOOK = "What to look at:"
+
+
+def built_at(env: Mapping[str, str] = os.environ) -> datetime:
+    """``SOURCE_DATE_EPOCH`` (seconds) when set, else now; in UTC."""
+    epoch = env.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        return datetime.fromtimestamp(int(epoch), tz=timezone.utc)
+    return datetime.now(tz=timezone.utc)
+
+
+def is_published(rec: Mapping[str, Any]) -> bool:
+    """True for a record recomputed from the paper's published inputs (a fidelity record)."""
+    return "recipe" in rec and "published" in rec
+
+
+def published_summary(numbers: Mapping[str, Mapping[str, Any]]) -> str:
+    """``m of n printed values reproduced`` over the published-input records."""
+    checked = [r for r in numbers.values() if is_published(r) and r.get("match") is not None]
+    if not any(is_published(r) for r in numbers.values()):
+        return "No published-input values in this bundle."
+    bad = sum(1 for r in checked if not r["match"])
+    line = f"{len(checked) - bad} of {len(checked)} printed values reproduced from their inputs"
+    return line + (f" ({bad} mismatched)." if bad else ".")
+
+
+def study_of(stem: str, studies: set[str]) -> tuple[str, str]:
+    """(study, figure kind) of a figure file stem ``{study}_{kind}``: the longest study
+    name that prefixes it; ("", stem) when none does."""
+    for study in sorted(studies, key=len, reverse=True):
+        if stem.startswith(study + "_"):
+            return study, stem[len(study) + 1:]
+    return "", stem
+
+
+def figure_items(paths: list[str], captions: Mapping[str, str], studies: set[str]
+                 ) -> list[dict[str, str]]:
+    """The PNG figures, numbered, with title, caption, what to look at and data URI."""
+    items = []
+    for path in sorted(p for p in paths if p.endswith(".png")):
+        stem = Path(path).stem
+        study, kind = study_of(stem, studies)
+        text = captions.get(stem, "")
+        caption, _, look = text.partition(LOOK)
+        items.append({
+            "id": f"fig-{stem}", "number": str(len(items) + 1), "name": stem,
+            "title": f"Study {study}: {kind.replace('_', ' ')}" if study else stem,
+            "caption": " ".join(caption.split()), "look": " ".join(look.split()),
+            "src": "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()})
+    return items
+
+
+def run_facts(stack_paths: list[str], built: datetime) -> dict[str, Any]:
+    """What was run (one row per study) and with which versions, from the stack files."""
+    loaded = stacks.load_stacks(stack_paths)
+    return {
+        "studies": stacks.study_rows(loaded),
+        "versions": stacks.versions(loaded),
+        "stacks": stacks.stack_table(loaded),
+        "built": built.strftime("%Y-%m-%d %H:%M UTC"),
+        "batchflip": __version__,
+        "python": platform.python_version(),
+    }
+
+
+def context(numbers: Mapping[str, dict[str, Any]], figures: list[str],
+            captions: Mapping[str, str], stack_paths: list[str], built: datetime
+            ) -> dict[str, Any]:
+    """Everything report.html.j2 needs beyond the number rows and failure summary."""
+    studies = {nid.split("/")[0] for nid in numbers if "/" in nid}
+    return {
+        "run": run_facts(stack_paths, built),
+        "headlines": headlines.headlines(dict(numbers)),
+        "figures": figure_items(figures, captions, studies),
+        "published_line": published_summary(numbers),
+        "counts": {"reproduced": sum(not is_published(r) for r in numbers.values()),
+                   "published": sum(is_published(r) for r in numbers.values())},
+    }
