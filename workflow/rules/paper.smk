@@ -1,22 +1,22 @@
-def paper_stacks(wildcards):
-    """The stack fingerprints of the paper's studies: report.html's model, engine, device
-    and versions (generations; Study D's reruns for ablation studies)."""
-    out = []
-    for s in config["paper"]["studies"]:
-        if study_cfg(s)["kind"] == "ablation":
-            out += [p[: -len(".parquet")] + ".stack.json" for p in ablation_runs(s)]
-            continue
-        for m in study_cfg(s)["models"]:
-            out += [f"results/generations/{s}/{m}/{c}.stack.json" for c in conditions_of(s, m)]
-    return out
-
-
 rule paper:
     """The paper bundle: numbers.json, numbers.tex, report.html, figures, MANIFEST.tsv."""
     input:
         numbers=paper_numbers,
         figures=paper_figures,
-        stacks=paper_stacks,
+        # stack fingerprints: report.html's models, engine, device and versions
+        stacks=lambda w: [
+            p[: -len(".parquet")] + ".stack.json"
+            for s in config["paper"]["studies"]
+            for p in (
+                ablation_runs(s)
+                if study_cfg(s)["kind"] == "ablation"
+                else [
+                    gen_path(s, m, c)
+                    for m in study_cfg(s)["models"]
+                    for c in conditions_of(s, m)
+                ]
+            )
+        ],
         captions=figure_captions(),
     output:
         directory("results/paper"),
