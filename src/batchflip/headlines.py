@@ -135,7 +135,8 @@ def discovery(numbers: Numbers, study: str) -> list[Part]:
 
 
 def composition(numbers: Numbers, study: str) -> list[Part]:
-    """Refusal rate alone vs the lowest and highest composition, and the pooled MH test."""
+    """Refusal rate under the baseline vs the lowest and highest other condition, and the
+    pooled Mantel-Haenszel test."""
     rates = {nid: rec for nid, rec in numbers.items()
              if re.fullmatch(rf"{re.escape(study)}/all/[^/]+/refusal_rate", nid)
              and rec.get("value") is not None}
@@ -149,7 +150,7 @@ def composition(numbers: Numbers, study: str) -> list[Part]:
         parts += [Part("n/a under the baseline (no record)")]
     if others:
         lo, hi = others[0][1], others[-1][1]
-        parts += [Part(f"; across {len(others)} other compositions from "), *rate(numbers, lo),
+        parts += [Part(f"; across {len(others)} other conditions from "), *rate(numbers, lo),
                   Part(f" ({numbers[lo].get('condition')}) to "), *rate(numbers, hi),
                   Part(f" ({numbers[hi].get('condition')})")]
     parts += [Part("; pooled Mantel–Haenszel "),
