@@ -101,7 +101,9 @@ def rows(numbers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def fidelity_cells(rec: dict[str, Any]) -> dict[str, Any]:
     """The published-input table's cells of a fidelity record (batchflip.fidelity)."""
-    return {"formatted": rec.get("formatted", ""), "unit": rec.get("unit", ""),
+    unit = str(rec.get("unit") or "")
+    unit = unit if unit in ("", "%") else " " + unit
+    return {"formatted": rec.get("formatted", ""), "unit": unit,
             "printed": rec.get("printed"), "match": rec.get("match"),
             "source": rec.get("source", ""), "inputs": ", ".join(rec.get("inputs", []))}
 
