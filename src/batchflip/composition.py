@@ -138,7 +138,8 @@ def read_columns(path: str | Path, needed: list[str], optional: Iterable[str] = 
     for col in needed:
         if col not in names:
             raise InputError(path, "missing column", field=col)
-    return pd.read_parquet(path, columns=needed + [c for c in optional if c in names])
+    extra = [c for c in optional if c in names and c not in needed]
+    return pd.read_parquet(path, columns=needed + extra)
 
 
 def _path_index(frames: dict[str, pd.DataFrame]) -> dict[tuple[str, str], list[str]]:
