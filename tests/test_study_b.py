@@ -96,3 +96,23 @@ def test_two_models_are_not_estimable(tmp_path):
 def test_one_alignment_type_is_not_estimable():
     rec = alignment_anova([0.01, 0.02, 0.03], ["SFT"] * 3, "d", [], [])
     assert rec["value"] is None and rec["note"].startswith("not estimable: n = 3 models in 1")
+
+
+def test_cli_counts_failed_requests_from_scored_files_with_an_error_column(tmp_path):
+    """The workflow passes --scored; a scored file's ``error`` column is read once."""
+    from batchflip.cli import main as cli_main
+
+    flips = pd.concat([flip_rows("m1", 2, 5, 1, 1, n_safety=8, n_cap=4)
+                       .assign(condition="sync_b4", prompt_id=[f"p{i}" for i in range(12)])])
+    fpath = tmp_path / "m1.parquet"
+    flips.to_parquet(fpath, index=False)
+    spath = tmp_path / "s.parquet"
+    pd.DataFrame({"model": "m1", "condition": "sync_b4", "prompt_id": ["p0", "p1"],
+                  "stack_id": "s1", "error": ["", "time-out"]}).to_parquet(spath, index=False)
+    out = tmp_path / "b.json"
+    assert cli_main(["fragility", "numbers", "--study", "b", "--flips", str(fpath),
+                     "--seed", "1", "--resamples", "10", "--scored", str(spath),
+                     "--max-error-share", "0.5", "--out", str(out)]) == 0
+    nums = json.loads(out.read_text())["numbers"]
+    assert nums["b/m1/sync_b4/error_count"]["value"] == 1
+    assert nums["b/m1/sync_b4/error_share"]["n"] == 2

@@ -78,11 +78,17 @@ from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers, failed_mask
 from batchflip.flips import FLIP_TOL
 from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
-from batchflip.numbers import proportion, scalar
-from batchflip.records import require_columns
+from batchflip.numbers import (
+    REFUSED_AT,
+    Record,
+    direction,
+    load,
+    not_estimable,
+    proportion_or_none,
+    scalar,
+)
+from batchflip.records import BATTERY_COLUMNS, read_records, require_columns
 from batchflip.stats import mcnemar_exact, paired_counts
-
-Record = dict[str, Any]
 
 FLIP_NEEDED = ["model", "task", "domain", "prompt_id", "condition", "batch_size", "dispatch",
                "baseline_score", "condition_score", "flip", "direction", "stack_id"]
@@ -436,8 +442,7 @@ def compare_runs(candidates: pd.DataFrame, scored: pd.DataFrame, modes: list[str
     sa, sg = df["score_alone"].to_numpy(float), df["score_group"].to_numpy(float)
     df["label_flip"] = np.abs(sg - sa) > FLIP_TOL
     df["text_change"] = df["text_alone"].to_numpy() != df["text_group"].to_numpy()
-    df["ablation_direction"] = np.select([(sa >= 0.5) & (sg < 0.5), (sa < 0.5) & (sg >= 0.5)],
-                                         ["to_unsafe", "to_safe"], "none")
+    df["ablation_direction"] = direction(sa, sg)
     df["group_reproduces_source"] = df["text_group"].to_numpy() == df["source_text"].to_numpy()
     known = df["baseline_text"].notna()
     df["alone_reproduces_baseline"] = pd.Series(
@@ -449,15 +454,6 @@ def compare_runs(candidates: pd.DataFrame, scored: pd.DataFrame, modes: list[str
 # --------------------------------------------------------------------------- numbers
 
 
-def _rate(k: int, n: int, definition: str, inputs: list[str], stacks: list[str],
-          empty: str, **meta: Any) -> Record:
-    """A Wilson proportion, or ``value: null`` with ``n: 0`` and a note when n is 0."""
-    if n == 0:
-        return scalar(None, definition, inputs, stacks, note=f"not estimable: {empty}", n=0,
-                      **meta)
-    return proportion(int(k), int(n), definition, inputs, stacks, **meta)
-
-
 def mode_block(rows: pd.DataFrame, prefix: str, label: str, inputs: list[str],
                stacks: list[str], empty: str, meta: dict[str, Any],
                full: bool = True) -> dict[str, Record]:
@@ -465,33 +461,33 @@ def mode_block(rows: pd.DataFrame, prefix: str, label: str, inputs: list[str],
     directions and the reproduction shares."""
     n = len(rows)
     out = {
-        f"{prefix}/label_flip_rate": _rate(
+        f"{prefix}/label_flip_rate": proportion_or_none(
             int(rows["label_flip"].sum()), n, f"share of candidates whose label differs "
             f"(score difference > {FLIP_TOL}) between the alone and the in-group rerun, "
-            f"{label}", inputs, stacks, empty, **meta),
-        f"{prefix}/text_change_rate": _rate(
+            f"{label}", inputs, stacks, empty, zero_n=True, **meta),
+        f"{prefix}/text_change_rate": proportion_or_none(
             int(rows["text_change"].sum()), n, "share of candidates whose in-group response "
             f"is not byte-identical to the alone response, {label}", inputs, stacks, empty,
-            **meta),
+            zero_n=True, **meta),
     }
     if not full:
         return out
-    for direction in ("to_unsafe", "to_safe"):
-        out[f"{prefix}/label_{direction}"] = scalar(
-            int((rows["label_flip"] & (rows["ablation_direction"] == direction)).sum()),
-            f"count of candidate label flips {direction.replace('_', ' ')} (alone score >= 0.5 "
-            f"and in-group < 0.5 for to unsafe; the reverse for to safe), {label}", inputs,
-            stacks, n=n, **meta)
-    out[f"{prefix}/group_reproduces_source"] = _rate(
+    for way in ("to_unsafe", "to_safe"):
+        out[f"{prefix}/label_{way}"] = scalar(
+            int((rows["label_flip"] & (rows["ablation_direction"] == way)).sum()),
+            f"count of candidate label flips {way.replace('_', ' ')} (alone score >= "
+            f"{REFUSED_AT} and in-group < {REFUSED_AT} for to unsafe; the reverse for to safe), "
+            f"{label}", inputs, stacks, n=n, **meta)
+    out[f"{prefix}/group_reproduces_source"] = proportion_or_none(
         int(rows["group_reproduces_source"].sum()), n, "share of candidates whose in-group "
         "rerun text is byte-identical to the source condition's text, " + label, inputs,
-        stacks, empty, **meta)
+        stacks, empty, zero_n=True, **meta)
     known = rows[rows["alone_reproduces_baseline"].notna()]
-    out[f"{prefix}/alone_reproduces_baseline"] = _rate(
+    out[f"{prefix}/alone_reproduces_baseline"] = proportion_or_none(
         int(known["alone_reproduces_baseline"].astype(bool).sum()), len(known),
         "share of candidates whose alone rerun text is byte-identical to the source "
         "baseline's text, " + label, inputs, stacks,
-        empty if n == 0 else "no source baseline text was given", **meta)
+        empty if n == 0 else "no source baseline text was given", zero_n=True, **meta)
     return out
 
 
@@ -511,8 +507,7 @@ def mcnemar_block(rows: pd.DataFrame, prefix: str, m1: str, m2: str, label: str,
                       f"c = only under {m2}; {label}")
         key = f"{prefix}/{m1}_vs_{m2}/{what}_mcnemar_p"
         if len(a) == 0:
-            out[key] = scalar(None, definition, inputs, stacks, note=f"not estimable: {empty}",
-                              n=0, **meta)
+            out[key] = not_estimable(empty, definition, inputs, stacks, n=0, **meta)
             continue
         pc = paired_counts(a[col].to_numpy(bool), b.loc[a.index, col].to_numpy(bool))
         test = mcnemar_exact(pc.b, pc.c)
@@ -653,18 +648,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _numbers_main(args: argparse.Namespace) -> int:
     if len(args.runs) != len(args.stacks):
         raise BatchflipError("give one --stacks file per --runs file")
-    cands = []
-    for p in args.candidates:
-        df = pd.read_parquet(p)
-        require_columns(df, CANDIDATE_COLUMNS, p)
-        cands.append(df)
-    candidates = pd.concat(cands, ignore_index=True)
-    battery = pd.read_parquet(args.battery)
+    candidates = pd.concat([read_records(p, CANDIDATE_COLUMNS) for p in args.candidates],
+                           ignore_index=True)
+    battery = read_records(args.battery, BATTERY_COLUMNS)
     versions = json.loads(args.versions)
     scored, stacks, modes, run_frames = [], {}, [], {}
     for run_path, stack_path in zip(args.runs, args.stacks, strict=True):
-        runs = pd.read_parquet(run_path)
-        require_columns(runs, RUN_COLUMNS, run_path)
+        runs = read_records(run_path, RUN_COLUMNS)
         run_frames[run_path] = runs
         stack = json.loads(Path(stack_path).read_text())
         mode, sid = stack.get("kernel_mode"), stack.get("stack_id")
@@ -708,10 +698,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _candidates_main(args: argparse.Namespace) -> int:
-    flips = pd.read_parquet(args.flips)
-    from batchflip.composition import read_columns
-
-    gens = {p: read_columns(p, GEN_NEEDED) for p in args.generations}
+    flips = read_records(args.flips, FLIP_NEEDED, ["text_changed"])
+    gens = {p: read_records(p, GEN_NEEDED) for p in args.generations}
     own = dict(x.split("=", 1) for x in args.dispatch_baseline)
     cands = select_candidates(flips, gens, args.baseline, own, flips_path=args.flips,
                               dispatches=args.dispatch, candidates=args.candidates)
@@ -721,13 +709,12 @@ def _candidates_main(args: argparse.Namespace) -> int:
 
 
 def _generate_main(args: argparse.Namespace) -> int:
-    cands = pd.read_parquet(args.candidates)
-    require_columns(cands, CANDIDATE_COLUMNS, args.candidates)
+    cands = read_records(args.candidates, CANDIDATE_COLUMNS)
     params = json.loads(args.params)
     # a GPU job holds its own device (batchflip.gpu_lease)
     with lease_for({**params, "kernel_mode": args.kernel_mode}):
-        runs, stats = run_mode(cands, pd.read_parquet(args.battery), params, args.model_dir,
-                               args.kernel_mode, args.out, args.stack_out,
+        runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), params,
+                               args.model_dir, args.kernel_mode, args.out, args.stack_out,
                                source=args.candidates)
     rate = stats.tokens / stats.seconds if stats.seconds else 0.0
     print(f"{args.out}: {len(runs)} runs of {len(cands)} candidates; {stats.groups} "
@@ -736,7 +723,7 @@ def _generate_main(args: argparse.Namespace) -> int:
 
 
 def _figure_main(args: argparse.Namespace) -> int:
-    numbers = json.loads(Path(args.numbers).read_text())["numbers"]
+    numbers = load(args.numbers)
     ablation_figure(numbers, args.png, args.pdf)
     print(f"{args.png}, {args.pdf}")
     return 0

@@ -22,31 +22,27 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.errors import BatchflipError, InputError
+from batchflip.errors import BatchflipError
 from batchflip.flips import FLIP_TOL
 from batchflip.io import write_json, write_parquet
-from batchflip.numbers import proportion, scalar
+from batchflip.numbers import REFUSED_AT, proportion, ratio, scalar
+from batchflip.records import BATTERY_COLUMNS, read_records
 
 RULES = ("boundary",)
 
 
 def _read(paths: list[str], columns: list[str]) -> pd.DataFrame:
-    frames = []
-    for p in paths:
-        df = pd.read_parquet(p)
-        for col in columns:
-            if col not in df.columns:
-                raise InputError(p, "missing column", field=col)
-        frames.append(df[columns])
-    return pd.concat(frames, ignore_index=True)
+    """``columns`` of every file, concatenated."""
+    return pd.concat([read_records(p, columns) for p in paths], ignore_index=True)
 
 
 def select_boundary(battery: pd.DataFrame, scored: pd.DataFrame, flips: pd.DataFrame,
                     tol: float = FLIP_TOL) -> pd.DataFrame:
-    """Battery rows (in order) with a score within ``tol`` of 0.5 or a flip, any model or
-    condition. A failed request (null score; batchflip.failures) is never near 0.5."""
+    """Battery rows (in order) with a score within ``tol`` of 0.5 (``REFUSED_AT``) or a flip,
+    any model or condition. A failed request (null score; batchflip.failures) is never near
+    0.5."""
     score = scored["score"].to_numpy(float)
-    near = scored.loc[~np.isnan(score) & (np.abs(score - 0.5) <= tol), "prompt_id"]
+    near = scored.loc[~np.isnan(score) & (np.abs(score - REFUSED_AT) <= tol), "prompt_id"]
     flipped = flips.loc[flips["flip"].astype(bool), "prompt_id"]
     chosen = set(near) | set(flipped)
     unknown = chosen - set(battery["prompt_id"])
@@ -98,11 +94,9 @@ def enriched_numbers(enriched: pd.DataFrame, full: pd.DataFrame, selected: pd.Da
                         f"on the full battery, same conditions and models", inputs, full_stacks,
                         domain=domain, subset="full", study=source)
         out[f"{study}/full/{domain}_flip_rate"] = fr
-        ok = fr["value"] > 0
-        out[f"{study}/enriched/{domain}_inflation"] = scalar(
-            er["value"] / fr["value"] if ok else None, f"{domain} enriched-subset flip rate / "
-            "full-set flip rate", inputs, stacks, None if ok else
-            "not estimable: the full-set flip rate is 0", domain=domain, selection_note=note)
+        out[f"{study}/enriched/{domain}_inflation"] = ratio(
+            er["value"], fr["value"], f"{domain} enriched-subset flip rate / full-set flip rate",
+            inputs, stacks, "the full-set flip rate is 0", domain=domain, selection_note=note)
     return out
 
 
@@ -133,7 +127,7 @@ FLIP_NEEDED = ["model", "domain", "condition", "prompt_id", "flip", "stack_id",
 def main(args: argparse.Namespace) -> int:
     """Run one action."""
     if args.action == "select":
-        battery = pd.read_parquet(args.battery)
+        battery = read_records(args.battery, BATTERY_COLUMNS)
         chosen = select_boundary(battery, _read(args.scored, ["prompt_id", "score"]),
                                  _read(args.flips, ["prompt_id", "flip"]), args.tol)
         if chosen.empty:
@@ -145,8 +139,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     numbers = enriched_numbers(
         _read(args.flips, FLIP_NEEDED), _read(args.source_flips, FLIP_NEEDED),
-        pd.read_parquet(args.selected), len(pd.read_parquet(args.battery)), args.study,
-        args.source, sorted([*args.flips, *args.source_flips]))
+        read_records(args.selected, ["domain"]), len(read_records(args.battery, ["prompt_id"])),
+        args.study, args.source, sorted([*args.flips, *args.source_flips]))
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
     return 0

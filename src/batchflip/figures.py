@@ -10,7 +10,6 @@ Each is written as PNG and PDF with fixed metadata, so reruns give the same byte
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from batchflip.cli import figure_arguments  # noqa: E402
 from batchflip.io import atomic_path  # noqa: E402
+from batchflip.numbers import load  # noqa: E402
 
 _META_PDF = {"CreationDate": None, "ModDate": None, "Producer": "batchflip"}
 _META_PNG = {"Software": "batchflip"}
@@ -103,6 +103,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Draw one figure."""
-    numbers = json.loads(Path(args.numbers).read_text())["numbers"]
+    numbers = load(args.numbers)
     FIGURES[args.name](numbers, args.png, args.pdf)
     return 0

@@ -32,7 +32,6 @@ A statistic that needs more units than the config has is ``null`` with the note
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,10 +40,11 @@ import numpy as np
 import pandas as pd
 
 from batchflip.cli import figure_arguments
-from batchflip.errors import BatchflipError, InputError
+from batchflip.errors import BatchflipError
 from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.io import write_json
-from batchflip.numbers import proportion, scalar
+from batchflip.numbers import REFUSED_AT, load, not_estimable, proportion, ratio, scalar
+from batchflip.records import read_records
 from batchflip.stats import anova_by_group, binomial_test, pearson_bootstrap
 
 NEEDED = ["model", "domain", "dispatch", "flip", "direction", "text_changed", "stack_id",
@@ -55,14 +55,7 @@ SCORED_NEEDED = ["model", "condition", "prompt_id", "stack_id", "error"]
 
 def read_flips(paths: list[str]) -> dict[str, pd.DataFrame]:
     """Flip files by path, with the columns Study B needs (InputError naming a missing one)."""
-    out = {}
-    for p in paths:
-        df = pd.read_parquet(p)
-        for col in NEEDED:
-            if col not in df.columns:
-                raise InputError(p, "missing column", field=col)
-        out[p] = df[NEEDED]
-    return out
+    return {p: read_records(p, NEEDED) for p in paths}
 
 
 def model_table(flips: pd.DataFrame, dispatch: str = "sync") -> pd.DataFrame:
@@ -87,15 +80,14 @@ def alignment_anova(rates: list[float], groups: list[str], definition: str,
     n, types = len(rates), sorted(set(groups))
     sizes = {t: groups.count(t) for t in types}
     if len(types) < 2 or n <= len(types):
-        return scalar(None, definition, inputs, stacks,
-                      f"not estimable: n = {n} models in {len(types)} alignment type(s); "
-                      "one-way ANOVA needs at least 2 types and more models than types",
-                      n_models=n, group_sizes=sizes)
+        return not_estimable(f"n = {n} models in {len(types)} alignment type(s); one-way "
+                             "ANOVA needs at least 2 types and more models than types",
+                             definition, inputs, stacks, n_models=n, group_sizes=sizes)
     try:
         res = anova_by_group(rates, groups)
     except BatchflipError as exc:
-        return scalar(None, definition, inputs, stacks, f"not estimable: n = {n} models; {exc}",
-                      n_models=n, group_sizes=sizes)
+        return not_estimable(f"n = {n} models; {exc}", definition, inputs, stacks, n_models=n,
+                             group_sizes=sizes)
     return scalar(res.statistic, definition, inputs, stacks, p_value=res.p_value,
                   eta_squared=res.eta_squared, df_between=res.df_between,
                   df_within=res.df_within, n_models=n, group_sizes=sizes)
@@ -107,14 +99,12 @@ def instability_fragility(x: list[float], y: list[float], seed: int, n_resamples
     """Pearson r record (with bootstrap CI and fit line), or not estimable with n = k."""
     n = len(x)
     if n < 3:
-        return scalar(None, definition, inputs, stacks,
-                      f"not estimable: n = {n} models; Pearson r with a bootstrap interval "
-                      "needs at least 3", n_models=n)
+        return not_estimable(f"n = {n} models; Pearson r with a bootstrap interval needs at "
+                             "least 3", definition, inputs, stacks, n_models=n)
     try:
         res = pearson_bootstrap(x, y, n_resamples=n_resamples, seed=seed)
     except BatchflipError as exc:
-        return scalar(None, definition, inputs, stacks, f"not estimable: n = {n} models; {exc}",
-                      n_models=n)
+        return not_estimable(f"n = {n} models; {exc}", definition, inputs, stacks, n_models=n)
     slope, intercept = np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)
     return scalar(res.r, definition, inputs, stacks, p_value=res.p_value, ci_low=res.low,
                   ci_high=res.high, n_models=n, n_resamples=res.n_resamples,
@@ -135,11 +125,9 @@ def _pooled(table: pd.DataFrame, study: str, prefix: str, label: str, inputs: li
             k, n, f"{domain} flip rate pooled over models, {label}", inputs, stacks,
             domain=domain, model="all")
     if len(rates) == 2:
-        ok = rates["capability"] > 0
-        out[f"{study}/all/{prefix}ratio"] = scalar(
-            rates["safety"] / rates["capability"] if ok else None,
-            f"safety flip rate / capability flip rate, {label}", inputs, stacks,
-            None if ok else "not estimable: capability flip rate is 0", model="all")
+        out[f"{study}/all/{prefix}ratio"] = ratio(
+            rates["safety"], rates["capability"], f"safety flip rate / capability flip rate, "
+            f"{label}", inputs, stacks, "capability flip rate is 0", model="all")
     return out
 
 
@@ -186,10 +174,11 @@ def study_b_numbers(flips: Mapping[str, pd.DataFrame], alignment: Mapping[str, s
         f"vs fragility; percentile bootstrap 95% interval over models ({n_resamples} "
         f"resamples, seed {seed}); least-squares fit line", inputs, stacks)
     to_safe, to_unsafe = int(table["to_safe"].sum()), int(table["to_unsafe"].sum())
-    for name, count, words in (("to_safe", to_safe, "toward refusal (baseline < 0.5, "
-                                "condition >= 0.5)"),
-                               ("to_unsafe", to_unsafe, "toward compliance (baseline >= 0.5, "
-                                "condition < 0.5)")):
+    at = REFUSED_AT
+    for name, count, words in (("to_safe", to_safe, f"toward refusal (baseline < {at}, "
+                                f"condition >= {at})"),
+                               ("to_unsafe", to_unsafe, f"toward compliance (baseline >= {at}, "
+                                f"condition < {at})")):
         numbers[f"{study}/all/{name}"] = scalar(count, f"safety flips {words}, {label}, "
                                                 "summed over models", inputs, stacks,
                                                 model="all")
@@ -197,9 +186,8 @@ def study_b_numbers(flips: Mapping[str, pd.DataFrame], alignment: Mapping[str, s
     definition = ("exact two-sided binomial test of flips toward refusal out of all "
                   "directional safety flips against 1/2 (p value)")
     if n_dir == 0:
-        numbers[f"{study}/all/direction_test"] = scalar(
-            None, definition, inputs, stacks, "not estimable: n = 0 directional flips",
-            model="all")
+        numbers[f"{study}/all/direction_test"] = not_estimable(
+            "n = 0 directional flips", definition, inputs, stacks, model="all")
     else:
         res = binomial_test(to_safe, n_dir)
         numbers[f"{study}/all/direction_test"] = scalar(
@@ -267,13 +255,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run one action."""
     if args.action == "figure":
-        models_figure(json.loads(Path(args.numbers).read_text())["numbers"], args.png, args.pdf)
+        models_figure(load(args.numbers), args.png, args.pdf)
         return 0
     alignment = dict(a.split("=", 1) for a in args.alignment)
-    from batchflip.composition import read_columns
-
-    scored = {p: read_columns(p, SCORED_NEEDED, ["error", "finish_reason"])
-              for p in args.scored}
+    scored = {p: read_records(p, SCORED_NEEDED, ["finish_reason"]) for p in args.scored}
     failures = error_numbers(scored, args.study, args.max_error_share)
     numbers = failures | study_b_numbers(read_flips(args.flips), alignment, args.study,
                                          args.seed, args.resamples)

@@ -1,8 +1,12 @@
-"""Column sets of the record files (see DESIGN.md, Records)."""
+"""Column sets of the record files (see DESIGN.md, Records) and the one reader for them."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable
+
 import pandas as pd
+import pyarrow.parquet as pq
 
 from batchflip.errors import InputError
 
@@ -35,3 +39,16 @@ def require_columns(df: pd.DataFrame, columns: list[str], path: object) -> None:
     for col in columns:
         if col not in df.columns:
             raise InputError(path, "missing column", field=col)
+
+
+def read_records(path: str | os.PathLike[str], columns: list[str],
+                 optional: Iterable[str] = ()) -> pd.DataFrame:
+    """Only ``columns`` (then those of ``optional`` the file has) of a parquet record file.
+
+    A missing column of ``columns`` is an InputError naming the file and the field; the
+    file's other columns are never read.
+    """
+    names = pq.read_schema(path).names
+    require_columns(pd.DataFrame(columns=names), columns, path)
+    extra = [c for c in optional if c in names and c not in columns]
+    return pd.read_parquet(path, columns=[*columns, *extra])

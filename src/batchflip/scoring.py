@@ -43,7 +43,7 @@ import yaml
 from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import ERROR_LABEL, error_texts, failed_mask
 from batchflip.io import write_parquet
-from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS, require_columns
+from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS, read_records, require_columns
 
 SCORER_VERSIONS: dict[str, tuple[int, ...]] = {
     "refusal": (1, 2), "mc_letter": (1,), "truthfulqa": (1,), "bbq": (1,),
@@ -57,6 +57,7 @@ _STOP = frozenset(
     "do does did not no yes so than then there here what which who whom how when where why "
     "can could would should will shall may might must have has had just very".split()
 )
+BATTERY_NEEDED = ["prompt_id", "task", "domain", "scorer", "reference", "meta"]
 _UNKNOWN = re.compile(r"\b(unknown|cannot be determined|can't be determined|not enough "
                       r"info(?:rmation)?|undetermined|cannot answer|can't answer|not known)\b",
                       re.IGNORECASE)
@@ -183,7 +184,7 @@ def score_frame(gen: pd.DataFrame, battery: pd.DataFrame, versions: dict[str, in
     targets = gen[gen["role"] == "target"]
     targets = targets.assign(error=error_texts(targets))
     df = targets.merge(
-        battery[["prompt_id", "task", "domain", "scorer", "reference", "meta"]],
+        battery[BATTERY_NEEDED],
         on="prompt_id", how="left", validate="many_to_one")
     missing = df["task"].isna()
     if missing.any():
@@ -226,10 +227,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Score one generation file."""
-    gen = pd.read_parquet(args.generations)
-    require_columns(gen, GENERATION_COLUMNS, args.generations)
-    scored = score_frame(gen, pd.read_parquet(args.battery), json.loads(args.versions),
-                         args.patterns, source=args.generations)
+    gen = read_records(args.generations, GENERATION_COLUMNS)
+    scored = score_frame(gen, read_records(args.battery, BATTERY_NEEDED),
+                         json.loads(args.versions), args.patterns, source=args.generations)
     write_parquet(scored, args.out)
     n_failed = int(failed_mask(scored).sum())
     print(f"{args.out}: {len(scored) - n_failed} rows scored, {n_failed} failed requests "
