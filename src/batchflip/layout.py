@@ -13,8 +13,9 @@ when, its rows could change). It is an *inclusion* list:
 class              keys                                                         jobs
 =================  ===========================================================  ==========
 serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   every job
-                   prompt_format, system_prompt, server (less the keys in
-                   :data:`SERVER_NOT_ROWS`)
+                   prompt_format, system_prompt; server less the keys in
+                   :data:`SERVER_NOT_ROWS` (vllm and openai engines only; left
+                   out when nothing is left)
 prompts            battery, subset; scope settings as condition_overrides       every job
 composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
                                                                                 stagger_*
@@ -59,6 +60,8 @@ PROMPT_KEYS = ("battery", "subset")
 COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
 # server settings that change no row: how long to wait at start and stop, where logs go
 SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s")
+# engines that read ``server`` (the hf engine runs in process and ignores it)
+SERVER_ENGINES = ("vllm", "openai")
 
 
 def _composition(conditions: Iterable[str]) -> bool:
@@ -84,8 +87,9 @@ def generation_settings(config: Config, study: str, model: str,
     s = config["studies"][study]
     keys = SERVING_KEYS + PROMPT_KEYS + (COMPOSITION_KEYS if _composition(conditions) else ())
     out = {k: s[k] for k in keys if k in s}
-    if "server" in out:
-        out["server"] = {k: v for k, v in out["server"].items() if k not in SERVER_NOT_ROWS}
+    server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
+    if server and s["engine"] in SERVER_ENGINES:
+        out["server"] = server
     fmt = config["models"][model].get("prompt_format")
     if fmt and fmt != out["prompt_format"]:
         out["prompt_format"] = fmt
@@ -150,7 +154,7 @@ def server_jobs(config: Config) -> list[ServerJob]:
         return []
     out = []
     for study, s in config["studies"].items():
-        if s["kind"] == "ablation" or s["engine"] not in ("vllm", "openai"):
+        if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
             continue  # ablation reruns have rules of their own (ablation.smk)
         groups: dict[tuple[str, ...], list[str]] = {}
         for m in s["models"]:
