@@ -17,7 +17,7 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from batchflip import archive
+from batchflip import archive, layout
 from batchflip.battery import build_battery
 from batchflip.cli import main as cli
 from batchflip.errors import BatchflipError
@@ -72,10 +72,10 @@ def make_workspace(ws: Path, stack_id: str = "stackA", flip_all: bool = False) -
     (ws / "results/battery").mkdir(parents=True, exist_ok=True)
     battery.to_parquet(ws / "results/battery/tiny.parquet", index=False)
     for c in cfg["studies"]["a"]["conditions"]:
-        gen = ws / archive.gen_member("a", "smol", c)
+        gen = ws / layout.generation_path("a", "smol", c)
         gen.parent.mkdir(parents=True, exist_ok=True)
         _gen_frame(battery, c, stack_id, flip_all).to_parquet(gen, index=False)
-        Path(archive.stack_member(str(gen))).write_text(json.dumps({"stack_id": stack_id}))
+        Path(layout.stack_path(str(gen))).write_text(json.dumps({"stack_id": stack_id}))
     return ws / "config.yaml"
 
 
@@ -187,7 +187,7 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     bat = pd.read_parquet(flipped.parent / "results/battery/tiny.parquet")
     for c in ("sync_b4", "cobatch_b4_benign"):
         _gen_frame(bat, c, "stackB", flip_all=True).to_parquet(
-            flipped.parent / archive.gen_member("a", "smol", c), index=False)
+            flipped.parent / layout.generation_path("a", "smol", c), index=False)
     assert base.is_file()
     report = _verify(flipped.parent, arc)
     assert report["passed"] is False
@@ -248,14 +248,14 @@ def test_members_cover_ablation_reruns_and_scoped_conditions():
     cfg = yaml.safe_load(TINY.read_text())
     cfg["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
                            "kernel_modes": ["standard", "batch_invariant"]}
-    members = archive.config_members(cfg)
+    members = layout.archive_members(cfg)
     assert "results/ablation/d/smollm2-135m/batch_invariant.stack.json" in members
     assert "results/generations/a/smollm2-135m/cobatch_b4_benign.parquet" in members
-    assert archive.config_members(cfg, ["d"]) == sorted(
+    assert layout.archive_members(cfg, ["d"]) == sorted(
         f"results/ablation/d/smollm2-135m/{k}.{e}" for k in ("standard", "batch_invariant")
         for e in ("parquet", "stack.json"))
     with pytest.raises(BatchflipError, match="study 'zz' is not in the config"):
-        archive.config_members(cfg, ["zz"])
+        layout.archive_members(cfg, ["zz"])
 
 
 def test_restore_and_verify_together_are_refused():

@@ -90,11 +90,19 @@ def _tiny_config(tmp: Path, model_dir: Path) -> Path:
     return path
 
 
-@pytest.mark.workflow
-def test_tiny_dag_end_to_end(tmp_path, model_dir):
-    cfg = _tiny_config(tmp_path, model_dir)
-    proc = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, model_dir) -> tuple[Path, Path]:
+    """A workspace where the tiny config's whole DAG has run: (directory, config file)."""
+    ws = tmp_path_factory.mktemp("tiny")
+    cfg = _tiny_config(ws, model_dir)
+    proc = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return ws, cfg
+
+
+@pytest.mark.workflow
+def test_tiny_dag_end_to_end(tiny_run):
+    tmp_path, cfg = tiny_run
     paper = tmp_path / "results/paper"
     numbers = json.loads((paper / "numbers.json").read_text())
     rec = numbers["a/smollm2-135m/sync_b4/safety_flip_rate"]
@@ -150,6 +158,35 @@ def test_tiny_dag_end_to_end(tmp_path, model_dir):
                       cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert (paper / "numbers.json").read_bytes() == first
+
+
+def planned_after(ws: Path, cfg: Path, edit) -> dict[str, int]:
+    """Jobs a dry run plans in a finished workspace after ``edit`` changes study a."""
+    changed = yaml.safe_load(cfg.read_text())
+    edit(changed["studies"]["a"])
+    path = ws / "edited.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    dry = snakemake("-n", "--cores", "2", "results/paper", "--configfile", str(path), cwd=ws)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    return job_counts(dry.stdout) if "Job stats:" in dry.stdout else {}
+
+
+@pytest.mark.workflow
+def test_only_generation_settings_rerun_generation_jobs(tiny_run):
+    """Snakemake's params trigger on the real rules: pairing keys rerun the pairing and
+    what follows but no generate job; filler pools rerun only the co-batch condition;
+    max_new_tokens reruns all three (batchflip.layout's inclusion rule)."""
+    ws, cfg = tiny_run
+    pairing = {"baseline": lambda a: a.update(baseline="sync_b4"),
+               "dispatch_baselines": lambda a: a.update(dispatch_baselines={"sync": "sync_b4"})}
+    for key, edit in pairing.items():
+        counts = planned_after(ws, cfg, edit)
+        assert counts.get("flips") == 1 and "generate" not in counts, (key, counts)
+    pools = planned_after(ws, cfg, lambda a: a["filler_pools"]["benign"].update(
+        tasks=["tiny_mc", "tiny_refusal"]))
+    assert pools["generate"] == 1, pools  # cobatch_b4_benign; sync_b1 and sync_b4 keep theirs
+    tokens = planned_after(ws, cfg, lambda a: a.update(max_new_tokens=5))
+    assert tokens["generate"] == 3, tokens
 
 
 @pytest.mark.workflow

@@ -1,10 +1,10 @@
 """Reviewer reproduction: pack, restore and verify generations.
 
 ``batchflip archive pack --config C --out A.tar.gz`` packs, for every study of config ``C``,
-each generation file ``results/generations/{study}/{model}/{condition}.parquet`` with its
-``.stack.json`` fingerprint, the reruns of kernel-ablation studies
-(``results/ablation/{study}/{model}/{kernel_mode}.parquet`` + fingerprint), the battery
-parquet of each study, and the config itself (as ``config.yaml``) into one tar.gz.
+each generation file with its ``.stack.json`` fingerprint, the reruns of kernel-ablation
+studies (+ fingerprints), the battery parquet of each study (the members and their paths:
+``batchflip.layout.archive_members``), and the config itself (as ``config.yaml``) into one
+tar.gz.
 Members keep their workspace-relative paths, are sorted by name and carry no time stamps
 or owners, and gzip records no time either: the same files always give the same archive
 bytes. The first member, ``MANIFEST.sha256``, lists every
@@ -51,50 +51,13 @@ import yaml
 
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import atomic_path, sha256_file, write_json, write_text
+from batchflip.layout import archive_members
 
 MANIFEST = "MANIFEST.sha256"
 CONFIG = "config.yaml"
 KEY = ["prompt_id", "group_id", "position"]
 MAX_LISTED = 1000
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)
-
-
-def gen_member(study: str, model: str, condition: str) -> str:
-    """Archive member (and workspace path) of one generation file."""
-    return f"results/generations/{study}/{model}/{condition}.parquet"
-
-
-def stack_member(gen: str) -> str:
-    """The stack fingerprint beside a generation file."""
-    return gen[: -len(".parquet")] + ".stack.json"
-
-
-def config_members(config: dict[str, Any], studies: Iterable[str] | None = None) -> list[str]:
-    """Workspace paths a config's results rest on: generations, fingerprints, batteries,
-    and the reruns of kernel-ablation studies (results/ablation/{study}/{model}/{mode});
-    an enriched study's battery is its subset (results/battery/enriched/{study})."""
-    from batchflip.design import conditions_for
-
-    names = list(studies or config["studies"])
-    out: set[str] = set()
-    for s in names:
-        if s not in config["studies"]:
-            raise BatchflipError(f"study '{s}' is not in the config")
-        st = config["studies"][s]
-        if st.get("kind") == "ablation":  # kernel-ablation reruns (ablation.smk)
-            models = st.get("models") or config["studies"][st["source"]]["models"]
-            for m in models:
-                for k in st["kernel_modes"]:
-                    run = f"results/ablation/{s}/{m}/{k}.parquet"
-                    out |= {run, stack_member(run)}
-            continue
-        out.add(f"results/battery/enriched/{s}.parquet" if st.get("subset_from")
-                else f"results/battery/{st['battery']}.parquet")
-        for m in st["models"]:
-            for c in conditions_for(st, m):
-                g = gen_member(s, m, c)
-                out |= {g, stack_member(g)}
-    return sorted(out)
 
 
 # --- pack ---------------------------------------------------------------------------------
@@ -133,7 +96,7 @@ def pack_config(config_file: str | Path, out: str | Path, root: str | Path = "."
     cfg = yaml.safe_load(Path(config_file).read_text())
     if not isinstance(cfg, dict) or "studies" not in cfg:
         raise InputError(config_file, "not a batchflip config", field="studies")
-    members = {m: Path(root) / m for m in config_members(cfg, studies)}
+    members = {m: Path(root) / m for m in archive_members(cfg, studies)}
     members[CONFIG] = Path(config_file)
     return pack(members, out)
 

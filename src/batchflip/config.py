@@ -6,10 +6,14 @@ cross-references a schema cannot express (conditions parse, the baseline is one 
 study's conditions, batteries and models exist, composition conditions have targets and
 pools; an ablation study names a discovery source on its own engine and sets none of the
 generation settings it inherits from that source; a hub model pins its revision).
+Last, every absent key with a schema ``default`` is filled in (:func:`fill_defaults`), so
+the rules and ``batchflip.layout`` read config values directly: the schema is the one
+place a config default is written.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,47 @@ def check_schema(config: dict[str, Any], schema_file: str | Path) -> None:
         raise BatchflipError(
             f"invalid config: key '{_key(e.path)}' breaks schema rule '{e.validator}' "
             f"({_key(e.schema_path)}): {e.message}")
+
+
+def fill_defaults(instance: Any, schema: dict[str, Any],
+                  root: dict[str, Any] | None = None) -> None:
+    """Set every absent key that has a schema ``default``, in place, top-down.
+
+    Follows ``properties``, ``additionalProperties``, ``items``, local ``$ref`` and the
+    ``if``/``then``/``else`` of ``allOf`` (the branch that applies to the instance), so a
+    default given in a study's non-ablation branch reaches only those studies. Run it on a
+    valid config: it does not check values."""
+    root = schema if root is None else root
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        if not ref.startswith("#/"):
+            raise BatchflipError(f"schema: only local $ref are supported, not '{ref}'")
+        target: Any = root
+        for part in ref[2:].split("/"):
+            target = target[part]
+        fill_defaults(instance, target, root)
+    for part in schema.get("allOf", []):
+        if "if" in part:
+            ok = jsonschema.Draft202012Validator(part["if"]).is_valid(instance)
+            branch = part.get("then" if ok else "else")
+            if branch:
+                fill_defaults(instance, branch, root)
+        else:
+            fill_defaults(instance, part, root)
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        for key, sub in props.items():
+            if key not in instance and "default" in sub:
+                instance[key] = copy.deepcopy(sub["default"])
+        extra = schema.get("additionalProperties")
+        for key, value in instance.items():
+            if key in props:
+                fill_defaults(value, props[key], root)
+            elif isinstance(extra, dict):
+                fill_defaults(value, extra, root)
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for item in instance:
+            fill_defaults(item, schema["items"], root)
 
 
 def check_models(config: dict[str, Any]) -> None:
@@ -177,6 +222,7 @@ def check_design(config: dict[str, Any], name: str) -> None:
 
 
 def check_config(config: dict[str, Any], schema_file: str | Path) -> None:
-    """Schema first, then cross-references."""
+    """Schema first, then cross-references; then fill the schema's defaults in place."""
     check_schema(config, schema_file)
     check_references(config)
+    fill_defaults(config, yaml.safe_load(Path(schema_file).read_text()))

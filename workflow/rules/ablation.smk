@@ -10,10 +10,10 @@
 rule ablation_candidates:
     """The source's label flips, each with its original group (members, positions, roles)."""
     input:
-        flips=lambda w: f"results/flips/{ablation_source(w.study)}/{w.model}.parquet",
+        flips=lambda w: layout.flips_path(ablation_source(w.study), w.model),
         generations=lambda w: ablation_source_generations(w.study, w.model),
     output:
-        "results/ablation/{study}/{model}/candidates.parquet",
+        layout.ablation_candidates_path("{study}", "{model}"),
     wildcard_constraints:
         study=studies_of("ablation"),
     params:
@@ -21,10 +21,10 @@ rule ablation_candidates:
         own=lambda w: " ".join(
             f"--dispatch-baseline {d}={c}"
             for d, c in sorted(
-                study_cfg(ablation_source(w.study)).get("dispatch_baselines", {}).items()
+                study_cfg(ablation_source(w.study))["dispatch_baselines"].items()
             )
         ),
-        candidates=lambda w: study_cfg(w.study).get("candidates", "label_flips"),
+        candidates=lambda w: study_cfg(w.study)["candidates"],
         dispatches=lambda w: " ".join(
             f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
         ),
@@ -41,19 +41,19 @@ rule ablation_candidates:
 rule ablation_generate:
     """Rerun every candidate alone and in its group under one kernel mode."""
     input:
-        candidates="results/ablation/{study}/{model}/candidates.parquet",
+        candidates=layout.ablation_candidates_path("{study}", "{model}"),
         battery=lambda w: battery_of(ablation_source(w.study)),
         model=model_input,
     output:
-        runs="results/ablation/{study}/{model}/{kernel_mode}.parquet",
-        stack="results/ablation/{study}/{model}/{kernel_mode}.stack.json",
+        runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
+        stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
     wildcard_constraints:
         study=studies_of("ablation"),
         kernel_mode="standard|batch_invariant",
     params:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
-    threads: lambda w: study_cfg(ablation_source(w.study)).get("threads", 1)
+    threads: lambda w: study_threads(ablation_source(w.study))
     resources:
         gpu=ablation_gpu,
     conda:
@@ -71,14 +71,14 @@ rule ablation_numbers:
     """Study D numbers (scored here: a scorer change re-scores, never regenerates)."""
     input:
         candidates=lambda w: [
-            f"results/ablation/{w.study}/{m}/candidates.parquet" for m in ablation_models(w.study)
+            layout.ablation_candidates_path(w.study, m) for m in ablation_models(w.study)
         ],
         runs=lambda w: ablation_runs(w.study),
-        stacks=lambda w: [p.replace(".parquet", ".stack.json") for p in ablation_runs(w.study)],
+        stacks=lambda w: [layout.stack_path(p) for p in ablation_runs(w.study)],
         battery=lambda w: battery_of(ablation_source(w.study)),
         patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
     output:
-        numbers="results/numbers/{study}.json",
+        numbers=layout.numbers_path("{study}"),
         rows="results/ablation/{study}/rows.parquet",
     wildcard_constraints:
         study=studies_of("ablation"),
@@ -101,14 +101,14 @@ rule ablation_numbers:
 rule ablation_figure:
     """Label flips and text changes per kernel mode with Wilson 95% intervals."""
     input:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     output:
         png=report(
-            "results/figures/{study}_ablation.png",
+            layout.figure_path("{study}", "ablation", "png"),
             caption=repo_path("workflow/report/ablation.rst"),
             category="Figures",
         ),
-        pdf="results/figures/{study}_ablation.pdf",
+        pdf=layout.figure_path("{study}", "ablation", "pdf"),
     wildcard_constraints:
         study=studies_of("ablation"),
     conda:

@@ -1,7 +1,7 @@
 # Human adjudication of flip candidates (batchflip.adjudicate; its docstring has the
 # details): blinded export -> raters fill sheets -> agreement and corrected flip rates.
 #
-# Config (all optional; defaults in ADJ_DEFAULTS):
+# Config (all optional; defaults in workflow/schemas/config.schema.yaml, filled in at load):
 #   adjudication:
 #     raters: [rater1, rater2]     # one blinded sheet per rater, each in its own row order
 #     seed: 0                      # item ids, A/B assignment, row orders, text-change sample
@@ -32,9 +32,8 @@ rule adjudication_export:
         scored=lambda w: all_scored_paths(w.study),
         battery=lambda w: battery_of(w.study),
     output:
-        sheets=expand("results/adjudication/{{study}}/sheet_{rater}.csv",
-                      rater=adj_cfg("raters")),
-        key="results/adjudication/{study}/key.parquet",
+        sheets=[layout.adjudication_sheet_path("{study}", r) for r in adj_cfg("raters")],
+        key=layout.adjudication_key_path("{study}"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
         outdir=lambda w, output: os.path.dirname(output.key),
@@ -63,7 +62,7 @@ rule adjudication_results:
         exported=adj_exported,
         schema=repo_path("workflow/schemas/adjudication_sheet.schema.yaml"),
     output:
-        numbers="results/numbers/adjudication_{study}.json",
+        numbers=layout.numbers_path("adjudication_{study}"),
         rereview="results/adjudication/{study}/rereview.csv",
         verdicts="results/adjudication/{study}/verdicts.csv",
     params:

@@ -4,7 +4,7 @@ rule battery:
         tasks=battery_files,
         sources=builder_files,
     output:
-        "results/battery/{battery}.parquet",
+        layout.battery_path("{battery}"),
     params:
         builder=lambda w: builder_spec(w.battery),
     conda:

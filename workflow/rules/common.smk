@@ -1,9 +1,12 @@
-# Helpers shared by the rules: paths and params derived from the config.
+# Helpers shared by the rules: thin wrappers over batchflip.layout (the results layout and
+# the generation-settings rule) and params derived from the config. The config's schema
+# defaults are filled in at load (batchflip.config.check_config): read values directly.
 import glob
 import json
 import os
 import re
 
+from batchflip import layout
 from batchflip.records import SCORED_FORMAT
 
 
@@ -11,12 +14,15 @@ def study_cfg(study):
     return config["studies"][study]
 
 
+def study_threads(study):
+    """Cores a generation job of a study asks for (layout.job_threads)."""
+    return layout.job_threads(study_cfg(study))
+
+
 def max_error_share():
     """Config errors.max_share: the largest share of failed requests a (model, condition)
-    may have before its numbers job fails (batchflip.failures; default 1%)."""
-    from batchflip.failures import DEFAULT_MAX_SHARE
-
-    return float((config.get("errors") or {}).get("max_share", DEFAULT_MAX_SHARE))
+    may have before its numbers job fails (batchflip.failures)."""
+    return float(config["errors"]["max_share"])
 
 
 # model sources the model rule builds into resources/models/<name> (models.smk)
@@ -47,36 +53,16 @@ def hub_unpinned():
     return unpinned(config["models"])
 
 
-def gen_settings(study, model, conditions=None):
-    """Every result-changing generation setting of a study, as JSON (a params value).
-
-    A model's own prompt_format overrides the study's (raw for base models). Scope settings
-    (batchflip.design) of ``conditions`` (default: the model's) go in condition_overrides,
-    only when there are any, so unscoped jobs keep their params.
-    """
-    from batchflip.design import conditions_for, overrides
-
-    s = study_cfg(study)
-    drop = ("models", "conditions", "kind", "baseline", "scopes", "subset_from")
-    keep = {k: v for k, v in s.items() if k not in drop}
-    keep.setdefault("kernel_mode", "standard")
-    fmt = config["models"][model].get("prompt_format")
-    if fmt and fmt != keep["prompt_format"]:
-        keep["prompt_format"] = fmt
-        if fmt == "raw":
-            keep.pop("system_prompt", None)
-    conds = conditions_for(s, model) if conditions is None else conditions
-    scoped = {c: overrides(s, c) for c in conds if overrides(s, c)}
-    if scoped:
-        keep["condition_overrides"] = scoped
-    return json.dumps({**keep, "study": study, "model": model}, sort_keys=True)
+def gen_settings(study, model, conditions):
+    """The settings that change a generation job's rows, as JSON (a params value; the
+    inclusion rule: batchflip.layout.generation_settings)."""
+    return json.dumps(layout.generation_settings(config, study, model, conditions),
+                      sort_keys=True)
 
 
 def conditions_of(study, model):
     """The conditions a model runs in a study (scopes may leave some out)."""
-    from batchflip.design import conditions_for
-
-    return conditions_for(study_cfg(study), model)
+    return layout.conditions_of(config, study, model)
 
 
 def restoring():
@@ -92,27 +78,9 @@ def studies_on(engine):
     return "|".join(names) or "(?!x)x"
 
 
-def server_studies():
-    """Studies whose generations go through an OpenAI-compatible server."""
-    if restoring():
-        return []
-    return [s for s, v in config["studies"].items() if v["engine"] in ("vllm", "openai")]
-
-
 def server_jobs():
-    """(name, study, models, conditions) for each server generate job kind. The models of
-    a study that run the same conditions (scopes may differ per model) share one."""
-    out = []
-    for study in server_studies():
-        if study_cfg(study)["kind"] == "ablation":
-            continue  # ablation reruns have rules of their own (ablation.smk)
-        groups = {}
-        for m in study_cfg(study)["models"]:
-            groups.setdefault(tuple(conditions_of(study, m)), []).append(m)
-        for i, (conds, models) in enumerate(groups.items()):
-            name = f"generate_server_{study}" + (f"_{i}" if len(groups) > 1 else "")
-            out.append((name, study, models, list(conds)))
-    return out
+    """(name, study, models, conditions) for each server generate rule (layout.server_jobs)."""
+    return layout.server_jobs(config)
 
 
 def server_job_args(study, output):
@@ -124,14 +92,9 @@ def server_job_args(study, output):
     )
 
 
-def gen_path(study, model, condition):
-    return f"results/generations/{study}/{model}/{condition}.parquet"
-
-
 def study_gen_paths(wildcards):
     """Every generation file of a study (the verify rule's fresh inputs)."""
-    s = wildcards.study
-    return [gen_path(s, m, c) for m in study_cfg(s)["models"] for c in conditions_of(s, m)]
+    return layout.generation_paths(config, wildcards.study)
 
 
 def verify_archive(wildcards):
@@ -146,15 +109,15 @@ def verify_archive(wildcards):
 
 
 def scored_paths(study, model):
-    return [f"results/scored/{study}/{model}/{c}.parquet" for c in conditions_of(study, model)]
+    return layout.scored_paths(config, study, model)
 
 
 def flips_paths(study):
-    return [f"results/flips/{study}/{m}.parquet" for m in study_cfg(study)["models"]]
+    return layout.flips_paths(config, study)
 
 
 def all_scored_paths(study):
-    return [p for m in study_cfg(study)["models"] for p in scored_paths(study, m)]
+    return layout.scored_paths(config, study)
 
 
 def enriched_studies():
@@ -169,9 +132,7 @@ def enrich_source(study):
 
 def battery_of(study):
     """The battery a study runs: its own, or the enriched subset of subset_from (enrich.smk)."""
-    if study_cfg(study).get("subset_from"):
-        return f"results/battery/enriched/{study}.parquet"
-    return f"results/battery/{study_cfg(study)['battery']}.parquet"
+    return layout.study_battery(config, study)
 
 
 def repo_path(rel):
@@ -197,15 +158,6 @@ def builder_files(wildcards):
     return local_inputs(config["batteries"][wildcards.battery].get("builder"))
 
 
-# figures each kind of study contributes to the paper
-FIGURES_BY_KIND = {
-    "discovery": ["flip_rates", "identity"],
-    "composition": ["composition"],
-    "ablation": ["ablation"],
-    "models": ["models"],
-}
-
-
 def studies_of(kind):
     """Regex of the configured studies of one kind (never matches when there are none)."""
     names = [s for s, v in config["studies"].items() if v["kind"] == kind]
@@ -213,66 +165,39 @@ def studies_of(kind):
 
 
 def paper_numbers(wildcards):
-    studies = config["paper"]["studies"]
-    adjudicated = [s for s in studies if study_cfg(s)["kind"] == "discovery"]
-    enriched = [s for s in studies if study_cfg(s).get("subset_from")]
-    return (
-        [f"results/numbers/{s}.json" for s in studies]
-        + [f"results/numbers/adjudication_{s}.json" for s in adjudicated]
-        + [f"results/numbers/enriched_{s}.json" for s in enriched]
-        + ["results/numbers/fidelity.json"]
-    )
+    return layout.paper_numbers(config)
 
 
 def paper_figures(wildcards):
-    return [
-        f"results/figures/{s}_{n}.{ext}"
-        for s in config["paper"]["studies"]
-        for n in FIGURES_BY_KIND[study_cfg(s)["kind"]]
-        for ext in ("png", "pdf")
-    ]
+    return layout.paper_figures(config)
 
 
 def figure_captions():
-    names = sorted({n for names in FIGURES_BY_KIND.values() for n in names})
+    names = sorted({n for names in layout.FIGURES_BY_KIND.values() for n in names})
     return [repo_path(f"workflow/report/{n}.rst") for n in names]
 
 
 # --- adjudication (see workflow/rules/adjudicate.smk) ---
-ADJ_DEFAULTS = {
-    "raters": ["rater1", "rater2"],
-    "seed": 0,
-    "domains": ["safety"],
-    "include_text_changes": False,
-    "text_change_limit": None,
-    "confidence": 0.95,
-}
-
-
 def adj_cfg(name):
-    """One adjudication setting: config["adjudication"][name], else its default."""
-    return (config.get("adjudication") or {}).get(name, ADJ_DEFAULTS[name])
+    """One adjudication setting (schema defaults filled in at config load)."""
+    return config["adjudication"][name]
 
 
 def adj_sheets(study):
-    return [f"results/adjudication/{study}/sheet_{r}.csv" for r in adj_cfg("raters")]
-
-
-def adj_pinned_key(study):
-    return f"resources/adjudication/{study}/key.parquet"
+    return [layout.adjudication_sheet_path(study, r) for r in adj_cfg("raters")]
 
 
 def adj_key(wildcards):
     """The pinned key when there is one, else the key the export rule writes."""
-    pinned = adj_pinned_key(wildcards.study)
+    pinned = layout.pinned_key_path(wildcards.study)
     if os.path.exists(pinned):
         return pinned
-    return f"results/adjudication/{wildcards.study}/key.parquet"
+    return layout.adjudication_key_path(wildcards.study)
 
 
 def adj_exported(wildcards):
     """The blank sheets (named in the pending status) when the key is not pinned."""
-    if os.path.exists(adj_pinned_key(wildcards.study)):
+    if os.path.exists(layout.pinned_key_path(wildcards.study)):
         return []
     return adj_sheets(wildcards.study)
 
@@ -290,44 +215,30 @@ def adj_export_flags():
 
 
 # --- Study D, kernel ablation (see workflow/rules/ablation.smk) ---
-# settings that change what an ablation rerun generates (taken from the source study)
-ABLATION_SETTINGS = ("engine", "dtype", "max_new_tokens", "seed", "threads", "prompt_format",
-                     "system_prompt", "server")
-
-
 def ablation_source(study):
-    return study_cfg(study)["source"]
+    return layout.ablation_source(config, study)
 
 
 def ablation_models(study):
     """The ablation's models: its own `models` if given, else all of its source's."""
-    return study_cfg(study).get("models") or study_cfg(ablation_source(study))["models"]
+    return layout.ablation_models(config, study)
 
 
 def ablation_settings(study, model, kernel_mode):
-    """The source's generation settings for this model (gen_settings: a model's own
-    prompt_format included) with this study and kernel mode (JSON, a params value)."""
-    src = json.loads(gen_settings(ablation_source(study), model))
-    keep = {k: src[k] for k in ABLATION_SETTINGS if k in src}
-    keep.update(study=study, model=model, kernel_mode=kernel_mode,
-                engine=study_cfg(study)["engine"])
-    return json.dumps(keep, sort_keys=True)
+    """The source's serving settings for this model with this study and kernel mode (JSON,
+    a params value; batchflip.layout.ablation_settings)."""
+    return json.dumps(layout.ablation_settings(config, study, model, kernel_mode),
+                      sort_keys=True)
 
 
 def ablation_source_generations(study, model):
     """The source's generation files of one model (the conditions its scopes give it)."""
-    from batchflip.design import conditions_for
-
     source = ablation_source(study)
-    return [gen_path(source, model, c) for c in conditions_for(study_cfg(source), model)]
+    return [layout.generation_path(source, model, c) for c in conditions_of(source, model)]
 
 
 def ablation_runs(study):
-    return [
-        f"results/ablation/{study}/{m}/{k}.parquet"
-        for m in ablation_models(study)
-        for k in study_cfg(study)["kernel_modes"]
-    ]
+    return layout.ablation_run_paths(config, study)
 
 
 # --- GPU jobs (README: GPU scheduling; batchflip.gpu_lease) ---

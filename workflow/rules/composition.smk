@@ -9,13 +9,9 @@ rule composition_numbers:
     minimum detectable effect, flip direction and the co-batch verification rate."""
     input:
         scored=lambda w: all_scored_paths(w.study),
-        generations=lambda w: [
-            gen_path(w.study, m, c)
-            for m in study_cfg(w.study)["models"]
-            for c in conditions_of(w.study, m)
-        ],
+        generations=lambda w: layout.generation_paths(config, w.study),
     output:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     wildcard_constraints:
         study=studies_of("composition"),
     params:
@@ -35,14 +31,14 @@ rule composition_numbers:
 rule composition_figure:
     """Refusal rate per composition with Wilson 95% intervals, one series per model."""
     input:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     output:
         png=report(
-            "results/figures/{study}_composition.png",
+            layout.figure_path("{study}", "composition", "png"),
             caption=repo_path("workflow/report/composition.rst"),
             category="Figures",
         ),
-        pdf="results/figures/{study}_composition.pdf",
+        pdf=layout.figure_path("{study}", "composition", "pdf"),
     wildcard_constraints:
         study=studies_of("composition"),
     conda:

@@ -13,11 +13,11 @@ rule enriched_battery:
         scored=lambda w: all_scored_paths(enrich_source(w.study)),
         flips=lambda w: flips_paths(enrich_source(w.study)),
     output:
-        "results/battery/enriched/{study}.parquet",
+        layout.enriched_battery_path("{study}"),
     wildcard_constraints:
         study=enriched_studies(),
     params:
-        rule=lambda w: study_cfg(w.study)["subset_from"].get("rule", "boundary"),
+        rule=lambda w: study_cfg(w.study)["subset_from"]["rule"],
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -33,10 +33,10 @@ rule enriched_numbers:
     input:
         flips=lambda w: flips_paths(w.study),
         source_flips=lambda w: flips_paths(enrich_source(w.study)),
-        selected="results/battery/enriched/{study}.parquet",
+        selected=layout.enriched_battery_path("{study}"),
         battery=lambda w: battery_of(enrich_source(w.study)),
     output:
-        "results/numbers/enriched_{study}.json",
+        layout.numbers_path("enriched_{study}"),
     wildcard_constraints:
         study=enriched_studies(),
     params:

@@ -1,14 +1,14 @@
 rule figure:
     """One figure of a study, drawn from its numbers file."""
     input:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     output:
         png=report(
-            "results/figures/{study}_{name}.png",
+            layout.figure_path("{study}", "{name}", "png"),
             caption=repo_path("workflow/report/figure.rst"),
             category="Figures",
         ),
-        pdf="results/figures/{study}_{name}.pdf",
+        pdf=layout.figure_path("{study}", "{name}", "pdf"),
     wildcard_constraints:
         name="flip_rates|identity",
         study=studies_of("discovery"),

@@ -3,12 +3,12 @@ rule flips:
     input:
         lambda w: scored_paths(w.study, w.model),
     output:
-        "results/flips/{study}/{model}.parquet",
+        layout.flips_path("{study}", "{model}"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
         own=lambda w: " ".join(
             f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
+            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
             if c in conditions_of(w.study, w.model)  # a scope may leave a dispatch out
         ),
     conda:

@@ -4,14 +4,14 @@ rule generate:
         battery=lambda w: battery_of(w.study),
         model=model_input,
     output:
-        gen="results/generations/{study}/{model}/{condition}.parquet",
-        stack="results/generations/{study}/{model}/{condition}.stack.json",
+        gen=layout.generation_path("{study}", "{model}", "{condition}"),
+        stack=layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")),
     wildcard_constraints:
         study=studies_on("hf"),
     params:
         settings=lambda w: gen_settings(w.study, w.model, [w.condition]),
         model_dir=lambda w: model_dir(w.model),
-    threads: lambda w: study_cfg(w.study).get("threads", 1)
+    threads: lambda w: study_threads(w.study)
     resources:
         gpu=lambda w: study_gpu(w.study),
     conda:
@@ -41,15 +41,16 @@ for _name, _study, _models, _conds in server_jobs():
             battery=battery_of(_study),
             model=model_input,
         output:
-            gen=[f"results/generations/{_study}/{{model}}/{c}.parquet" for c in _conds],
-            stack=[f"results/generations/{_study}/{{model}}/{c}.stack.json" for c in _conds],
+            gen=[layout.generation_path(_study, "{model}", c) for c in _conds],
+            stack=[layout.stack_path(layout.generation_path(_study, "{model}", c))
+                   for c in _conds],
         wildcard_constraints:
             model="|".join(re.escape(m) for m in _models),
         params:
-            settings=lambda w, _s=_study: gen_settings(_s, w.model),
+            settings=lambda w, _s=_study, _c=_conds: gen_settings(_s, w.model, _c),
             model_dir=lambda w: model_dir(w.model),
             jobs=lambda w, output, _s=_study: server_job_args(_s, output),
-        threads: study_cfg(_study).get("threads", 1)
+        threads: study_threads(_study)
         resources:
             gpu=study_gpu(_study),
         conda:

@@ -4,7 +4,7 @@ rule numbers:
         flips=lambda w: flips_paths(w.study),
         scored=lambda w: all_scored_paths(w.study),
     output:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     wildcard_constraints:
         study=studies_of("discovery"),
     params:

@@ -14,8 +14,8 @@ if restoring():
         input:
             config["restore"]["archive"],
         output:
-            gen="results/generations/{study}/{model}/{condition}.parquet",
-            stack="results/generations/{study}/{model}/{condition}.stack.json",
+            gen=layout.generation_path("{study}", "{model}", "{condition}"),
+            stack=layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")),
         conda:
             "../../envs/analysis.yaml"
         log:
@@ -29,7 +29,7 @@ if restoring():
         input:
             config["restore"]["archive"],
         output:
-            "results/battery/{battery}.parquet",
+            layout.battery_path("{battery}"),
         conda:
             "../../envs/analysis.yaml"
         log:
@@ -42,8 +42,10 @@ if restoring():
         input:
             config["restore"]["archive"],
         output:
-            runs="results/ablation/{study}/{model}/{kernel_mode}.parquet",
-            stack="results/ablation/{study}/{model}/{kernel_mode}.stack.json",
+            runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
+            stack=layout.stack_path(
+                layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")
+            ),
         wildcard_constraints:
             study=studies_of("ablation"),
             kernel_mode="standard|batch_invariant",
@@ -73,9 +75,9 @@ rule verify:
         baseline=lambda w: study_cfg(w.study)["baseline"],
         own=lambda w: " ".join(
             f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
+            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
         ),
-        confidence=(config.get("verify") or {}).get("confidence", 0.95),
+        confidence=lambda w: config["verify"]["confidence"],
     conda:
         "../../envs/analysis.yaml"
     log:

@@ -1,11 +1,11 @@
 rule score:
     """Score one generation file; scorer versions are params, so a change re-scores only."""
     input:
-        gen="results/generations/{study}/{model}/{condition}.parquet",
+        gen=layout.generation_path("{study}", "{model}", "{condition}"),
         battery=lambda w: battery_of(w.study),
         patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
     output:
-        "results/scored/{study}/{model}/{condition}.parquet",
+        layout.scored_path("{study}", "{model}", "{condition}"),
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
         scored_format=SCORED_FORMAT,

@@ -7,7 +7,7 @@ rule fidelity:
     input:
         repo_path("resources/fidelity/published.yaml"),
     output:
-        "results/numbers/fidelity.json",
+        layout.numbers_path("fidelity"),
     conda:
         "../../envs/analysis.yaml"
     log:

@@ -13,7 +13,7 @@ rule models_numbers:
         flips=lambda w: flips_paths(w.study),
         scored=lambda w: all_scored_paths(w.study),
     output:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     wildcard_constraints:
         study=studies_of("models"),
     params:
@@ -38,14 +38,14 @@ rule models_numbers:
 rule models_figure:
     """Instability vs fragility per model with the fit line."""
     input:
-        "results/numbers/{study}.json",
+        layout.numbers_path("{study}"),
     output:
         png=report(
-            "results/figures/{study}_models.png",
+            layout.figure_path("{study}", "models", "png"),
             caption=repo_path("workflow/report/models.rst"),
             category="Figures",
         ),
-        pdf="results/figures/{study}_models.pdf",
+        pdf=layout.figure_path("{study}", "models", "pdf"),
     wildcard_constraints:
         study=studies_of("models"),
     conda:

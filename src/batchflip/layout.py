@@ -1,0 +1,309 @@
+"""The results layout and the generation-settings rule, in one place.
+
+Everything the workflow writes lives under ``results/`` at the paths below; the rules
+(``workflow/rules/*.smk``, through thin wrappers in ``common.smk``) and ``batchflip archive``
+both take them from here. A path function called with wildcard names (``"{study}"``) gives
+the rule's output pattern.
+
+**Generation settings.** A generation job's ``params`` is exactly the settings that change
+the rows it writes (so Snakemake's ``params`` rerun trigger reruns a job when, and only
+when, its rows could change). It is an *inclusion* list:
+
+=================  ===========================================================  ==========
+class              keys                                                         jobs
+=================  ===========================================================  ==========
+serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   every job
+                   prompt_format, system_prompt; server less the keys in
+                   :data:`SERVER_NOT_ROWS` (vllm and openai engines only; left
+                   out when nothing is left)
+prompts            battery, subset; scope settings as condition_overrides       every job
+composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
+                                                                                stagger_*
+identity           study, model                                                 every job
+=================  ===========================================================  ==========
+
+Nothing else is a generation setting: ``kind``, ``models``, ``conditions``, ``baseline``,
+``dispatch_baselines`` (pairing, done by the flips stage), ``subset_from`` (its subset is
+the job's battery *input*), ``scopes`` (only their settings for the job's own conditions
+enter, as ``condition_overrides``), the ablation keys, ``candidates``, ``dispatches``,
+``models.*``, ``adjudication``, ``paper``, ``errors``, ``scorers``, ``restore``, ``verify``.
+``threads`` counts for every engine: it sets the in-process (hf) and the launched server's
+CPU threads, which can change reduction order. ``server.request_timeout_s``,
+``max_retries`` and ``retry_backoff_s`` count: they decide which requests end as error
+rows and the ``attempts`` column; ``warmup_requests`` counts (server state before the
+first measured request). A server job runs several conditions: its params cover them all.
+
+A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt).
+Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
+settings; what they rerun comes from the candidates file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+from batchflip.conditions import parse_condition
+from batchflip.design import conditions_for, overrides
+from batchflip.errors import BatchflipError
+
+Config = Mapping[str, Any]
+
+# --- the settings rule ----------------------------------------------------------------------
+
+# how each prompt is served: every generation job, and Study D's reruns
+SERVING_KEYS = ("engine", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
+                "prompt_format", "system_prompt", "server")
+# which prompts a job sends: every generation job
+PROMPT_KEYS = ("battery", "subset")
+# which targets and fillers a composition condition (cobatch_*, stagger_*) groups
+COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
+# server settings that change no row: how long to wait at start and stop, where logs go
+SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s")
+# engines that read ``server`` (the hf engine runs in process and ignores it)
+SERVER_ENGINES = ("vllm", "openai")
+
+
+def _composition(conditions: Iterable[str]) -> bool:
+    return any(parse_condition(c).composition for c in conditions)
+
+
+def _scope_settings(study: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    """A scope's settings for one condition, less those that change none of its rows."""
+    own = overrides(study, condition)
+    if not _composition([condition]):
+        own = {k: v for k, v in own.items() if k not in COMPOSITION_KEYS}
+    return own
+
+
+def generation_settings(config: Config, study: str, model: str,
+                        conditions: Iterable[str]) -> dict[str, Any]:
+    """The settings that change the rows of one generation job (module docstring).
+
+    ``conditions`` are the job's: one for an hf job, a server job's several. Scope
+    settings go in ``condition_overrides`` only when there are any, so unscoped jobs keep
+    their params."""
+    conditions = list(conditions)
+    s = config["studies"][study]
+    keys = SERVING_KEYS + PROMPT_KEYS + (COMPOSITION_KEYS if _composition(conditions) else ())
+    out = {k: s[k] for k in keys if k in s}
+    server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
+    if server and s["engine"] in SERVER_ENGINES:
+        out["server"] = server
+    fmt = config["models"][model].get("prompt_format")
+    if fmt and fmt != out["prompt_format"]:
+        out["prompt_format"] = fmt
+        if fmt == "raw":
+            out.pop("system_prompt", None)
+    scoped = {c: v for c in conditions if (v := _scope_settings(s, c))}
+    if scoped:
+        out["condition_overrides"] = scoped
+    return {**out, "study": study, "model": model}
+
+
+def ablation_settings(config: Config, study: str, model: str,
+                      kernel_mode: str) -> dict[str, Any]:
+    """Study D's rerun settings: the serving keys of the source's settings for ``model``,
+    with the ablation's study name, engine and this kernel mode."""
+    source = ablation_source(config, study)
+    src = generation_settings(config, source, model, conditions_of(config, source, model))
+    out = {k: src[k] for k in SERVING_KEYS if k in src}
+    out.update(study=study, model=model, kernel_mode=kernel_mode,
+               engine=config["studies"][study]["engine"])
+    return out
+
+
+# --- studies --------------------------------------------------------------------------------
+
+
+def conditions_of(config: Config, study: str, model: str) -> list[str]:
+    """The conditions a model runs in a study (scopes may leave some out)."""
+    return conditions_for(config["studies"][study], model)
+
+
+def ablation_source(config: Config, study: str) -> str:
+    """The discovery study whose flips an ablation study reruns."""
+    return config["studies"][study]["source"]
+
+
+def ablation_models(config: Config, study: str) -> list[str]:
+    """An ablation's models: its own ``models`` if given, else all of its source's."""
+    s = config["studies"][study]
+    return s.get("models") or config["studies"][ablation_source(config, study)]["models"]
+
+
+def job_threads(study: Mapping[str, Any]) -> int:
+    """Cores a generation job of a study asks Snakemake for (``threads``; 1 when unset,
+    and then the engine keeps its own thread default)."""
+    return int(study.get("threads", 1))
+
+
+class ServerJob(NamedTuple):
+    """One server generate rule: its name, study, models and their shared conditions."""
+
+    name: str
+    study: str
+    models: list[str]
+    conditions: list[str]
+
+
+def server_jobs(config: Config) -> list[ServerJob]:
+    """One job kind per (server study, condition list): the models of a study that run the
+    same conditions (scopes may differ per model) share one rule. None when restoring."""
+    if config.get("restore"):
+        return []
+    out = []
+    for study, s in config["studies"].items():
+        if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
+            continue  # ablation reruns have rules of their own (ablation.smk)
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for m in s["models"]:
+            groups.setdefault(tuple(conditions_of(config, study, m)), []).append(m)
+        for i, (conds, models) in enumerate(groups.items()):
+            name = f"generate_server_{study}" + (f"_{i}" if len(groups) > 1 else "")
+            out.append(ServerJob(name, study, models, list(conds)))
+    return out
+
+
+# --- paths ----------------------------------------------------------------------------------
+
+
+def battery_path(battery: str) -> str:
+    """A battery built from task files or a builder."""
+    return f"results/battery/{battery}.parquet"
+
+
+def enriched_battery_path(study: str) -> str:
+    """An enriched study's battery: the source's boundary-sensitive prompts."""
+    return f"results/battery/enriched/{study}.parquet"
+
+
+def study_battery(config: Config, study: str) -> str:
+    """The battery a (non-ablation) study runs: its own, or its enriched subset."""
+    s = config["studies"][study]
+    return enriched_battery_path(study) if s.get("subset_from") else battery_path(s["battery"])
+
+
+def generation_path(study: str, model: str, condition: str) -> str:
+    """One generation file (its stack fingerprint: :func:`stack_path`)."""
+    return f"results/generations/{study}/{model}/{condition}.parquet"
+
+
+def stack_path(parquet: str) -> str:
+    """The stack fingerprint beside a generation or rerun file."""
+    if not parquet.endswith(".parquet"):
+        raise BatchflipError(f"{parquet}: a stack fingerprint sits beside a .parquet file")
+    return parquet[: -len(".parquet")] + ".stack.json"
+
+
+def scored_path(study: str, model: str, condition: str) -> str:
+    """One scored generation file."""
+    return f"results/scored/{study}/{model}/{condition}.parquet"
+
+
+def flips_path(study: str, model: str) -> str:
+    """Every condition of a model paired against its baseline."""
+    return f"results/flips/{study}/{model}.parquet"
+
+
+def numbers_path(name: str) -> str:
+    """A numbers file: a study's, or adjudication_<study>, enriched_<study>, fidelity."""
+    return f"results/numbers/{name}.json"
+
+
+def figure_path(study: str, name: str, ext: str) -> str:
+    """One figure of a study (png or pdf)."""
+    return f"results/figures/{study}_{name}.{ext}"
+
+
+def ablation_candidates_path(study: str, model: str) -> str:
+    """Study D: the source's flips to rerun, with their groups."""
+    return f"results/ablation/{study}/{model}/candidates.parquet"
+
+
+def ablation_run_path(study: str, model: str, kernel_mode: str) -> str:
+    """Study D: the reruns under one kernel mode (fingerprint: :func:`stack_path`)."""
+    return f"results/ablation/{study}/{model}/{kernel_mode}.parquet"
+
+
+def adjudication_sheet_path(study: str, rater: str) -> str:
+    """A blinded review sheet for one rater."""
+    return f"results/adjudication/{study}/sheet_{rater}.csv"
+
+
+def adjudication_key_path(study: str) -> str:
+    """The unblinding key the export writes."""
+    return f"results/adjudication/{study}/key.parquet"
+
+
+def pinned_key_path(study: str) -> str:
+    """The key pinned by hand after sending the sheets (preferred when present)."""
+    return f"resources/adjudication/{study}/key.parquet"
+
+
+def generation_paths(config: Config, study: str) -> list[str]:
+    """Every generation file of a (non-ablation) study."""
+    return [generation_path(study, m, c) for m in config["studies"][study]["models"]
+            for c in conditions_of(config, study, m)]
+
+
+def scored_paths(config: Config, study: str, model: str | None = None) -> list[str]:
+    """The scored files of one model of a study, or of all its models."""
+    models = [model] if model else config["studies"][study]["models"]
+    return [scored_path(study, m, c) for m in models for c in conditions_of(config, study, m)]
+
+
+def flips_paths(config: Config, study: str) -> list[str]:
+    """The flips files of a study, one per model."""
+    return [flips_path(study, m) for m in config["studies"][study]["models"]]
+
+
+def ablation_run_paths(config: Config, study: str) -> list[str]:
+    """Study D's rerun files, per model and kernel mode."""
+    return [ablation_run_path(study, m, k) for m in ablation_models(config, study)
+            for k in config["studies"][study]["kernel_modes"]]
+
+
+def archive_members(config: Config, studies: Iterable[str] | None = None) -> list[str]:
+    """Workspace paths a config's results rest on (``batchflip archive pack``): each
+    generation file and Study D rerun with its fingerprint, and each study's battery."""
+    out: set[str] = set()
+    for s in list(studies or config["studies"]):
+        if s not in config["studies"]:
+            raise BatchflipError(f"study '{s}' is not in the config")
+        if config["studies"][s]["kind"] == "ablation":
+            runs = ablation_run_paths(config, s)
+        else:
+            runs = generation_paths(config, s)
+            out.add(study_battery(config, s))
+        out |= {p for r in runs for p in (r, stack_path(r))}
+    return sorted(out)
+
+
+# --- the paper ------------------------------------------------------------------------------
+
+# figures each kind of study contributes to the paper
+FIGURES_BY_KIND = {
+    "discovery": ["flip_rates", "identity"],
+    "composition": ["composition"],
+    "ablation": ["ablation"],
+    "models": ["models"],
+}
+
+
+def paper_numbers(config: Config) -> list[str]:
+    """The numbers files of results/paper: each paper study's, the adjudication of its
+    discovery studies, the enriched comparisons, and the fidelity check."""
+    studies = config["paper"]["studies"]
+    kinds = {s: config["studies"][s] for s in studies}
+    return ([numbers_path(s) for s in studies]
+            + [numbers_path(f"adjudication_{s}") for s in studies
+               if kinds[s]["kind"] == "discovery"]
+            + [numbers_path(f"enriched_{s}") for s in studies if kinds[s].get("subset_from")]
+            + [numbers_path("fidelity")])
+
+
+def paper_figures(config: Config) -> list[str]:
+    """The figures of results/paper (png and pdf of each of a paper study's figures)."""
+    return [figure_path(s, n, ext) for s in config["paper"]["studies"]
+            for n in FIGURES_BY_KIND[config["studies"][s]["kind"]] for ext in ("png", "pdf")]

@@ -1,0 +1,236 @@
+"""batchflip.layout: the generation-settings inclusion rule, server-job grouping, the paths
+and paper inputs; batchflip.config.fill_defaults (schema defaults filled once at load).
+
+Oracles are written out here (key classes, expected paths), not read from the module."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from batchflip import layout
+from batchflip.config import check_config, fill_defaults
+
+SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
+TINY = ROOT / "tests/fixtures/tiny_config.yaml"
+SYNC, COBATCH = ["sync_b4"], ["cobatch_b4_benign"]
+
+
+def tiny(extra_models: tuple[str, ...] = (), **study) -> dict:
+    """The tiny test config plus an ablation study, checked and defaults filled."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["models"].update({m: {"source": "path", "path": m} for m in extra_models})
+    cfg["studies"]["a"].update(study)
+    cfg["studies"]["d"] = {"kind": "ablation", "source": "a",
+                           "engine": cfg["studies"]["a"]["engine"],
+                           "kernel_modes": ["standard", "batch_invariant"]}
+    check_config(cfg, SCHEMA)
+    return cfg
+
+
+def settings(cfg: dict, conditions: list[str], study: str = "a") -> str:
+    return json.dumps(layout.generation_settings(cfg, study, "smollm2-135m", conditions),
+                      sort_keys=True)
+
+
+def changed(edit) -> dict:
+    cfg = tiny()
+    edit(cfg)
+    return cfg
+
+
+# edits that change no generated row: pairing, analysis and bookkeeping keys
+NOT_GENERATION = {
+    "baseline": lambda c: c["studies"]["a"].update(baseline="sync_b4"),
+    "dispatch_baselines": lambda c: c["studies"]["a"].update(
+        dispatch_baselines={"sync": "sync_b4"}),
+    "conditions": lambda c: c["studies"]["a"]["conditions"].append("sync_b2"),
+    "models": lambda c: c["studies"]["a"]["models"].append("other"),
+    "kind": lambda c: c["studies"]["a"].update(kind="models"),
+    "ablation candidates": lambda c: c["studies"]["d"].update(candidates="text_changes"),
+    "ablation dispatches": lambda c: c["studies"]["d"].update(dispatches=["sync"]),
+    "adjudication": lambda c: c["adjudication"].update(seed=7, raters=["x"]),
+    "paper": lambda c: c["paper"].update(studies=["a", "d"]),
+    "errors": lambda c: c["errors"].update(max_share=0.5),
+    "scorers": lambda c: c["scorers"].update(refusal=1),
+    "model alignment": lambda c: c["models"]["smollm2-135m"].update(alignment="RLHF"),
+    "server on an hf study": lambda c: c["studies"]["a"].update(server={"max_model_len": 8}),
+}
+# edits that change every job's rows: how prompts are served, and which prompts
+SERVING = {
+    "engine": lambda c: c["studies"]["a"].update(engine="vllm"),
+    "dtype": lambda c: c["studies"]["a"].update(dtype="float32"),
+    "max_new_tokens": lambda c: c["studies"]["a"].update(max_new_tokens=5),
+    "seed": lambda c: c["studies"]["a"].update(seed=1),
+    "kernel_mode": lambda c: c["studies"]["a"].update(kernel_mode="batch_invariant"),
+    "threads": lambda c: c["studies"]["a"].update(threads=1),
+    "prompt_format": lambda c: c["studies"]["a"].update(prompt_format="raw"),
+    "system_prompt": lambda c: c["studies"]["a"].update(system_prompt="Be brief."),
+    "model prompt_format": lambda c: c["models"]["smollm2-135m"].update(prompt_format="raw"),
+    "battery": lambda c: c["studies"]["a"].update(battery="other"),
+    "subset": lambda c: c["studies"]["a"].update(subset={"per_task": {"tiny_mc": 1}}),
+}
+# server settings of a server study: each changes its jobs (a timeout or the retries
+# decide which requests end as error rows), except where logs go and how long to wait
+SERVER = {"max_model_len": 64, "request_timeout_s": 1, "max_retries": 0, "retry_backoff_s": 9,
+          "warmup_requests": 0, "enforce_eager": True, "base_url": "http://h:1", "port": 9}
+SERVER_NOT_ROWS = {"log_dir": "elsewhere", "startup_timeout_s": 5, "stop_grace_s": 1}
+
+# edits that change only composition conditions (cobatch_*, stagger_*): targets, fillers
+COMPOSITION = {
+    "filler_pools": lambda c: c["studies"]["a"]["filler_pools"].update(
+        benign={"tasks": ["tiny_mc", "tiny_refusal"]}),
+    "cobatch_targets": lambda c: c["studies"]["a"].update(cobatch_targets=["tiny_mc"]),
+}
+
+
+@pytest.mark.parametrize("key", sorted(NOT_GENERATION))
+def test_pairing_and_analysis_keys_rerun_no_generation_job(key):
+    for conds in (SYNC, COBATCH, SYNC + COBATCH):
+        assert settings(changed(NOT_GENERATION[key]), conds) == settings(tiny(), conds), conds
+
+
+@pytest.mark.parametrize("key", sorted(SERVING))
+def test_serving_and_prompt_keys_rerun_every_generation_job(key):
+    for conds in (SYNC, COBATCH):
+        assert settings(changed(SERVING[key]), conds) != settings(tiny(), conds), conds
+
+
+@pytest.mark.parametrize("key", sorted(COMPOSITION))
+def test_composition_keys_rerun_only_composition_jobs(key):
+    cfg = changed(COMPOSITION[key])
+    assert settings(cfg, SYNC) == settings(tiny(), SYNC)
+    assert settings(cfg, COBATCH) != settings(tiny(), COBATCH)
+    # a server job covering both kinds of condition reruns
+    assert settings(cfg, SYNC + COBATCH) != settings(tiny(), SYNC + COBATCH)
+
+
+@pytest.mark.parametrize("key", sorted(SERVER) + sorted(SERVER_NOT_ROWS))
+def test_server_settings_rerun_server_jobs_unless_they_change_no_row(key):
+    base = tiny(engine="vllm", server={"max_model_len": 128})
+    cfg = copy.deepcopy(base)
+    cfg["studies"]["a"]["server"][key] = {**SERVER, **SERVER_NOT_ROWS}[key]
+    conds = SYNC + COBATCH
+    assert (settings(cfg, conds) != settings(base, conds)) == (key in SERVER)
+
+
+def test_scope_settings_reach_only_the_jobs_of_their_conditions():
+    scope = {"conditions": ["sync_b4", "cobatch_b4_benign"], "subset": {"per_task": {
+        "tiny_mc": 1}}, "cobatch_targets": ["tiny_mc"]}
+    cfg = tiny(scopes=[scope])
+    got = layout.generation_settings(cfg, "a", "smollm2-135m", SYNC + COBATCH)
+    assert got["condition_overrides"] == {
+        "sync_b4": {"subset": {"per_task": {"tiny_mc": 1}, "method": "head"}},
+        "cobatch_b4_benign": {"subset": {"per_task": {"tiny_mc": 1}, "method": "head"},
+                              "cobatch_targets": ["tiny_mc"]}}
+    # unscoped jobs keep their params: no condition_overrides key at all
+    assert settings(cfg, ["sync_b1"]) == settings(tiny(), ["sync_b1"])
+    assert "condition_overrides" not in json.loads(settings(cfg, ["sync_b1"]))
+
+
+def test_raw_model_format_drops_the_system_prompt():
+    cfg = changed(SERVING["model prompt_format"])
+    got = layout.generation_settings(cfg, "a", "smollm2-135m", SYNC)
+    assert got["prompt_format"] == "raw" and "system_prompt" not in got
+
+
+def test_composition_job_params_are_unchanged_from_the_exclusion_rule():
+    """Upgrade check: a composition job's params equal those of the earlier rule (every
+    study key but models, conditions, kind, baseline, scopes, subset_from)."""
+    cfg = tiny()
+    s = cfg["studies"]["a"]
+    drop = ("models", "conditions", "kind", "baseline", "scopes", "subset_from",
+            "dispatch_baselines")  # now filled in as {}; absent before
+    before = {k: v for k, v in s.items() if k not in drop}
+    before.update(study="a", model="smollm2-135m")
+    assert layout.generation_settings(cfg, "a", "smollm2-135m", COBATCH) == before
+
+
+def test_ablation_reruns_take_the_sources_serving_settings():
+    cfg = tiny()
+    got = layout.ablation_settings(cfg, "d", "smollm2-135m", "batch_invariant")
+    assert got == {"study": "d", "model": "smollm2-135m", "engine": "hf",
+                   "kernel_mode": "batch_invariant", "dtype": "bfloat16", "max_new_tokens": 4,
+                   "seed": 42, "threads": 2, "prompt_format": "chat",
+                   "system_prompt": "Refuse harmful requests."}
+    for edit in (*NOT_GENERATION.values(), *COMPOSITION.values()):
+        assert layout.ablation_settings(changed(edit), "d", "smollm2-135m",
+                                        "batch_invariant") == got
+    assert layout.ablation_settings(changed(SERVING["max_new_tokens"]), "d", "smollm2-135m",
+                                    "batch_invariant")["max_new_tokens"] == 5
+
+
+def test_server_jobs_group_models_by_their_conditions():
+    cfg = tiny(("m1", "m2", "m3"), engine="vllm", models=["m1", "m2", "m3"],
+               scopes=[{"conditions": ["cobatch_b4_benign"], "models": ["m2"]}])
+    assert layout.server_jobs(cfg) == [
+        ("generate_server_a_0", "a", ["m1", "m3"], ["sync_b1", "sync_b4"]),
+        ("generate_server_a_1", "a", ["m2"], ["sync_b1", "sync_b4", "cobatch_b4_benign"])]
+    assert layout.server_jobs({**cfg, "restore": {"archive": "x.tar.gz"}}) == []
+    assert layout.server_jobs(tiny()) == []  # hf: one job per condition (generate)
+
+
+def test_paths_and_patterns():
+    assert layout.generation_path("a", "m", "sync_b1") == "results/generations/a/m/sync_b1.parquet"
+    assert layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")) == \
+        "results/generations/{study}/{model}/{condition}.stack.json"
+    assert layout.stack_path(layout.ablation_run_path("d", "m", "standard")) == \
+        "results/ablation/d/m/standard.stack.json"
+    with pytest.raises(Exception, match="beside a .parquet"):
+        layout.stack_path("results/x.json")
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["studies"]["e"] = {**cfg["studies"]["a"], "subset_from": {"study": "a"}}
+    check_config(cfg, SCHEMA)
+    assert cfg["studies"]["e"]["subset_from"]["rule"] == "boundary"  # schema default
+    assert layout.study_battery(cfg, "e") == "results/battery/enriched/e.parquet"
+    assert layout.study_battery(tiny(), "a") == "results/battery/tiny.parquet"
+    assert layout.scored_paths(tiny(), "a") == [
+        f"results/scored/a/smollm2-135m/{c}.parquet"
+        for c in ("sync_b1", "sync_b4", "cobatch_b4_benign")]
+
+
+def test_paper_inputs():
+    cfg = tiny()
+    cfg["paper"]["studies"] = ["a", "d"]
+    assert layout.paper_numbers(cfg) == [
+        "results/numbers/a.json", "results/numbers/d.json",
+        "results/numbers/adjudication_a.json", "results/numbers/fidelity.json"]
+    assert layout.paper_figures(cfg) == [
+        "results/figures/a_flip_rates.png", "results/figures/a_flip_rates.pdf",
+        "results/figures/a_identity.png", "results/figures/a_identity.pdf",
+        "results/figures/d_ablation.png", "results/figures/d_ablation.pdf"]
+
+
+def test_schema_defaults_are_filled_once_at_load():
+    raw = yaml.safe_load(TINY.read_text())
+    raw["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
+                           "kernel_modes": ["standard"]}
+    raw["studies"]["a"]["subset"] = {"per_task": {"tiny_mc": 2}}
+    cfg = copy.deepcopy(raw)
+    check_config(cfg, SCHEMA)
+    a, d = cfg["studies"]["a"], cfg["studies"]["d"]
+    assert a["kernel_mode"] == "standard" and a["dispatch_baselines"] == {}
+    assert a["subset"] == {"per_task": {"tiny_mc": 2}, "method": "head"}  # through $ref
+    # an ablation study takes these from its source: they are not filled in on it
+    assert "kernel_mode" not in d and "dispatch_baselines" not in d
+    assert d["candidates"] == "label_flips"
+    assert cfg["adjudication"] == {"raters": ["rater1", "rater2"], "seed": 0,
+                                   "domains": ["safety"], "include_text_changes": False,
+                                   "text_change_limit": None, "confidence": 0.95}
+    assert cfg["errors"] == {"max_share": 0.01}
+    assert "restore" not in cfg and "verify" not in cfg  # presence means something
+    # given values are kept, and filling twice changes nothing
+    raw["adjudication"] = {"raters": ["r"], "text_change_limit": 3}
+    raw["studies"]["a"]["kernel_mode"] = "batch_invariant"
+    again = copy.deepcopy(raw)
+    check_config(again, SCHEMA)
+    assert again["adjudication"]["raters"] == ["r"]
+    assert again["adjudication"]["text_change_limit"] == 3
+    assert again["studies"]["a"]["kernel_mode"] == "batch_invariant"
+    once = copy.deepcopy(again)
+    fill_defaults(again, yaml.safe_load(SCHEMA.read_text()))
+    assert again == once
