@@ -9,6 +9,7 @@ from pathlib import Path
 SRC = str(Path(workflow.basedir) / "src")
 sys.path.insert(0, SRC)
 shell.prefix(f'export PYTHONPATH="{SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+from batchflip.bundled import bundled_path  # noqa: E402
 from batchflip.config import check_config  # noqa: E402
 
 

@@ -3,7 +3,7 @@ rule score:
     input:
         gen="results/generations/{study}/{model}/{condition}.parquet",
         battery=lambda w: battery_of(w.study),
-        patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
+        patterns=str(bundled_path("scorers/refusal_patterns.yaml")),
     output:
         "results/scored/{study}/{model}/{condition}.parquet",
     params:
