@@ -81,7 +81,7 @@ def test_invalid_config_names_key_and_rule(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def _tiny_config(tmp: Path, model_dir: Path) -> Path:
+def tiny_config(tmp: Path, model_dir: Path) -> Path:
     cfg = yaml.safe_load(TINY.read_text())
     cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
     cfg["models"]["smollm2-135m"] = {"source": "path", "path": str(model_dir)}
@@ -92,7 +92,7 @@ def _tiny_config(tmp: Path, model_dir: Path) -> Path:
 
 @pytest.mark.workflow
 def test_tiny_dag_end_to_end(tmp_path, model_dir):
-    cfg = _tiny_config(tmp_path, model_dir)
+    cfg = tiny_config(tmp_path, model_dir)
     proc = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     paper = tmp_path / "results/paper"
