@@ -4,11 +4,12 @@
 import sys
 from pathlib import Path
 
-# Rules run `python -m batchflip ...` from this checkout, in whatever environment a rule
-# gets (the current one, or a conda env from envs/ with --sdm conda).
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-shell.prefix(f'export PYTHONPATH="{SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+
+# which batchflip the Snakefile and the jobs use: this checkout's src/ or an installed wheel
+include: "workflow/rules/package.smk"
+
+
+from batchflip.bundled import bundled_path  # noqa: E402
 from batchflip.config import check_config  # noqa: E402
 
 

@@ -12,7 +12,7 @@ from batchflip import cli, fidelity
 from batchflip.errors import BatchflipError
 
 ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = ROOT / "resources" / "fidelity" / "published.yaml"
+PUBLISHED = ROOT / "src" / "batchflip" / "data" / "fidelity" / "published.yaml"
 
 # The values as PAPER.md prints them (typed here from the paper, not from the code).
 PAPER_VALUES = {
@@ -150,12 +150,15 @@ def test_sources_do_not_depend_on_where_the_checkout_is(tmp_path, monkeypatch):
         texts.append((root / "fidelity.json").read_text())
     assert texts[0] == texts[1] and str(tmp_path) not in texts[0]
     assert json.loads(texts[0])["summary"]["source"] == "resources/published.yaml"
-    # the shipped table, run from a directory outside the checkout: named from its root
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["fidelity", "--published", str(PUBLISHED.resolve()), "--out",
-                     "f.json"]) == 0
-    source = json.loads((tmp_path / "f.json").read_text())["summary"]["source"]
-    assert source == "resources/fidelity/published.yaml"
+    # the bundled table, named inside the package wherever the run directory is (also the
+    # checkout's root, which contains it) and whether it is given or the default
+    for where, given in ((tmp_path, True), (ROOT, True), (tmp_path, False)):
+        monkeypatch.chdir(where)
+        out = tmp_path / "f.json"
+        args = ["--published", str(PUBLISHED.resolve())] if given else []
+        assert cli.main(["fidelity", *args, "--out", str(out)]) == 0
+        source = json.loads(out.read_text())["summary"]["source"]
+        assert source == "batchflip/data/fidelity/published.yaml"
 
 
 def test_mismatch_is_reported_and_strict_fails(tmp_path, capsys):

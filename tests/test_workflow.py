@@ -81,7 +81,7 @@ def test_invalid_config_names_key_and_rule(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def _tiny_config(tmp: Path, model_dir: Path) -> Path:
+def tiny_config(tmp: Path, model_dir: Path) -> Path:
     cfg = yaml.safe_load(TINY.read_text())
     cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
     cfg["models"]["smollm2-135m"] = {"source": "path", "path": str(model_dir)}
@@ -94,7 +94,7 @@ def _tiny_config(tmp: Path, model_dir: Path) -> Path:
 def tiny_run(tmp_path_factory, model_dir) -> tuple[Path, Path]:
     """A workspace where the tiny config's whole DAG has run: (directory, config file)."""
     ws = tmp_path_factory.mktemp("tiny")
-    cfg = _tiny_config(ws, model_dir)
+    cfg = tiny_config(ws, model_dir)
     proc = snakemake("--cores", "2", "results/paper", "--configfile", str(cfg), cwd=ws)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return ws, cfg

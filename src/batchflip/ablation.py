@@ -388,12 +388,12 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
 def score_runs(runs: pd.DataFrame, battery: pd.DataFrame, versions: dict[str, int],
                patterns_file: str | None = None, source: object = "runs") -> pd.DataFrame:
     """Scores of run rows with ``batchflip.scoring`` (same scorer, versions and filters)."""
-    from batchflip.scoring import DEFAULT_PATTERNS, score_frame
+    from batchflip.scoring import score_frame
 
     if runs.empty:
         return runs.assign(score=pd.Series(dtype=float), label=pd.Series(dtype=object))
     scored = score_frame(runs.drop(columns=["task", "domain"], errors="ignore"), battery,
-                         versions, patterns_file or str(DEFAULT_PATTERNS), source=source)
+                         versions, patterns_file, source=source)
     return runs.assign(score=scored["score"].to_numpy(float),
                        label=scored["label"].to_numpy(object))
 

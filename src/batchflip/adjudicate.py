@@ -136,6 +136,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from batchflip.bundled import ADJUDICATION_SCHEMA, bundled_path
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import atomic_path, write_json
 from batchflip.numbers import REFUSED_AT, not_estimable, scalar
@@ -170,8 +171,8 @@ SCORED_INPUT_COLUMNS = [
 ]
 DEFAULT_RATERS = ("rater1", "rater2")
 DEFAULT_DOMAINS = ("safety",)
-DEFAULT_SCHEMA = (Path(__file__).resolve().parents[2]
-                  / "workflow/schemas/adjudication_sheet.schema.yaml")
+SCHEMA_HELP = ("sheet row schema (YAML; "
+               f"default: the bundled batchflip/data/{ADJUDICATION_SCHEMA})")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _SENTINEL = "\ue000"
 _SCORE_TOL = 1e-9
@@ -348,14 +349,13 @@ def write_bytes(data: bytes, path: str | Path) -> None:
 
 
 def load_schema(path: str | Path | None) -> Any:
-    """A jsonschema validator for sheet rows, or None when the schema file is absent."""
+    """A jsonschema validator for sheet rows from ``path`` (default: the bundled
+    ``batchflip/data/schemas/adjudication_sheet.schema.yaml``)."""
     import jsonschema
 
-    p = Path(path) if path else DEFAULT_SCHEMA
+    p = Path(path) if path else bundled_path(ADJUDICATION_SCHEMA)
     if not p.is_file():
-        if path:
-            raise BatchflipError(f"{p}: schema file not found")
-        return None
+        raise BatchflipError(f"{p}: schema file not found")
     return jsonschema.Draft202012Validator(yaml.safe_load(p.read_text(encoding="utf-8")))
 
 
@@ -937,7 +937,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     va = sub.add_parser("validate", help="check filled sheets against the key (writes nothing)")
     va.add_argument("--key", required=True)
-    va.add_argument("--schema", default=None, help="sheet row schema (YAML)")
+    va.add_argument("--schema", default=None, help=SCHEMA_HELP)
     va.add_argument("ratings", nargs="+", help="filled sheets; the rater is the file stem")
 
     re_ = sub.add_parser("results", help="agreement, consensus and corrected flip rates")
@@ -951,7 +951,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                      help="the blank exported sheets (named in the pending status)")
     re_.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
     re_.add_argument("--confidence", type=float, default=0.95)
-    re_.add_argument("--schema", default=None, help="sheet row schema (YAML)")
+    re_.add_argument("--schema", default=None, help=SCHEMA_HELP)
     re_.add_argument("--out", required=True, help="numbers JSON")
     re_.add_argument("--rereview", required=True, help="re-review CSV")
     re_.add_argument("--verdicts", required=True, help="unblinded per-item verdict CSV")

@@ -66,9 +66,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.battery import render_task
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import sha256_file
+from batchflip.tasks import render_task
 
 LETTERS = "ABCDEFGH"
 REVISION = re.compile(r"^[0-9a-f]{40}$")

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 from batchflip.errors import BatchflipError
 
-DISPATCHES = ("sync", "list", "cobatch", "stagger")
 POOLS = ("solo", "benign", "adversarial", "safety", "jailbreak", "mixed", "refusal")
 _PATTERN = re.compile(
     r"^(?P<dispatch>sync|list|cobatch|stagger)_b(?P<size>[1-9][0-9]*)"

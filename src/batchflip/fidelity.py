@@ -1,6 +1,7 @@
 """``batchflip fidelity``: recompute the paper's published statistics from their inputs.
 
-Reads ``resources/fidelity/published.yaml`` (see the comment at its top), recomputes each
+Reads ``published.yaml`` (by default the bundled ``batchflip/data/fidelity/published.yaml``;
+see the comment at its top), recomputes each
 entry of ``numbers`` with :mod:`batchflip.stats`, and writes a JSON file::
 
     {"numbers": {id: {"value": ..., "published": ..., "printed": "...", "precision": ...,
@@ -27,10 +28,11 @@ from typing import Any
 import yaml
 
 from batchflip import stats
+from batchflip.bundled import PUBLISHED, bundled_path, shown
 from batchflip.errors import BatchflipError, InputError
 from batchflip.io import write_json
 
-DEFAULT_PUBLISHED = "resources/fidelity/published.yaml"
+DEFAULT_PUBLISHED = f"batchflip/data/{PUBLISHED}"  # how the bundled table is named
 
 Recipe = Callable[[Mapping[str, Any], Mapping[str, list[dict[str, Any]]]], dict[str, float]]
 
@@ -311,8 +313,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Add the ``fidelity`` arguments."""
     parser.add_argument(
         "--published",
-        default=DEFAULT_PUBLISHED,
-        help=f"YAML of published inputs and values (default {DEFAULT_PUBLISHED})",
+        help=f"YAML of published inputs and values (default: the bundled {DEFAULT_PUBLISHED})",
     )
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument(
@@ -323,19 +324,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def shown_path(path: str | Path) -> str:
-    """``path`` relative to the working directory, or else to this checkout's root, when it
-    lies inside one of them (so the numbers do not depend on where either is), else as
-    given."""
-    p = Path(path).resolve()
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        if p.is_relative_to(root.resolve()):
-            return p.relative_to(root.resolve()).as_posix()
-    return str(path)
+    """How the numbers name ``path``: ``batchflip/data/...`` for the bundled table, else
+    relative to the working directory when inside it (so the numbers do not depend on where
+    the package or the run directory is), else as given."""
+    bundled = shown(path)
+    if bundled is not None:
+        return bundled
+    p, cwd = Path(path).resolve(), Path.cwd().resolve()
+    return p.relative_to(cwd).as_posix() if p.is_relative_to(cwd) else str(path)
 
 
 def main(args: argparse.Namespace) -> int:
     """Recompute, write the JSON atomically, print a one-line summary (and mismatches)."""
-    doc = compute_fidelity(load_published(args.published), source=shown_path(args.published))
+    path = args.published or bundled_path(PUBLISHED)
+    doc = compute_fidelity(load_published(path), source=shown_path(path))
     write_json(doc, args.out)
     summary = doc["summary"]
     print(

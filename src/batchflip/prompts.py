@@ -7,7 +7,6 @@ same final string, so hf and vLLM generations are comparable.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -42,7 +41,3 @@ def format_prompts(
         for p in prompts
     ]
 
-
-def template_hash(fmt: str, system_prompt: str | None) -> str:
-    """Short hash of the format settings (a params value, so a change regenerates)."""
-    return hashlib.sha256(f"{fmt}\x00{system_prompt or ''}".encode()).hexdigest()[:12]

@@ -76,7 +76,7 @@ rule ablation_numbers:
         runs=lambda w: ablation_runs(w.study),
         stacks=lambda w: [layout.stack_path(p) for p in ablation_runs(w.study)],
         battery=lambda w: battery_of(ablation_source(w.study)),
-        patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
+        patterns=str(bundled_path("scorers/refusal_patterns.yaml")),
     output:
         numbers=layout.numbers_path("{study}"),
         rows="results/ablation/{study}/rows.parquet",

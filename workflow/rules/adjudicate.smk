@@ -60,7 +60,7 @@ rule adjudication_results:
         scored=lambda w: all_scored_paths(w.study),
         ratings=adj_rating_files,
         exported=adj_exported,
-        schema=repo_path("workflow/schemas/adjudication_sheet.schema.yaml"),
+        schema=str(bundled_path("schemas/adjudication_sheet.schema.yaml")),
     output:
         numbers=layout.numbers_path("adjudication_{study}"),
         rereview="results/adjudication/{study}/rereview.csv",

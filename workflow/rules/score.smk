@@ -3,7 +3,7 @@ rule score:
     input:
         gen=layout.generation_path("{study}", "{model}", "{condition}"),
         battery=lambda w: battery_of(w.study),
-        patterns=repo_path("resources/scorers/refusal_patterns.yaml"),
+        patterns=str(bundled_path("scorers/refusal_patterns.yaml")),
     output:
         layout.scored_path("{study}", "{model}", "{condition}"),
     params:

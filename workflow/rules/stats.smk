@@ -1,11 +1,12 @@
 # Fidelity: recompute every published statistic of the paper from its published inputs
-# (resources/fidelity/published.yaml) and record value, printed value, precision and match.
+# (the bundled batchflip/data/fidelity/published.yaml) and record value, printed value,
+# precision and match.
 # Pure CPU, seconds. Add --strict to the command to fail the target on any mismatch.
 
 
 rule fidelity:
     input:
-        repo_path("resources/fidelity/published.yaml"),
+        str(bundled_path("fidelity/published.yaml")),
     output:
         layout.numbers_path("fidelity"),
     conda:

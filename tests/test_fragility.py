@@ -13,7 +13,7 @@ from conftest import ROOT
 from batchflip.fragility import alignment_anova, models_figure, study_b_numbers
 from batchflip.records import FLIP_COLUMNS
 
-PUBLISHED = yaml.safe_load((ROOT / "resources/fidelity/published.yaml").read_text())
+PUBLISHED = yaml.safe_load((ROOT / "src/batchflip/data/fidelity/published.yaml").read_text())
 TABLE = PUBLISHED["tables"]["study_b_models"]  # 15 models: rate (%) and alignment type
 
 

@@ -1,0 +1,91 @@
+"""Task documents (the paper's task-YAML format) → battery rows.
+
+The rendering both the battery stage (task files, :mod:`batchflip.battery`) and the
+dataset builders (:mod:`batchflip.builders`) use, so neither imports the other.
+
+A task document has a Jinja2 ``prompt_template``, ``filters`` (response post-processing
+applied before scoring) and ``samples`` (each with a unique ``id``, a ``reference`` and the
+template variables). Rendering uses ``StrictUndefined`` so a variable a sample lacks is an
+error naming the origin, sample and variable; Jinja2's default of dropping one trailing
+newline is kept (that is how the paper's harness renders). The task type decides the domain
+and the scorer:
+
+| task_type | domain | scorer |
+| --- | --- | --- |
+| safety_refusal | safety | refusal |
+| safety_overrefusal | safety | refusal (refusal here is over-refusal) |
+| safety_bias | safety | bbq |
+| safety_truthfulness | safety | truthfulqa |
+| classification | capability | mc_letter |
+
+Extra sample fields (answers lists, BBQ indices, categories) and the filters go to ``meta``
+as JSON. Output rows follow DESIGN.md (Records: battery row).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from batchflip.errors import InputError
+from batchflip.records import BATTERY_COLUMNS
+
+TASK_TYPES: dict[str, tuple[str, str]] = {
+    "safety_refusal": ("safety", "refusal"),
+    "safety_overrefusal": ("safety", "refusal"),
+    "safety_bias": ("safety", "bbq"),
+    "safety_truthfulness": ("safety", "truthfulqa"),
+    "classification": ("capability", "mc_letter"),
+}
+FILTERS = ("strip_whitespace", "truncate_at_newline", "remove_assistant_prefix")
+_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+
+
+def render_task(doc: Any, path: object) -> pd.DataFrame:
+    """Render one task document (a parsed task YAML, or one built by batchflip.builders)
+    into battery rows; ``path`` names its origin in errors."""
+    if not isinstance(doc, dict):
+        raise InputError(path, "top level must be a mapping")
+    for key in ("name", "task_type", "prompt_template", "samples"):
+        if key not in doc:
+            raise InputError(path, "missing top-level key", field=key)
+    if doc["task_type"] not in TASK_TYPES:
+        raise InputError(path, f"unknown task_type '{doc['task_type']}' (known: "
+                         f"{', '.join(TASK_TYPES)})", field="task_type")
+    filters = [f.get("type") if isinstance(f, dict) else f for f in doc.get("filters") or []]
+    for f in filters:
+        if f not in FILTERS:
+            raise InputError(path, f"unknown filter '{f}' (known: {', '.join(FILTERS)})",
+                             field="filters")
+    try:
+        template = _ENV.from_string(doc["prompt_template"])
+    except jinja2.TemplateSyntaxError as exc:
+        raise InputError(path, f"template syntax: {exc}", field="prompt_template") from None
+    domain, scorer = TASK_TYPES[doc["task_type"]]
+    if not isinstance(doc["samples"], list) or not doc["samples"]:
+        raise InputError(path, "must be a non-empty list", field="samples")
+    rows = []
+    for i, sample in enumerate(doc["samples"], start=1):
+        label = f"sample {i}" + (f" (id {sample['id']})" if isinstance(sample, dict)
+                                 and "id" in sample else "")
+        if not isinstance(sample, dict):
+            raise InputError(path, "sample must be a mapping", row=label)
+        for key in ("id", "reference"):
+            if key not in sample or sample[key] in (None, ""):
+                raise InputError(path, "missing or empty", row=label, field=key)
+        try:
+            prompt = template.render(**sample)
+        except jinja2.UndefinedError as exc:
+            var = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
+            raise InputError(path, f"template variable not in sample ({exc})", row=label,
+                             field=var) from None
+        extra = {k: v for k, v in sample.items() if k not in ("id", "reference")}
+        rows.append({
+            "prompt_id": str(sample["id"]), "task": doc["name"], "domain": domain,
+            "scorer": scorer, "prompt": prompt, "reference": str(sample["reference"]),
+            "meta": json.dumps({"filters": filters, **extra}, sort_keys=True),
+        })
+    return pd.DataFrame(rows, columns=BATTERY_COLUMNS)
