@@ -96,16 +96,19 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version (NVML, else ``nvidia-smi``; None when neither answers)."""
     try:
-        import pynvml
-
-        pynvml.nvmlInit()
+        import pynvml  # optional (nvidia-ml-py)
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
         try:
-            version = pynvml.nvmlSystemGetDriverVersion()
-        finally:
-            pynvml.nvmlShutdown()
-        return version.decode() if isinstance(version, bytes) else str(version)
-    except Exception:  # noqa: BLE001 - fall back to the command-line tool
-        pass
+            pynvml.nvmlInit()
+            try:
+                version = pynvml.nvmlSystemGetDriverVersion()
+            finally:
+                pynvml.nvmlShutdown()
+            return version.decode() if isinstance(version, bytes) else str(version)
+        except Exception:  # noqa: BLE001 - fall back to the command-line tool
+            pass
     try:
         proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
                                "--format=csv,noheader"], capture_output=True, text=True,

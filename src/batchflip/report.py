@@ -6,7 +6,7 @@ inputs: it is ``SOURCE_DATE_EPOCH`` when set (reproducible builds), else the tim
 build, in UTC. It never goes into numbers.json or numbers.tex.
 
 Published-input values are the fidelity records (:mod:`batchflip.fidelity`): recomputed
-from counts the paper publishes (``resources/fidelity/published.yaml``), not from this
+from counts the paper publishes (``batchflip/data/fidelity/published.yaml``), not from this
 run's generations. The report shows them in a section of their own.
 """
 
