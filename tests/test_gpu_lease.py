@@ -59,17 +59,22 @@ def test_visible_devices_follow_cuda_visible_devices():
     assert visible_devices({"CUDA_VISIBLE_DEVICES": "1,-1,2"}) == ["1"]  # CUDA stops at -1
 
 
+def _fake_nvidia_smi(tmp_path, monkeypatch, n: int) -> None:
+    """Test double: an `nvidia-smi` on PATH that lists device indices 0..n-1."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"
+    smi.write_text("#!/bin/sh\nprintf '" + "".join(f"{i}\\n" for i in range(n)) + "'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(fake))
+
+
 def test_visible_devices_from_nvidia_smi(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     assert visible_devices({}) == []  # no nvidia-smi: a CPU machine
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    smi = fake / "nvidia-smi"
-    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n2\\n'\n")
-    smi.chmod(0o755)
-    monkeypatch.setenv("PATH", str(fake))
+    _fake_nvidia_smi(tmp_path, monkeypatch, 3)
     assert visible_devices({}) == ["0", "1", "2"]
 
 
@@ -142,12 +147,7 @@ def test_no_gpu_no_lease(tmp_path, monkeypatch):
 
 
 def test_devices_from_nvidia_smi_pin_the_pci_order(tmp_path, monkeypatch):
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    smi = fake / "nvidia-smi"
-    smi.write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
-    smi.chmod(0o755)
-    monkeypatch.setenv("PATH", str(fake))
+    _fake_nvidia_smi(tmp_path, monkeypatch, 2)
     env1, env2 = ({"BATCHFLIP_GPU_LOCK_DIR": str(tmp_path / "locks")} for _ in range(2))
     with lease_for({"engine": "hf"}, env1) as first, lease_for({"engine": "hf"}, env2) as second:
         assert {first.device, second.device} == {"0", "1"}
