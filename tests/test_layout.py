@@ -203,6 +203,11 @@ def test_paper_inputs():
         "results/figures/a_flip_rates.png", "results/figures/a_flip_rates.pdf",
         "results/figures/a_identity.png", "results/figures/a_identity.pdf",
         "results/figures/d_ablation.png", "results/figures/d_ablation.pdf"]
+    assert layout.paper_stacks(cfg) == [
+        f"results/generations/a/smollm2-135m/{c}.stack.json"
+        for c in ("sync_b1", "sync_b4", "cobatch_b4_benign")] + [
+        f"results/ablation/d/smollm2-135m/{k}.stack.json"
+        for k in ("standard", "batch_invariant")]
 
 
 def test_schema_defaults_are_filled_once_at_load():

@@ -307,3 +307,13 @@ def paper_figures(config: Config) -> list[str]:
     """The figures of results/paper (png and pdf of each of a paper study's figures)."""
     return [figure_path(s, n, ext) for s in config["paper"]["studies"]
             for n in FIGURES_BY_KIND[config["studies"][s]["kind"]] for ext in ("png", "pdf")]
+
+
+def paper_stacks(config: Config) -> list[str]:
+    """The stack fingerprints behind results/paper (report.html's models, engines, devices
+    and versions): every generation file of a paper study, or its reruns (ablation)."""
+    files = []
+    for study in config["paper"]["studies"]:
+        ablation = config["studies"][study]["kind"] == "ablation"
+        files += (ablation_run_paths if ablation else generation_paths)(config, study)
+    return [stack_path(f) for f in files]

@@ -172,6 +172,10 @@ def paper_figures(wildcards):
     return layout.paper_figures(config)
 
 
+def paper_stacks(wildcards):
+    return layout.paper_stacks(config)
+
+
 def figure_captions():
     names = sorted({n for names in layout.FIGURES_BY_KIND.values() for n in names})
     return [repo_path(f"workflow/report/{n}.rst") for n in names]

@@ -4,19 +4,7 @@ rule paper:
         numbers=paper_numbers,
         figures=paper_figures,
         # stack fingerprints: report.html's models, engine, device and versions
-        stacks=lambda w: [
-            p[: -len(".parquet")] + ".stack.json"
-            for s in config["paper"]["studies"]
-            for p in (
-                ablation_runs(s)
-                if study_cfg(s)["kind"] == "ablation"
-                else [
-                    gen_path(s, m, c)
-                    for m in study_cfg(s)["models"]
-                    for c in conditions_of(s, m)
-                ]
-            )
-        ],
+        stacks=paper_stacks,
         captions=figure_captions(),
     output:
         directory("results/paper"),
