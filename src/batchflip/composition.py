@@ -123,19 +123,14 @@ from batchflip.composition_stats import (
     _Study,
     _tost_records,
 )
-from batchflip.composition_verify import cobatch_verification, verification_numbers
+from batchflip.composition_verify import cobatch_verification as cobatch_verification
+from batchflip.composition_verify import verification_numbers
 from batchflip.conditions import parse_condition
 from batchflip.errors import BatchflipError
 from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
 from batchflip.io import write_json
 from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
 from batchflip.records import read_records
-
-__all__ = [
-    "DEFAULT_BASELINE", "GEN_NEEDED", "GEN_OPTIONAL", "SCORED_ERROR", "SCORED_NEEDED",
-    "cobatch_verification", "composition_figure", "composition_numbers", "configure", "main",
-    "verification_numbers",
-]
 
 
 def _sanitize(numbers: dict[str, Record]) -> dict[str, Record]:
