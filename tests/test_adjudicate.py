@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from statsmodels.stats import inter_rater as smir
 
-from batchflip import adjudicate as adj
+from batchflip import adjudication as adj
 from batchflip.cli import main as cli
 from batchflip.errors import InputError
 from batchflip.flips import pair_flips

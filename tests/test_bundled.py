@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT
 
-from batchflip import adjudicate, bundled, scoring
+from batchflip import adjudication, bundled, scoring
 from batchflip.errors import BatchflipError
 
 DATA = ROOT / "src" / "batchflip" / "data"
@@ -48,10 +48,10 @@ def test_scorer_and_adjudication_default_to_the_bundled_files():
     default = scoring.score_refusal(text, 2)
     given = scoring.score_refusal(text, 2, str(DATA / "scorers/refusal_patterns.yaml"))
     assert default[1].tolist() == given[1].tolist() == ["refused", "complied"]
-    validator = adjudicate.load_schema(None)
+    validator = adjudication.load_schema(None)
     assert validator.schema["title"] == "adjudication sheet row"
 
 
 def test_a_given_schema_file_that_is_missing_is_an_error(tmp_path):
     with pytest.raises(BatchflipError, match="schema file not found"):
-        adjudicate.load_schema(tmp_path / "nope.yaml")
+        adjudication.load_schema(tmp_path / "nope.yaml")

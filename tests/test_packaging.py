@@ -157,7 +157,7 @@ def test_wheel_ships_the_bundled_files_and_its_cli_runs_without_a_checkout(wheel
                                             "schemas/adjudication_sheet.schema.yaml",
                                             "fidelity/published.yaml")} <= names
     where = json.loads(run([python, "-c", (
-        "import json, batchflip, batchflip.bundled as b, batchflip.adjudicate as a;"
+        "import json, batchflip, batchflip.bundled as b, batchflip.adjudication as a;"
         "print(json.dumps([batchflip.__file__, [str(b.bundled_path(n)) for n in b.BUNDLED],"
         " a.load_schema(None).schema['title']]))")], cwd=tmp_path, env=env).stdout)
     site = venv / "lib"

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "figures": ("batchflip.figures", "draw a study's figures"),
     "paper": ("batchflip.paper", "assemble results/paper"),
     "fidelity": ("batchflip.fidelity", "recompute published statistics"),
-    "adjudicate": ("batchflip.adjudicate", "blinded export / import of human review"),
+    "adjudicate": ("batchflip.adjudication.cli", "blinded export / import of human review"),
     "ablation": ("batchflip.ablation", "Study D: kernel-mode ablation"),
     "composition": ("batchflip.composition", "Study C: co-batch composition numbers"),
     "archive": ("batchflip.archive", "pack generations for reviewer reproduction"),

@@ -1,4 +1,4 @@
-# Human adjudication of flip candidates (batchflip.adjudicate; its docstring has the
+# Human adjudication of flip candidates (batchflip.adjudication; its docstring has the
 # details): blinded export -> raters fill sheets -> agreement and corrected flip rates.
 #
 # Config (all optional; defaults in workflow/schemas/config.schema.yaml, filled in at load):
