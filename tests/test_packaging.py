@@ -137,8 +137,10 @@ def wheel_env(tmp_path_factory) -> dict[str, Path | dict[str, str]]:
     (wheel,) = (tmp / "dist").glob("batchflip-*.whl")
     venv = tmp / "venv"
     run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp)
+    # --ignore-installed: an editable install of the checkout in the system site-packages
+    # (what envs/install-cpu.sh makes) would otherwise count as "already satisfied"
     run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-         str(wheel)], cwd=tmp)
+         "--ignore-installed", str(wheel)], cwd=tmp)
     (checkout / "src/batchflip/__init__.py").write_text(
         'raise ImportError("imported the checkout\'s src/, not the installed wheel")\n')
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
