@@ -8,6 +8,7 @@ import sys
 from conftest import ROOT
 
 from batchflip.doctor import assess, batch_invariant_gpus, native_bf16, parse_gpu_query
+from batchflip.platform_facts import parse_csv_rows
 
 XEON = {"cpu_model": "Intel(R) Xeon(R) Platinum 8375C", "arch": "x86_64",
         "isa": ["avx2", "fma", "avx512f", "avx512_vnni"]}
@@ -64,10 +65,10 @@ def test_missing_battery_and_vllm_are_named():
 def test_nvidia_smi_rows_parse():
     text = ("NVIDIA H200, 9.0, 143771, 143000, 580.159.04\n"
             "NVIDIA A100-SXM4-80GB, 8.0, 81920, 100, 535.54.03\n")
-    gpus = parse_gpu_query(text)
+    gpus = parse_gpu_query(parse_csv_rows(text))
     assert [g["name"] for g in gpus] == ["NVIDIA H200", "NVIDIA A100-SXM4-80GB"]
     assert gpus[0]["memory_total_mib"] == 143771 and gpus[1]["memory_free_mib"] == 100
-    assert parse_gpu_query("") == []
+    assert parse_gpu_query(parse_csv_rows("")) == []
 
 
 def test_cli_reports_this_machines_cpu():

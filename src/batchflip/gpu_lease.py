@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping, MutableMapping, Sequence
@@ -36,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from batchflip.errors import BatchflipError
+from batchflip.platform_facts import nvidia_smi
 
 LOCK_DIR_ENV = "BATCHFLIP_GPU_LOCK_DIR"
 TIMEOUT_ENV = "BATCHFLIP_GPU_LEASE_TIMEOUT"
@@ -55,16 +55,6 @@ def needs_gpu(params: Mapping[str, Any]) -> bool:
     return False
 
 
-def _nvidia_smi_indices() -> list[str]:
-    """Device indices listed by ``nvidia-smi`` ([] when it is absent or fails)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
-
-
 def visible_devices(env: Mapping[str, str] | None = None) -> list[str]:
     """The device ids this process may use: CUDA_VISIBLE_DEVICES, else nvidia-smi's."""
     env = os.environ if env is None else env
@@ -73,7 +63,7 @@ def visible_devices(env: Mapping[str, str] | None = None) -> list[str]:
         ids = [d.strip() for d in given.split(",") if d.strip()]
         # CUDA stops at the first invalid id; "-1" is the usual way to hide every device
         return ids[: ids.index("-1")] if "-1" in ids else ids
-    return _nvidia_smi_indices()
+    return [row[0] for row in nvidia_smi("index")]
 
 
 def lock_dir(env: Mapping[str, str] | None = None) -> Path:

@@ -93,6 +93,32 @@ def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None
     return out
 
 
+def parse_csv_rows(text: str) -> list[list[str]]:
+    """Rows of ``nvidia-smi --format=csv,noheader[,nounits]`` output, cells stripped."""
+    return [[c.strip() for c in line.split(",")] for line in text.splitlines() if line.strip()]
+
+
+def nvidia_smi(fields: str) -> list[list[str]]:
+    """``nvidia-smi --query-gpu=<fields>``, one row of cells per GPU ([] when the tool is
+    absent or fails: no NVIDIA GPU here)."""
+    try:
+        proc = subprocess.run(["nvidia-smi", f"--query-gpu={fields}",
+                               "--format=csv,noheader,nounits"], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_csv_rows(proc.stdout) if proc.returncode == 0 else []
+
+
+def parse_capability(text: object) -> tuple[int, int] | None:
+    """``"9.0"`` -> ``(9, 0)``; None when it is not a compute capability."""
+    try:
+        major, minor = str(text).split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        return None
+
+
 def nvidia_driver() -> str | None:
     """The NVIDIA driver version (NVML, else ``nvidia-smi``; None when neither answers)."""
     try:
@@ -109,14 +135,8 @@ def nvidia_driver() -> str | None:
             return version.decode() if isinstance(version, bytes) else str(version)
         except Exception:  # noqa: BLE001 - fall back to the command-line tool
             pass
-    try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
-                               "--format=csv,noheader"], capture_output=True, text=True,
-                              timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    lines = proc.stdout.strip().splitlines()
-    return lines[0].strip() if proc.returncode == 0 and lines else None
+    rows = nvidia_smi("driver_version")
+    return rows[0][0] if rows else None
 
 
 def cuda_facts(device: int = 0) -> dict[str, Any] | None:

@@ -225,14 +225,6 @@ def probe_vllm(python: str) -> dict[str, Any]:
         f"batchflip[vllm-gpu], or give server.base_url of a running server):\n{tail}")
 
 
-def _capability(text: str | None) -> tuple[int, int] | None:
-    try:
-        major, minor = str(text).split(".")[:2]
-        return int(major), int(minor)
-    except ValueError:
-        return None
-
-
 def check_kernel_mode(kernel_mode: str, probe: dict[str, Any]) -> None:
     """Refuse a kernel mode this vLLM build or device cannot run, before anything is
     launched: batch_invariant needs a vLLM that knows ``VLLM_BATCH_INVARIANT``, not the CPU
@@ -255,7 +247,7 @@ def check_kernel_mode(kernel_mode: str, probe: dict[str, Any]) -> None:
             f"kernel_mode batch_invariant: this vLLM ({build}) does not know "
             f"VLLM_BATCH_INVARIANT (added in vLLM 0.11.1) and would ignore it, so its "
             f"generations would be labelled batch_invariant without being so.")
-    cap = _capability(probe.get("compute_capability"))
+    cap = platform_facts.parse_capability(probe.get("compute_capability"))
     if probe.get("device_type") == "cuda" and cap is not None and cap < MIN_BATCH_INVARIANT_CC:
         raise BatchflipError(
             f"kernel_mode batch_invariant: vLLM documents its batch-invariant mode for GPUs "
