@@ -87,7 +87,6 @@ from batchflip.cli import figure_arguments
 from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.flips import FLIP_TOL
-from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import (
     REFUSED_AT,
@@ -370,6 +369,8 @@ def _candidates_main(args: argparse.Namespace) -> int:
 
 
 def _generate_main(args: argparse.Namespace) -> int:
+    from batchflip.gpu_lease import lease_for  # only the rerun job leases a GPU
+
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
     params = json.loads(args.params)
     # a GPU job holds its own device (batchflip.gpu_lease)
