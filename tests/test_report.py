@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from batchflip.headlines import Headline, headlines, percent, study_kind
+from batchflip.headlines import Headline, headlines, percent
 from batchflip.numbers import proportion, scalar
 from batchflip.paper import build_bundle
 from batchflip.report import built_at, is_published
@@ -122,7 +122,7 @@ def _bundle(tmp: Path, built: datetime = BUILT, name: str = "paper") -> Path:
                 "c_composition": "Refusal rate per composition.",
                 "d_ablation": "Kernel ablation. What to look at: the batch-invariant bars."}
     out = tmp / name
-    build_bundle(files, figs, captions, out, stacks, built)
+    build_bundle(files, figs, captions, out, stacks, built, kinds=KINDS)
     return out
 
 
@@ -134,13 +134,16 @@ def _ci(k: int, n: int) -> str:
 # --------------------------------------------------------------------------- headlines
 
 
+KINDS = {"a": "discovery", "b": "models", "c": "composition", "d": "ablation"}
+
+
 def _by_study(hs: list[Headline]) -> dict[str, Headline]:
     return {h.study: h for h in hs}
 
 
 def test_one_headline_per_study_with_its_interval():
     numbers = _merged()
-    hs = _by_study(headlines(numbers))
+    hs = _by_study(headlines(numbers, KINDS))
     assert sorted(hs) == ["a", "b", "c", "d"]  # fidelity ids (no "/") are no study
     assert [hs[s].kind for s in "abcd"] == ["discovery", "models", "composition", "ablation"]
     # discovery: the largest synchronized batch (8), not the larger list batch (16)
@@ -174,7 +177,7 @@ def test_headlines_say_what_is_missing_or_not_estimable():
     for k in [k for k in numbers if k.startswith("c/all/cobatch_b8_solo")]:
         del numbers[k]
     del numbers["b/gemma3-270m/fragility"]
-    hs = _by_study(headlines(numbers))
+    hs = _by_study(headlines(numbers, KINDS))
     assert "safety labels flipped in n/a (no rows) vs capability labels in n/a (no record)" \
         in hs["a"].text
     assert hs["d"].text == "Study d (ablation): no candidates to re-run (no label flips)."
@@ -182,13 +185,6 @@ def test_headlines_say_what_is_missing_or_not_estimable():
     assert "fragility (safety flip rate) of smollm2-135m 2/16" in hs["b"].text
     # a missing record is text, not a link to nowhere
     assert all(p.ref in numbers for h in hs.values() for p in h.parts if p.ref)
-
-
-def test_study_kind_from_record_ids():
-    numbers = _merged()
-    assert study_kind(numbers, "a") == "discovery"
-    assert study_kind({"x/all/mh_odds_ratio": {}}, "x") == "composition"
-    assert study_kind({"x/m/error_count": {}}, "x") is None
 
 
 # --------------------------------------------------------------------------- stacks

@@ -1,15 +1,15 @@
 """One headline sentence per study for report.html, chosen from the study's record ids.
 
 A sentence is a list of :class:`Part`: plain text, or a number with the id of the record it
-comes from (the report links it to that record's definition). The study's kind is read
-from which records it has (:func:`study_kind`); a missing record or a value that cannot be
+comes from (the report links it to that record's definition). The study's kind is its
+config ``kind`` (the paper rule passes them); a missing record or a value that cannot be
 estimated gives words that say so, never a made-up number.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,20 +88,6 @@ def scalar(numbers: Numbers, nid: str, label: str) -> list[Part]:
         return [Part(f"{label} n/a ({why})", nid if rec else None)]
     ci = interval(rec, number)
     return [Part(f"{label} = {number(rec['value'])}{' (' + ci + ')' if ci else ''}", nid)]
-
-
-def study_kind(numbers: Numbers, study: str) -> str | None:
-    """discovery, composition, ablation or models, from the study's record ids."""
-    ids = [k[len(study) + 1:] for k in numbers if k.startswith(study + "/")]
-    if "all/n_candidates" in ids:
-        return "ablation"
-    if "instability_fragility_r" in ids or any(i.endswith("/fragility") for i in ids):
-        return "models"
-    if "all/mh_odds_ratio" in ids or "all/cobatch_verified_rate" in ids:
-        return "composition"
-    if any(re.fullmatch(r"all/[^/]+/(safety|capability)_flip_rate", i) for i in ids):
-        return "discovery"
-    return None
 
 
 def _largest_condition(numbers: Numbers, study: str) -> tuple[str, Record] | None:
@@ -205,13 +191,12 @@ WRITERS: dict[str, Callable[[Numbers, str], list[Part]]] = {
     "models": models}
 
 
-def headlines(numbers: Numbers) -> list[Headline]:
-    """A headline for every study whose kind the records show, in study order."""
-    studies = sorted({nid.split("/")[0] for nid in numbers if "/" in nid})
+def headlines(numbers: Numbers, kinds: Mapping[str, str]) -> list[Headline]:
+    """A headline for every study of ``kinds`` (study -> its config ``kind``), in study
+    order; a record a writer needs but cannot find reads "n/a (no record)"."""
     out = []
-    for study in studies:
-        kind = study_kind(numbers, study)
-        if kind:
+    for study, kind in sorted(kinds.items()):
+        if kind in WRITERS:
             intro = Part(f"Study {study} ({kind}): ")
             out.append(Headline(study, kind, (intro, *WRITERS[kind](numbers, study))))
     return out

@@ -25,6 +25,7 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,13 @@ def failure_summary(numbers: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[str, str],
                  out_dir: Path, stacks: list[str] | None = None,
-                 built: datetime | None = None) -> None:
+                 built: datetime | None = None, kinds: Mapping[str, str] | None = None
+                 ) -> None:
     """Assemble the bundle in a temporary directory, then rename it onto ``out_dir``.
 
     ``captions`` maps a figure's file stem to its caption; ``stacks`` are the stack
-    fingerprint files behind the numbers; ``built`` defaults to :func:`built_at`."""
+    fingerprint files behind the numbers; ``built`` defaults to :func:`built_at`; ``kinds``
+    maps each study to its config ``kind`` (one headline each)."""
     numbers = load_numbers(numbers_files)
     table = rows(numbers)
     env = jinja2.Environment(loader=jinja2.PackageLoader("batchflip", "templates"),
@@ -158,7 +161,8 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
             shutil.copyfile(f, tmp / "figures" / Path(f).name)
         (tmp / "numbers.json").write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
         (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(numbers=table))
-        extra = context(numbers, figures, captions, stacks or [], built or built_at())
+        extra = context(numbers, figures, captions, stacks or [], built or built_at(),
+                        kinds or {})
         (tmp / "report.html").write_text(env.get_template("report.html.j2").render(
             numbers=table, failures=failure_summary(numbers), **extra))
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
@@ -181,6 +185,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stacks", nargs="*", default=[],
                         help="stack fingerprints (*.stack.json) for report.html's run facts")
     parser.add_argument("--captions-dir", help="folder of <figure kind>.rst captions")
+    parser.add_argument("--kinds", required=True, type=json.loads,
+                        help='each study\'s config kind as JSON, e.g. {"a": "discovery"}')
     parser.add_argument("--out", required=True, type=Path)
 
 
@@ -192,6 +198,7 @@ def main(args: argparse.Namespace) -> int:
         for f in args.figures:
             stem = Path(f).stem
             captions[stem] = next((t for k, t in kinds.items() if stem.endswith("_" + k)), "")
-    build_bundle(args.numbers, args.figures, captions, args.out, args.stacks)
+    build_bundle(args.numbers, args.figures, captions, args.out, args.stacks,
+                 kinds=args.kinds)
     print(f"{args.out}: bundle written")
     return 0

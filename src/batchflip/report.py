@@ -88,14 +88,14 @@ def run_facts(stack_paths: list[str], built: datetime) -> dict[str, Any]:
 
 
 def context(numbers: Mapping[str, dict[str, Any]], figures: list[str],
-            captions: Mapping[str, str], stack_paths: list[str], built: datetime
-            ) -> dict[str, Any]:
-    """Everything report.html.j2 needs beyond the number rows and failure summary."""
-    studies = {nid.split("/")[0] for nid in numbers if "/" in nid}
+            captions: Mapping[str, str], stack_paths: list[str], built: datetime,
+            kinds: Mapping[str, str]) -> dict[str, Any]:
+    """Everything report.html.j2 needs beyond the number rows and failure summary;
+    ``kinds`` maps each paper study to its config ``kind``."""
     return {
         "run": run_facts(stack_paths, built),
-        "headlines": headlines.headlines(dict(numbers)),
-        "figures": figure_items(figures, captions, studies),
+        "headlines": headlines.headlines(dict(numbers), kinds),
+        "figures": figure_items(figures, captions, set(kinds)),
         "published_line": published_summary(numbers),
         "counts": {"reproduced": sum(not is_published(r) for r in numbers.values()),
                    "published": sum(is_published(r) for r in numbers.values())},

@@ -10,11 +10,15 @@ rule paper:
         directory("results/paper"),
     params:
         captions_dir=lambda w, input: str(Path(input.captions[0]).parent),
+        kinds=json.dumps(
+            {s: study_cfg(s)["kind"] for s in config["paper"]["studies"]}, sort_keys=True
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/paper.log",
     shell:
         "python -m batchflip paper --numbers {input.numbers:q} --figures {input.figures:q} "
-        "--stacks {input.stacks:q} --captions-dir {params.captions_dir:q} --out {output:q} "
+        "--stacks {input.stacks:q} --captions-dir {params.captions_dir:q} "
+        "--kinds {params.kinds:q} --out {output:q} "
         "> {log:q} 2>&1"
