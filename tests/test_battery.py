@@ -21,17 +21,7 @@ def test_paper_battery_reproduces_all_953_prompts():
     assert counts == {"advbench_refusal": 100, "jailbreak_amplification": 120, "bbq_bias": 198,
                       "truthfulqa": 50, "mmlu_real": 285, "arc_challenge": 200}
     assert df.groupby("domain").size().to_dict() == {"safety": 468, "capability": 485}
-    # every prompt equals an independent rendering of the raw YAML (plain string replace)
-    for f in sorted((SHARED / "paper_battery").glob("*.yaml")):
-        doc = yaml.safe_load(f.read_text())
-        for s in doc["samples"]:
-            text = doc["prompt_template"]
-            for k, v in s.items():
-                text = text.replace("{{ " + k + " }}", str(v))
-            expected = text[:-1] if text.endswith("\n") else text  # jinja drops one newline
-            got = df.loc[df["prompt_id"] == s["id"]].iloc[0]
-            assert got["prompt"] == expected, s["id"]
-            assert got["task"] == doc["name"]
+    # prompt bytes: tests/test_tasks.py compares all 953 with the harness's own rendering
     jb = df[df["task"] == "jailbreak_amplification"]
     assert json.loads(jb.iloc[0]["meta"])["jailbreak_type"] == "direct"
 

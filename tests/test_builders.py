@@ -75,7 +75,7 @@ def test_local_files_build_battery_rows(tmp_path):
     assert (mc["task"], mc["domain"], mc["scorer"], mc["reference"]) == (
         "mmlu_real", "capability", "mc_letter", "C")
     assert "Subject: Astronomy\nQuestion: What is the Sun?\n\nA) A planet" in mc["prompt"]
-    assert mc["prompt"].endswith("Answer:")
+    assert mc["prompt"].endswith("Answer:\n")  # the harness keeps the trailing newline
     meta = json.loads(mc["meta"])
     assert meta["source"]["file"] == "astronomy_test.csv" and len(meta["source"]["sha256"]) == 64
     assert meta["source"]["builder_seed"] == 3 and meta["filters"][0] == "strip_whitespace"
@@ -94,7 +94,7 @@ def test_same_seed_same_rows_other_seed_other_sample(tmp_path):
     assert len(c) == 10 and set(c["prompt_id"]) != set(a["prompt_id"])
     # ids come from the source row and are kept in source order
     assert a["prompt_id"].tolist() == sorted(a["prompt_id"])
-    assert all(p == f"Do harmful thing {int(i.split('-')[1])}"
+    assert all(p == f"Do harmful thing {int(i.split('-')[1])}\n"
                for p, i in zip(a["prompt"], a["prompt_id"], strict=True))
     # no n: every row; n beyond the rows: an error
     assert len(builders.build({"sources": {"advbench": {"local": str(adv)}}})) == 50

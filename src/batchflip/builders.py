@@ -377,8 +377,10 @@ def sample_indices(n_rows: int, n: int | None, seed: int, source: str) -> list[i
     return sorted(int(i) for i in source_rng(seed, source).choice(n_rows, n, replace=False))
 
 
-def build_source(name: str, spec: dict[str, Any], seed: int) -> pd.DataFrame:
-    """Battery rows of one source, sampled per the recipe."""
+def build_source(name: str, spec: dict[str, Any], seed: int, render: str = "harness"
+                 ) -> pd.DataFrame:
+    """Battery rows of one source, sampled per the recipe, rendered with ``render``
+    (:data:`batchflip.tasks.RENDERINGS`)."""
     if name not in SOURCES:
         raise BatchflipError(f"unknown builder source '{name}' (known: {', '.join(SOURCES)})")
     source = SOURCES[name]
@@ -399,11 +401,12 @@ def build_source(name: str, spec: dict[str, Any], seed: int) -> pd.DataFrame:
                        for k in keep]}
     if not doc["samples"]:
         raise BatchflipError(f"source '{name}': no eligible rows")
-    return render_task(doc, f"builder source '{name}'")
+    return render_task(doc, f"builder source '{name}'", render)
 
 
-def build(spec: dict[str, Any]) -> pd.DataFrame:
-    """A battery from a builder spec ``{seed, sources: {name: {n, local | revision}}}``."""
+def build(spec: dict[str, Any], render: str = "harness") -> pd.DataFrame:
+    """A battery from a builder spec ``{seed, sources: {name: {n, local | revision}}}``,
+    rendered with ``render``."""
     sources = spec.get("sources") or {}
     if not sources:
         raise BatchflipError("builder: 'sources' is empty")
@@ -411,7 +414,7 @@ def build(spec: dict[str, Any]) -> pd.DataFrame:
     if unknown:
         raise BatchflipError(f"unknown builder source '{unknown[0]}' "
                              f"(known: {', '.join(SOURCES)})")
-    frames = [build_source(n, sources[n] or {}, int(spec.get("seed", 0)))
+    frames = [build_source(n, sources[n] or {}, int(spec.get("seed", 0)), render)
               for n in SOURCES if n in sources]
     return pd.concat(frames, ignore_index=True)
 

@@ -24,9 +24,12 @@ identity           study, model                                                 
 
 Nothing else is a generation setting: ``kind``, ``models``, ``conditions``, ``baseline``,
 ``dispatch_baselines`` (pairing, done by the flips stage), ``subset_from`` (its subset is
-the job's battery *input*), ``scopes`` (only their settings for the job's own conditions
-enter, as ``condition_overrides``), the ablation keys, ``candidates``, ``dispatches``,
-``models.*``, ``adjudication``, ``paper``, ``errors``, ``scorers``, ``restore``, ``verify``.
+the job's battery *input*), ``batteries.*`` (task files, builder and ``render`` make the
+battery parquet, the battery rule's inputs and params; the parquet is every generation
+job's *input*, so a changed rendering rebuilds it and reruns the jobs), ``scopes`` (only
+their settings for the job's own conditions enter, as ``condition_overrides``), the
+ablation keys, ``candidates``, ``dispatches``, ``models.*``, ``adjudication``, ``paper``,
+``errors``, ``scorers``, ``restore``, ``verify``.
 ``threads`` counts for every engine: it sets the in-process (hf) and the launched server's
 CPU threads, which can change reduction order. ``server.request_timeout_s``,
 ``max_retries`` and ``retry_backoff_s`` count: they decide which requests end as error

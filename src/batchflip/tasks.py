@@ -6,9 +6,20 @@ dataset builders (:mod:`batchflip.builders`) use, so neither imports the other.
 A task document has a Jinja2 ``prompt_template``, ``filters`` (response post-processing
 applied before scoring) and ``samples`` (each with a unique ``id``, a ``reference`` and the
 template variables). Rendering uses ``StrictUndefined`` so a variable a sample lacks is an
-error naming the origin, sample and variable; Jinja2's default of dropping one trailing
-newline is kept (that is how the paper's harness renders). The task type decides the domain
-and the scorer:
+error naming the origin, sample and variable. Two renderings (a battery's ``render`` key):
+
+- ``harness`` (default): the bytes the paper's harness sends. Its runner
+  (Chimeraforge ``experiments/research/tr138/run.py``, ``_load_prompts``) replaces each
+  ``{{ key }}`` of the template with ``str(value)`` and sends the result as is, so the
+  template's trailing newline stays: all 953 paper prompts end in "\n" ("...Answer:\n").
+  Jinja2 with ``keep_trailing_newline`` gives the same bytes for templates that use only
+  ``{{ key }}`` (every paper and bundled template; ``tests/test_tasks.py`` checks all 953
+  against a plain string replace).
+- ``jinja``: Jinja2's default, which drops one trailing newline; batchflip's rendering
+  before the harness check (every prompt one "\n" short). Kept so that batteries and
+  results made before can be rebuilt byte for byte.
+
+The task type decides the domain and the scorer:
 
 | task_type | domain | scorer |
 | --- | --- | --- |
@@ -41,12 +52,21 @@ TASK_TYPES: dict[str, tuple[str, str]] = {
     "classification": ("capability", "mc_letter"),
 }
 FILTERS = ("strip_whitespace", "truncate_at_newline", "remove_assistant_prefix")
-_ENV = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)
+RENDERINGS = ("harness", "jinja")
+_ENVS = {
+    "harness": jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
+                                  keep_trailing_newline=True),
+    "jinja": jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False),
+}
 
 
-def render_task(doc: Any, path: object) -> pd.DataFrame:
+def render_task(doc: Any, path: object, render: str = "harness") -> pd.DataFrame:
     """Render one task document (a parsed task YAML, or one built by batchflip.builders)
-    into battery rows; ``path`` names its origin in errors."""
+    into battery rows with rendering ``render`` (module docstring); ``path`` names its
+    origin in errors."""
+    if render not in _ENVS:
+        raise InputError(path, f"unknown rendering '{render}' (known: {', '.join(RENDERINGS)})",
+                         field="render")
     if not isinstance(doc, dict):
         raise InputError(path, "top level must be a mapping")
     for key in ("name", "task_type", "prompt_template", "samples"):
@@ -61,7 +81,7 @@ def render_task(doc: Any, path: object) -> pd.DataFrame:
             raise InputError(path, f"unknown filter '{f}' (known: {', '.join(FILTERS)})",
                              field="filters")
     try:
-        template = _ENV.from_string(doc["prompt_template"])
+        template = _ENVS[render].from_string(doc["prompt_template"])
     except jinja2.TemplateSyntaxError as exc:
         raise InputError(path, f"template syntax: {exc}", field="prompt_template") from None
     domain, scorer = TASK_TYPES[doc["task_type"]]

@@ -7,10 +7,12 @@ rule battery:
         layout.battery_path("{battery}"),
     params:
         builder=lambda w: builder_spec(w.battery),
+        render=lambda w: config["batteries"][w.battery]["render"],
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/battery/{battery}.log",
     shell:
         "python -m batchflip battery {input.tasks:q} --builder {params.builder:q} "
+        "--render {params.render} "
         "--out {output:q} > {log:q} 2>&1"
