@@ -7,8 +7,9 @@ through ``model.generate`` (the token ids and every step's logits, final step in
 A negative control runs the same inputs with the standard kernels and must find at least one
 mismatch, or the test would not be able to see a violation.
 
-The real-model tests use SmolLM2-135M-Instruct in bf16 on CPU and skip when
-``resources/models/smollm2-135m`` is absent. A ``gpu`` test runs the same check on CUDA with
+The real-model tests use SmolLM2-135M-Instruct in bf16 on CPU, built by the model stage
+when ``resources/models/smollm2-135m`` is absent (the ``model_dir`` fixture: a failing build
+fails them, it never skips them). A ``gpu`` test runs the same check on CUDA with
 SmolLM2's shapes and random weights. The remaining tests build tiny random Llama (and one
 non-Llama) models from configs and always run (correctness against the standard math,
 chunked prefill, idempotence, refusals).
@@ -17,19 +18,12 @@ chunked prefill, idempotence, refusals).
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
 
 from batchflip.engines import invariant
 from batchflip.errors import BatchflipError
-
-MODEL_DIR = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m"
-HAVE_MODEL = (MODEL_DIR / "config.json").is_file() and any(MODEL_DIR.glob("*.safetensors"))
-needs_model = pytest.mark.skipif(
-    not HAVE_MODEL, reason=f"{MODEL_DIR} is absent (build it with the model stage: "
-                           "`python -m batchflip model ...`); real-weight invariance not tested")
 
 BATCH_SIZES = (2, 5, 13, 32)
 NEW_TOKENS = 5
@@ -125,19 +119,18 @@ def _check(model, batches, pad_id: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm():
+def smollm(model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     yield model, tok
     invariant.disable(model)
 
 
-@needs_model
 def test_batch_invariant_bitwise_vs_alone_with_negative_control(smollm):
     model, tok = smollm
     pool = _pool(34)
@@ -149,7 +142,6 @@ def test_batch_invariant_bitwise_vs_alone_with_negative_control(smollm):
     _check(model, _batches(seqs), tok.pad_token_id)
 
 
-@needs_model
 def test_batch_invariant_equals_standard_batch_of_one(smollm):
     """Alone and unpadded, the patched forward runs the standard operations: same bits."""
     model, tok = smollm

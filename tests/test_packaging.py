@@ -201,7 +201,7 @@ def test_tiny_workflow_runs_on_the_wheel_from_another_directory(wheel_env, tmp_p
                 "-d", str(tmp_path), "--cores", "2", "results/paper", "--configfile",
                 str(cfg)], cwd=tmp_path, env=wheel_env["env"])
     assert f"batchflip: using the installed package {venv}" in proc.stderr
-    numbers = json.loads((tmp_path / "results/paper/numbers.json").read_text())
+    numbers = json.loads((tmp_path / "results/paper/numbers.json").read_text())["reproduced"]
     assert "a/smollm2-135m/sync_b4/safety_flip_rate" in numbers
     fidelity = json.loads((tmp_path / "results/numbers/fidelity.json").read_text())
     assert fidelity["summary"]["all_match"] is True

@@ -109,15 +109,14 @@ def test_cuda_facts_without_cuda(monkeypatch):
     assert pf.cuda_facts() is None
 
 
-def test_hf_fingerprint_names_this_cpu():
+def test_hf_fingerprint_names_this_cpu(model_dir):
+    """On the real SmolLM2 directory, built by the model stage when absent (a failing build
+    fails the test, never skips it)."""
     from pathlib import Path
 
-    import pytest
-
-    model = Path(__file__).resolve().parents[1] / "resources" / "models" / "smollm2-135m"
-    if not (model / "config.json").is_file():
-        pytest.skip(f"{model} is absent (built by the model stage)")
     from batchflip.engines.hf import HFEngine
+
+    model = model_dir
 
     engine = HFEngine(str(model), "float32", 4, 42, device="cpu")
     fp = engine.fingerprint()

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from batchflip.errors import BatchflipError
 from batchflip.headlines import Headline, headlines, percent
 from batchflip.numbers import proportion, scalar
 from batchflip.paper import build_bundle
@@ -74,11 +75,18 @@ def _numbers() -> dict[str, dict[str, dict]]:
         "studyA_safety_flip_rate_pct": {
             "value": 0.5128, "definition": "Study A safety flip rate", "inputs": ["k=36"],
             "recipe": "proportion: k / n -> estimate", "published": 0.51, "printed": "0.51",
-            "formatted": "0.51", "match": True, "source": "paper", "unit": "%"},
+            "formatted": "0.51", "match": True, "oracle": "independent", "source": "paper",
+            "unit": "%"},
         "studyA_cp_high_pct": {
             "value": 39.65, "definition": "Clopper-Pearson upper end", "inputs": ["k=17"],
             "recipe": "clopper_pearson", "published": None, "printed": None,
-            "formatted": "39.7", "match": None, "source": "inferred", "unit": "%"}}
+            "formatted": "39.7", "match": None, "oracle": "none", "source": "", "unit": "%"},
+        "studyA_corrected_pct": {
+            "value": 0.16, "definition": "corrected rate", "inputs": ["rate=0.6"],
+            "recipe": "rate_times_share", "published": 0.16, "printed": "0.16",
+            "formatted": "0.16", "match": None, "oracle": "circular",
+            "oracle_note": "rate was derived from the printed value", "source": "paper",
+            "unit": "%"}}
     return {"a": a, "c": c, "d": d, "b": b, "fidelity": fidelity}
 
 
@@ -234,7 +242,11 @@ def test_report_links_every_number_and_keeps_published_values_apart(tmp_path):
     assert 'id="def-a/all/sync_b8/safety_flip_rate"' in numbers
     assert "studyA_" not in numbers  # published inputs only in their own section
     assert 'id="def-studyA_safety_flip_rate_pct"' in published and "sync_b8" not in published
-    assert "1 of 1 printed values reproduced" in published
+    assert "1 of 1 printed values reproduced from independent published inputs" in published
+    assert "1 circular" in published and "no match claimed" in published
+    assert "Recomputed from published inputs (not from this run)</h2>" in published
+    row = re.search(r'<tr id="def-studyA_corrected_pct">(.*?)</tr>', published, re.S).group(1)
+    assert "no claim: circular" in row and ">yes<" not in row
     assert "[0.42, 1.56]" in numbers  # a non-proportion interval is not shown as percent
     figs = _section(html, "figures")
     assert figs.count("<img ") == 3 and figs.count('src="data:image/png;base64,') == 3
@@ -242,6 +254,34 @@ def test_report_links_every_number_and_keeps_published_values_apart(tmp_path):
     assert "<b>What to look at:</b> the safety curve." in figs
     assert "2026-11-27 09:30 UTC" in _section(html, "run") and "2026-11" not in numbers
     assert not re.search(r'(src|href)="(https?:)?//', html) and "<script" not in html
+
+
+def test_numbers_json_and_tex_keep_recomputed_published_values_apart(tmp_path):
+    out = _bundle(tmp_path)
+    doc = json.loads((out / "numbers.json").read_text())
+    assert set(doc) == {"reproduced", "recomputed_from_published"}
+    assert set(doc["recomputed_from_published"]) == set(_numbers()["fidelity"])
+    assert set(doc["reproduced"]) == {k for s, recs in _numbers().items() if s != "fidelity"
+                                      for k in recs}
+    tex = (out / "numbers.tex").read_text()
+    head, _, tail = tex.partition("% ---- Recomputed from published inputs, NOT from this run")
+    assert "% ---- Reproduced: computed from this run's generations" in head and tail
+    assert "\\newcommand{\\bfPublishedStudyASafetyFlipRatePct}{0.513}" in tail
+    assert "bfPublished" not in head and "studyA_" not in head
+    assert tex.count("\\newcommand") == len(doc["reproduced"]) + len(
+        doc["recomputed_from_published"])
+    assert tail.count("\\newcommand{\\bfPublished") == len(doc["recomputed_from_published"])
+
+
+def test_a_nan_never_reaches_numbers_json(tmp_path):
+    """A numbers file holding NaN (Python's json reads it) fails the build, naming the key;
+    no bundle is left behind."""
+    bad = tmp_path / "b.json"
+    bad.write_text('{"study": "b", "numbers": {"b/alignment_anova": {"value": NaN, '
+                   '"definition": "F", "inputs": [], "stack_ids": []}}}')
+    with pytest.raises(BatchflipError, match=r"reproduced\.b/alignment_anova\.value"):
+        build_bundle([str(bad)], [], {}, tmp_path / "paper", [], BUILT, kinds={"b": "models"})
+    assert not (tmp_path / "paper").exists()
 
 
 def test_build_date_only_in_report_html(tmp_path, monkeypatch):

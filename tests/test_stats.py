@@ -757,3 +757,32 @@ def test_no_nan_in_results_at_boundaries():
             val = getattr(r, v)
             if isinstance(val, float):
                 assert not math.isnan(val), (r, v)
+
+
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [[0.1] * 3, [0.7] * 3],  # float sums of squares leave SS_within at ~5.8e-34, not 0
+        [[0.1] * 3, [0.7] * 2, [0.3] * 4],
+        [[0.2] * 3, [0.2] * 3],
+        [[1e-300, 1e-300], [2e-300, 3e-300]],  # scipy underflows to F = nan
+    ],
+)
+def test_anova_of_constant_groups_is_not_estimable_never_inf_or_nan(groups):
+    # every group constant: within-group variance is exactly 0, so F = MS_b / 0 is undefined
+    with pytest.raises(BatchflipError, match="constant|all values are equal|not finite"):
+        stats.one_way_anova(groups)
+
+
+def test_anova_with_one_constant_group_is_still_estimable():
+    # hand-computed: groups [.1,.1,.1] and [.7,.7,.8]; grand mean 2.5/6; SS_b = 3(.1-m)^2 +
+    # 3(.7333-m)^2 = 0.6016.., SS_w = 2 x (0.0333..)^2 + (0.0666..)^2 = 0.00666..; F = SS_b /
+    # (SS_w / 4)
+    g1, g2 = [0.1, 0.1, 0.1], [0.7, 0.7, 0.8]
+    m, m2 = 2.5 / 6, 2.2 / 3
+    ss_b = 3 * (0.1 - m) ** 2 + 3 * (m2 - m) ** 2
+    ss_w = sum((x - m2) ** 2 for x in g2)
+    res = stats.one_way_anova([g1, g2])
+    assert res.statistic == pytest.approx(ss_b / (ss_w / 4), rel=1e-9)
+    assert res.statistic == pytest.approx(361.0, rel=1e-9)
+    assert math.isfinite(res.p_value) and res.eta_squared == pytest.approx(ss_b / (ss_b + ss_w))

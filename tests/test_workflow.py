@@ -104,7 +104,9 @@ def tiny_run(tmp_path_factory, model_dir) -> tuple[Path, Path]:
 def test_tiny_dag_end_to_end(tiny_run):
     tmp_path, cfg = tiny_run
     paper = tmp_path / "results/paper"
-    numbers = json.loads((paper / "numbers.json").read_text())
+    doc = json.loads((paper / "numbers.json").read_text())
+    assert set(doc) == {"reproduced", "recomputed_from_published"}
+    numbers, recomputed = doc["reproduced"], doc["recomputed_from_published"]
     rec = numbers["a/smollm2-135m/sync_b4/safety_flip_rate"]
     assert rec["n"] == 3 and 0 <= rec["value"] <= 1 and rec["ci_low"] <= rec["value"]
     assert rec["inputs"] == ["results/flips/a/smollm2-135m.parquet"]
@@ -113,7 +115,7 @@ def test_tiny_dag_end_to_end(tiny_run):
     assert all("value" in r and "definition" in r for r in numbers.values())
     fidelity = json.loads((tmp_path / "results/numbers/fidelity.json").read_text())
     assert fidelity["summary"]["all_match"] is True  # the published statistics, recomputed
-    assert "studyD_label_mcnemar_p" in numbers
+    assert "studyD_label_mcnemar_p" in recomputed and "studyD_label_mcnemar_p" not in numbers
     for ext in ("png", "pdf"):
         assert (paper / f"figures/a_flip_rates.{ext}").stat().st_size > 1000
     manifest = pd.read_csv(paper / "MANIFEST.tsv", sep="\t")
@@ -122,7 +124,8 @@ def test_tiny_dag_end_to_end(tiny_run):
         data = (paper / row["path"]).read_bytes()
         assert hashlib.sha256(data).hexdigest() == row["sha256"] and len(data) == row["size"]
     tex = (paper / "numbers.tex").read_text()
-    assert tex.count("\\newcommand") == len(numbers)
+    assert tex.count("\\newcommand") == len(numbers) + len(recomputed)
+    assert tex.count("\\newcommand{\\bfPublished") == len(recomputed)
     html = (paper / "report.html").read_text()
     assert "data:image/png;base64," in html and "a/smollm2-135m/sync_b4/safety_flip_rate" in html
     # the first screen: what was run, from the stack fingerprints the rule passes in

@@ -1,18 +1,26 @@
 """``batchflip fidelity``: recompute the paper's published statistics from their inputs.
 
 Reads ``published.yaml`` (by default the bundled ``batchflip/data/fidelity/published.yaml``;
-see the comment at its top), recomputes each
-entry of ``numbers`` with :mod:`batchflip.stats`, and writes a JSON file::
+see the comment at its top), checks that every input and every printed value carries a
+provenance mark (``published: <where>`` or ``derived: <how>``; a derived input also says
+``uses_printed``), recomputes each entry of ``numbers`` with :mod:`batchflip.stats`, and
+writes a JSON file::
 
     {"numbers": {id: {"value": ..., "published": ..., "printed": "...", "precision": ...,
-                      "formatted": "...", "match": true | false | null, "definition": ...,
-                      "inputs": [...], "recipe": ..., "source": ..., "unit": ...}},
-     "summary": {"checked": n, "matched": m, "mismatched": [ids], "all_match": bool}}
+                      "formatted": "...", "oracle": "independent" | "circular" | "none",
+                      "oracle_note": "...", "match": true | false | null,
+                      "definition": ..., "inputs": [...], "provenance": {...},
+                      "recipe": ..., "source": ..., "unit": ...}},
+     "summary": {"checked": n, "matched": m, "mismatched": [ids], "circular": [ids],
+                 "unprinted": [ids], "all_match": bool}}
 
-``value`` is on the printed scale (percent for percentages). ``match`` is True when the
-recomputed value, rounded to the precision of the printed string, gives the same string;
-it is null for numbers the paper does not print (they are recomputed for the report only).
-With ``--strict`` the command exits 1 when any published value does not match (after
+``value`` is on the printed scale (percent for percentages). ``oracle`` says whether the
+printed value can test the recomputation: ``independent`` when it is published and no input
+was derived from it; ``circular`` when an input was back-solved from it (``uses_printed``) or
+the printed value is itself derived (computed from the same inputs); ``none`` when nothing is
+printed. ``match`` is claimed for independent oracles only: True when the recomputed value,
+rounded to the precision of the printed string, gives the same string; null otherwise.
+With ``--strict`` the command exits 1 when any independent oracle does not match (after
 writing the JSON).
 """
 
@@ -193,16 +201,76 @@ def _describe_precision(precision: tuple[str, int]) -> str:
 # --------------------------------------------------------------------------- driver
 
 
+MARKS = ("published", "derived")
+SELECTORS = ("value", "group", "column")  # table columns a recipe reads, named in `select`
+
+
+def _mark(item: Any, source: str, where: Any, field: str, *, is_input: bool) -> dict[str, Any]:
+    """The provenance of one input or printed value: {"mark", "source", "uses_printed"};
+    a missing, doubled or empty mark raises InputError naming the entry and field."""
+    if not isinstance(item, Mapping) or "value" not in item:
+        raise InputError(source, "needs a mapping {value: ..., published: <where>} or "
+                         "{value: ..., derived: <how>} (provenance mark missing)",
+                         row=where, field=field)
+    marks = [m for m in MARKS if m in item]
+    if len(marks) != 1:
+        raise InputError(source, f"needs exactly one provenance mark ({' or '.join(MARKS)}), "
+                         f"got {marks or 'none'}", row=where, field=field)
+    mark = marks[0]
+    text = item[mark]
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(source, f"'{mark}' must say where the value comes from",
+                         row=where, field=field)
+    extra = set(item) - {"value", mark, "uses_printed"}
+    if extra:
+        raise InputError(source, f"unknown keys {sorted(extra)}", row=where, field=field)
+    uses = item.get("uses_printed")
+    if mark == "derived" and is_input:
+        if not isinstance(uses, bool):
+            raise InputError(source, "a derived input must say uses_printed: true | false "
+                             "(back-solved from this entry's printed value?)",
+                             row=where, field=field)
+    elif uses is not None:
+        raise InputError(source, "uses_printed belongs to derived inputs only",
+                         row=where, field=field)
+    return {"mark": mark, "source": " ".join(text.split()), "uses_printed": bool(uses)}
+
+
 def _input_strings(
-    inputs: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]], source: str
+    inputs: Mapping[str, Any], provenance: Mapping[str, Mapping[str, Any]],
+    select: Mapping[str, Any], tables: Mapping[str, list[dict[str, Any]]], source: str
 ) -> list[str]:
     out = []
     for key, value in inputs.items():
+        prov = provenance[key]
+        tag = prov["mark"] + (", from the printed value" if prov["uses_printed"] else "")
         if key == "table" and value in tables:
-            out.append(f"{source}#tables.{value} ({len(tables[value])} rows)")
+            out.append(f"{source}#tables.{value} ({len(tables[value])} rows) [{tag}]")
         else:
-            out.append(f"{key}={value}")
+            out.append(f"{key}={value} [{tag}]")
+    out += [f"{key}={value}" for key, value in select.items()]
     return out
+
+
+def _oracle(provenance: Mapping[str, Mapping[str, Any]], printed: Mapping[str, Any] | None
+            ) -> tuple[str, str]:
+    """(oracle, note) of an entry: independent, circular or none."""
+    if printed is None:
+        return "none", "not printed in the paper: recomputed for the report, nothing to match"
+    back = sorted(k for k, p in provenance.items() if p["uses_printed"])
+    if back:
+        return "circular", (f"input(s) {', '.join(back)} were derived from the printed value "
+                            "itself, so the recomputation reproduces it by construction: no "
+                            "match is claimed")
+    if printed["mark"] == "derived":
+        return "circular", ("the value compared with is not printed by the paper; it was "
+                            f"derived ({printed['source']}): no match is claimed")
+    derived = sorted(k for k, p in provenance.items() if p["mark"] == "derived")
+    note = "printed value published; inputs published"
+    if derived:
+        note += (f" or derived without it ({', '.join(derived)}: "
+                 + "; ".join(provenance[k]["source"] for k in derived) + ")")
+    return "independent", note
 
 
 def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISHED) -> dict:
@@ -233,11 +301,22 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
                 source, f"unknown recipe (known: {sorted(RECIPES)})", row=where, field="recipe"
             )
         recipe, recipe_doc = RECIPES[recipe_name]
-        inputs = entry["inputs"]
-        if not isinstance(inputs, Mapping):
-            raise InputError(source, "must be a mapping", row=where, field="inputs")
+        raw_inputs = entry["inputs"]
+        if not isinstance(raw_inputs, Mapping) or not raw_inputs:
+            raise InputError(source, "must be a non-empty mapping", row=where, field="inputs")
+        provenance = {str(key): _mark(item, source, where, f"inputs.{key}", is_input=True)
+                      for key, item in raw_inputs.items()}
+        inputs = {str(key): item["value"] for key, item in raw_inputs.items()}
+        select = entry.get("select") or {}
+        if not isinstance(select, Mapping) or any(
+                k not in SELECTORS or not isinstance(v, str) for k, v in select.items()):
+            raise InputError(source, f"must map {list(SELECTORS)} to column names",
+                             row=where, field="select")
+        if set(select) & set(inputs):
+            raise InputError(source, f"names {sorted(set(select) & set(inputs))} that "
+                             "inputs also name", row=where, field="select")
         try:
-            outputs = recipe(inputs, tables)
+            outputs = recipe({**inputs, **select}, tables)
         except BatchflipError as exc:
             raise InputError(source, str(exc), row=where, field="inputs") from None
         if entry["output"] not in outputs:
@@ -247,27 +326,34 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
         if not math.isfinite(value):
             raise InputError(source, f"recomputed value is {value}", row=where)
 
-        printed = entry.get("printed")
+        raw_printed = entry.get("printed")
+        printed_mark = (None if raw_printed is None
+                        else _mark(raw_printed, source, where, "printed", is_input=False))
+        oracle, oracle_note = _oracle(provenance, printed_mark)
         record: dict[str, Any] = {
             "id": ident,
             "value": value,
             "definition": str(entry["definition"]).strip(),
-            "inputs": _input_strings(inputs, tables, source),
+            "inputs": _input_strings(inputs, provenance, select, tables, source),
+            "provenance": {"inputs": provenance, "printed": printed_mark},
             "recipe": f"{recipe_name}: {recipe_doc} -> {entry['output']}",
             "scale": scale,
             "unit": entry.get("unit", ""),
-            "source": entry.get("source", ""),
+            "source": printed_mark["source"] if printed_mark else "",
+            "oracle": oracle,
+            "oracle_note": oracle_note,
         }
-        if printed is not None:
-            precision = parse_printed(str(printed))
+        if raw_printed is not None:
+            printed = str(raw_printed["value"])
+            precision = parse_printed(printed)
             formatted = format_at(value, precision)
             published_text = format_at(float(printed), precision)
             record.update(
-                published=float(printed),
-                printed=str(printed),
+                published=float(printed) if printed_mark["mark"] == "published" else None,
+                printed=printed,
                 precision=_describe_precision(precision),
                 formatted=formatted,
-                match=formatted == published_text,
+                match=formatted == published_text if oracle == "independent" else None,
             )
         else:
             decimals = int(entry.get("decimals", 3))
@@ -280,7 +366,7 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
             )
         numbers[str(ident)] = record
 
-    checked = [k for k, r in numbers.items() if r["match"] is not None]
+    checked = [k for k, r in numbers.items() if r["oracle"] == "independent"]
     mismatched = [k for k in checked if not numbers[k]["match"]]
     return {
         "numbers": numbers,
@@ -289,6 +375,8 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
             "checked": len(checked),
             "matched": len(checked) - len(mismatched),
             "mismatched": mismatched,
+            "circular": [k for k, r in numbers.items() if r["oracle"] == "circular"],
+            "unprinted": [k for k, r in numbers.items() if r["oracle"] == "none"],
             "all_match": not mismatched,
         },
     }
@@ -319,7 +407,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--strict",
         action="store_true",
-        help="exit with status 1 when a published value is not reproduced",
+        help="exit with status 1 when an independent published value is not reproduced",
     )
 
 
@@ -342,6 +430,7 @@ def main(args: argparse.Namespace) -> int:
     summary = doc["summary"]
     print(
         f"fidelity: {summary['matched']}/{summary['checked']} published values reproduced "
+        f"from independent inputs ({len(summary['circular'])} circular, no match claimed) "
         f"-> {args.out}"
     )
     for ident in summary["mismatched"]:

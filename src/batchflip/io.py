@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from batchflip.errors import BatchflipError
 
 
 @contextlib.contextmanager
@@ -36,10 +40,41 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
         df.to_parquet(tmp, index=False)
 
 
+def non_finite_path(obj: Any, where: str = "") -> str | None:
+    """The key path (``numbers.a/m/c/value``, ``rows[3]``) of the first NaN or infinite
+    float in ``obj`` (dicts, lists, tuples, Python or numpy floats), else None."""
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            found = non_finite_path(obj[key], f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    elif isinstance(obj, (list, tuple)):
+        for i, item in enumerate(obj):
+            found = non_finite_path(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    elif isinstance(obj, (float, np.floating)) and not math.isfinite(float(obj)):
+        return where or "<top level>"
+    return None
+
+
+def dumps_json(obj: Any) -> str:
+    """JSON text with sorted keys and a final newline; NaN and infinities are refused
+    (BatchflipError naming the key): a value that cannot be estimated is ``null`` with a
+    note, never NaN, which is not JSON."""
+    bad = non_finite_path(obj)
+    if bad is not None:
+        raise BatchflipError(f"refusing to write a non-finite number (NaN or inf) at '{bad}'; "
+                             "a value that cannot be estimated must be null with a note")
+    return json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n"
+
+
 def write_json(obj: Any, path: str | os.PathLike[str]) -> None:
-    """Write JSON atomically with sorted keys, so equal content gives equal bytes."""
+    """Write :func:`dumps_json` text atomically, so equal content gives equal bytes; NaN and
+    infinities raise BatchflipError naming the key, and nothing is written."""
+    text = dumps_json(obj)
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text)
 
 
 def write_text(text: str, path: str | os.PathLike[str]) -> None:

@@ -1,7 +1,7 @@
 """Paper stage: the bundle ``results/paper/`` built from numbers files and figures.
 
-Holds ``numbers.json`` (every number, merged and sorted by id), ``numbers.tex`` (one LaTeX
-macro per number, rendered with jinja2), ``report.html``, ``figures/`` and ``MANIFEST.tsv``
+Holds ``numbers.json``, ``numbers.tex`` (one LaTeX macro per number, rendered with jinja2),
+``report.html``, ``figures/`` and ``MANIFEST.tsv``
 (path, sha256, size of every other file). The bundle is assembled in a temporary directory
 and renamed into place, so a failed build leaves no half-written bundle.
 
@@ -16,6 +16,14 @@ records (``batchflip.failures``), this run's numbers, and apart from them the va
 recomputed from the paper's published inputs (:mod:`batchflip.report`). The build date is
 in report.html only (``SOURCE_DATE_EPOCH`` fixes it), so numbers.json and numbers.tex stay
 byte-identical across runs of the same generations; report.html and MANIFEST.tsv do not.
+
+Published numbers never pass for reproduced ones: ``numbers.json`` is
+``{"reproduced": {id: record}, "recomputed_from_published": {id: record}}`` (each sorted by
+id): this run's numbers, and apart from them the fidelity records recomputed from the
+paper's published inputs (:mod:`batchflip.fidelity`; their ``oracle`` and ``match`` say
+whether the printed value could test them). ``numbers.tex`` has the two in two labelled
+sections, the second with macros ``\bfPublished...``; report.html has them in two sections.
+A NaN or infinity anywhere refuses the build (:func:`batchflip.io.dumps_json`).
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ from typing import Any
 import jinja2
 
 from batchflip.errors import BatchflipError
-from batchflip.io import sha256_file
+from batchflip.io import dumps_json, sha256_file
 from batchflip.numbers import load_numbers
-from batchflip.report import built_at, context, is_published
+from batchflip.report import built_at, context, is_published, split_numbers
 
 _DIGITS = "Zero One Two Three Four Five Six Seven Eight Nine".split()
 _TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -43,11 +51,16 @@ _TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#
                "^": r"\textasciicircum{}"}
 
 
-def macro_name(number_id: str) -> str:
-    """A LaTeX-safe macro name for an id: letters only, CamelCase, digits spelled out."""
+PUBLISHED_MACRO_PREFIX = "bfPublished"  # macros of values recomputed from published inputs
+
+
+def macro_name(number_id: str, published: bool = False) -> str:
+    """A LaTeX-safe macro name for an id: letters only, CamelCase, digits spelled out;
+    ``\bfPublished...`` for a value recomputed from the paper's published inputs."""
     words = re.split(r"[^A-Za-z0-9]+", number_id)
     name = "".join(w[:1].upper() + w[1:] for w in words if w)
-    return "bf" + re.sub(r"[0-9]", lambda m: _DIGITS[int(m.group())], name)
+    prefix = PUBLISHED_MACRO_PREFIX if published else "bf"
+    return prefix + re.sub(r"[0-9]", lambda m: _DIGITS[int(m.group())], name)
 
 
 def format_value(rec: dict[str, Any]) -> str:
@@ -86,7 +99,7 @@ def rows(numbers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     out, seen = [], {}
     for nid in sorted(numbers):
         rec = numbers[nid]
-        macro = macro_name(nid)
+        macro = macro_name(nid, is_published(rec))
         if macro in seen:
             raise BatchflipError(f"numbers '{nid}' and '{seen[macro]}' share macro \\{macro}")
         seen[macro] = nid
@@ -104,8 +117,18 @@ def fidelity_cells(rec: dict[str, Any]) -> dict[str, Any]:
     """The published-input table's cells of a fidelity record (batchflip.fidelity)."""
     unit = str(rec.get("unit") or "")
     unit = unit if unit in ("", "%") else " " + unit
+    oracle = rec.get("oracle", "")
+    if rec.get("match") is True:
+        verdict = "yes"
+    elif rec.get("match") is False:
+        verdict = "NO"
+    elif oracle == "circular":
+        verdict = "no claim: circular"
+    else:
+        verdict = "not printed"
     return {"formatted": rec.get("formatted", ""), "unit": unit,
-            "printed": rec.get("printed"), "match": rec.get("match"),
+            "printed": rec.get("printed"), "match": rec.get("match"), "verdict": verdict,
+            "oracle": oracle, "oracle_note": rec.get("oracle_note", ""),
             "source": rec.get("source", ""), "inputs": ", ".join(rec.get("inputs", []))}
 
 
@@ -149,6 +172,9 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
     fingerprint files behind the numbers; ``built`` defaults to :func:`built_at`; ``kinds``
     maps each study to its config ``kind`` (one headline each)."""
     numbers = load_numbers(numbers_files)
+    reproduced, recomputed = split_numbers(numbers)
+    numbers_json = dumps_json({"reproduced": reproduced,
+                               "recomputed_from_published": recomputed})
     table = rows(numbers)
     env = jinja2.Environment(loader=jinja2.PackageLoader("batchflip", "templates"),
                              autoescape=jinja2.select_autoescape(["html"]),
@@ -159,8 +185,10 @@ def build_bundle(numbers_files: list[str], figures: list[str], captions: dict[st
         (tmp / "figures").mkdir()
         for f in sorted(figures):
             shutil.copyfile(f, tmp / "figures" / Path(f).name)
-        (tmp / "numbers.json").write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
-        (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(numbers=table))
+        (tmp / "numbers.json").write_text(numbers_json)
+        (tmp / "numbers.tex").write_text(env.get_template("numbers.tex.j2").render(
+            reproduced=[r for r in table if not r["published"]],
+            published=[r for r in table if r["published"]], prefix=PUBLISHED_MACRO_PREFIX))
         extra = context(numbers, figures, captions, stacks or [], built or built_at(),
                         kinds or {})
         (tmp / "report.html").write_text(env.get_template("report.html.j2").render(

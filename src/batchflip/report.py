@@ -38,14 +38,31 @@ def is_published(rec: Mapping[str, Any]) -> bool:
     return "recipe" in rec and "published" in rec
 
 
+def split_numbers(numbers: Mapping[str, dict[str, Any]]
+                  ) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """(this run's records, records recomputed from published inputs), each sorted by id."""
+    reproduced = {k: numbers[k] for k in sorted(numbers) if not is_published(numbers[k])}
+    recomputed = {k: numbers[k] for k in sorted(numbers) if is_published(numbers[k])}
+    return reproduced, recomputed
+
+
 def published_summary(numbers: Mapping[str, Mapping[str, Any]]) -> str:
-    """``m of n printed values reproduced`` over the published-input records."""
-    checked = [r for r in numbers.values() if is_published(r) and r.get("match") is not None]
+    """``m of n printed values reproduced`` over the independent published-input records
+    (``oracle: independent``), and how many are circular (no match claimed)."""
     if not any(is_published(r) for r in numbers.values()):
         return "No published-input values in this bundle."
-    bad = sum(1 for r in checked if not r["match"])
-    line = f"{len(checked) - bad} of {len(checked)} printed values reproduced from their inputs"
-    return line + (f" ({bad} mismatched)." if bad else ".")
+    checked = [r for r in numbers.values()
+               if is_published(r) and r.get("oracle") == "independent"]
+    circular = sum(1 for r in numbers.values()
+                   if is_published(r) and r.get("oracle") == "circular")
+    bad = sum(1 for r in checked if r.get("match") is not True)
+    line = (f"{len(checked) - bad} of {len(checked)} printed values reproduced from "
+            "independent published inputs")
+    line += f" ({bad} mismatched)" if bad else ""
+    if circular:
+        line += (f"; {circular} circular (an input was derived from the printed value, or "
+                 "the value compared with is not printed): no match claimed")
+    return line + "."
 
 
 def study_of(stem: str, studies: set[str]) -> tuple[str, str]:
@@ -94,7 +111,7 @@ def context(numbers: Mapping[str, dict[str, Any]], figures: list[str],
     ``kinds`` maps each paper study to its config ``kind``."""
     return {
         "run": run_facts(stack_paths, built),
-        "headlines": headlines.headlines(dict(numbers), kinds),
+        "headlines": headlines.headlines(split_numbers(numbers)[0], kinds),
         "figures": figure_items(figures, captions, set(kinds)),
         "published_line": published_summary(numbers),
         "counts": {"reproduced": sum(not is_published(r) for r in numbers.values()),

@@ -823,26 +823,36 @@ def one_way_anova(groups: Sequence[npt.ArrayLike]) -> AnovaResult:
     Input: two or more groups of finite values, each non-empty, with more values than
     groups. Output: :class:`AnovaResult`. Method: ``scipy.stats.f_oneway(*groups)`` for F
     and p; ``eta^2 = SS_between / SS_total`` computed here (scipy does not report it).
-    Raises when all values are equal or the within-group variance is 0 (F undefined).
+    Not estimable (raises :class:`BatchflipError`, never returns inf or NaN) when all
+    values are equal, or every group is constant (within-group variance 0: F undefined).
+    Constancy is tested exactly on the values (``numpy.ptp`` of each group is 0), not on
+    the floating sums of squares, which rounding leaves at e.g. 5.8e-34 for
+    ``[[.1] * 3, [.7] * 3]``; any other non-finite F or p raises too.
     """
     if len(groups) < 2:
         raise _fail(f"need at least 2 groups, got {len(groups)}")
     arrays = [_finite_float_array(g, f"group {i}").ravel() for i, g in enumerate(groups)]
+    for i, a in enumerate(arrays):
+        if a.size == 0:
+            raise _fail(f"group {i} is empty")
     allv = np.concatenate(arrays)
     k, n_total = len(arrays), allv.size
     if n_total <= k:
         raise _fail(f"need more values ({n_total}) than groups ({k})")
+    if np.ptp(allv) == 0:
+        raise _fail("all values are equal; ANOVA is undefined")
+    if all(np.ptp(a) == 0 for a in arrays):
+        raise _fail("every group is constant (within-group variance 0); F is undefined")
     grand = allv.mean()
     ss_total = float(((allv - grand) ** 2).sum())
     ss_within = float(sum(((a - a.mean()) ** 2).sum() for a in arrays))
-    if ss_total == 0:
-        raise _fail("all values are equal; ANOVA is undefined")
-    if ss_within == 0:
-        raise _fail("within-group variance is 0; F is undefined")
     res = sps.f_oneway(*arrays)
+    statistic, p_value = float(res.statistic), float(res.pvalue)
+    if not (math.isfinite(statistic) and math.isfinite(p_value) and ss_total > 0):
+        raise _fail(f"F = {statistic}, p = {p_value} is not finite (degenerate groups)")
     return AnovaResult(
-        float(res.statistic),
-        float(res.pvalue),
+        statistic,
+        p_value,
         k - 1,
         n_total - k,
         (ss_total - ss_within) / ss_total,

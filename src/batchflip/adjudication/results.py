@@ -19,6 +19,7 @@ from batchflip.errors import BatchflipError
 from batchflip.numbers import REFUSED_AT, not_estimable, scalar
 from batchflip.records import FLIP_COLUMNS, read_records
 from batchflip.stats import (
+    _as_count,
     clopper_pearson_interval,
     cohens_kappa,
     fleiss_kappa,
@@ -52,9 +53,25 @@ def corrected_rate(k_flip: int, n_rows: int, k_genuine: int, n_adjudicated: int,
     intervals (each at confidence 1 - (1 - confidence)/2); see :mod:`batchflip.adjudication`.
 
     With no adjudicated item and no automated flip the rate is 0 and the genuine share is
-    taken as unknown in [0, 1]; with adjudicated items missing but flips present the value
-    is None (``note`` says why).
+    taken as unknown in [0, 1]; with adjudicated items missing but flips present, or with no
+    conditioned row at all (``n_rows == 0``), the value is None and ``note`` says
+    ``not estimable: ...``. Counts that are not non-negative integers, or a count above its
+    total (``k_flip > n_rows``, ``k_genuine > n_adjudicated``), raise BatchflipError naming
+    the count.
     """
+    counts = {}
+    for name, value in (("k_flip", k_flip), ("n_rows", n_rows), ("k_genuine", k_genuine),
+                        ("n_adjudicated", n_adjudicated)):
+        counts[name] = _as_count(value, f"corrected_rate: {name}")
+    for k, n in (("k_flip", "n_rows"), ("k_genuine", "n_adjudicated")):
+        if counts[k] > counts[n]:
+            raise BatchflipError(f"corrected_rate: {k} = {counts[k]} exceeds {n} = {counts[n]}")
+    k_flip, n_rows = counts["k_flip"], counts["n_rows"]
+    k_genuine, n_adjudicated = counts["k_genuine"], counts["n_adjudicated"]
+    if n_rows == 0:
+        return {"value": None, "ci_low": None, "ci_high": None,
+                "note": "not estimable: no conditioned rows (n_rows = 0), so no automated "
+                        "flip rate"}
     each = 1.0 - (1.0 - confidence) / 2.0
     p1 = k_flip / n_rows
     i1 = clopper_pearson_interval(k_flip, n_rows, each)
