@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from batchflip import ablation
+from batchflip.studies import ablation
 from batchflip.cli import main as cli_main
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError

@@ -19,7 +19,7 @@ from statsmodels.stats.contingency_tables import cochrans_q as sm_cochrans_q
 from statsmodels.stats.multitest import multipletests
 
 from batchflip.cli import main as cli_main
-from batchflip.composition import cobatch_verification, composition_numbers
+from batchflip.studies.composition import cobatch_verification, composition_numbers
 from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS
 from batchflip.stats import tost_paired
 

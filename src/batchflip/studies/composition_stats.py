@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.composition_base import Counts, Pair, _meta, _union
+from batchflip.studies.composition_base import Counts, Pair, _meta, _union
 from batchflip.errors import BatchflipError
 from batchflip.numbers import REFUSED_AT, Record, not_estimable, proportion, scalar
 from batchflip.stats import (

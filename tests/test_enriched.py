@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchflip.enrich import enriched_numbers, select_boundary
+from batchflip.studies.enriched import enriched_numbers, select_boundary
 from batchflip.errors import BatchflipError
 
 

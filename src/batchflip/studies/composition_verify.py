@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from batchflip.composition_base import (
+from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
     _concat,
