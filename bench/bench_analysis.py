@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from batchflip.flips import pair_flips
-from batchflip.studies.discovery import discovery_numbers
 from batchflip.scoring import score_frame
+from batchflip.studies.discovery import discovery_numbers
 
 TASKS = [("refusal", "safety", "refusal", 220), ("bbq", "safety", "bbq", 198),
          ("tqa", "safety", "truthfulqa", 50), ("mmlu", "capability", "mc_letter", 285),

@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from batchflip.studies import ablation
 from batchflip.cli import main as cli_main
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 from batchflip.io import write_parquet
 from batchflip.records import GENERATION_COLUMNS
+from batchflip.studies import ablation
 
 REFUSE, COMPLY = "I cannot help with that.", "Sure, here is how you do it."
 META = json.dumps({"filters": ["strip_whitespace"]})

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchflip.studies.enriched import enriched_numbers, select_boundary
 from batchflip.errors import BatchflipError
+from batchflip.studies.enriched import enriched_numbers, select_boundary
 
 
 def test_boundary_selects_half_scores_and_flips_in_battery_order():

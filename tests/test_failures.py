@@ -33,18 +33,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchflip.studies import ablation
 from batchflip.cli import main as cli_main
-from batchflip.studies.composition import cobatch_verification, composition_numbers
 from batchflip.config import check_schema
 from batchflip.errors import BatchflipError
 from batchflip.failures import error_numbers, failed_mask
 from batchflip.flips import pair_flips
 from batchflip.io import write_parquet
-from batchflip.studies.discovery import discovery_numbers
 from batchflip.paper import build_bundle, failure_summary
 from batchflip.records import GENERATION_COLUMNS
 from batchflip.scoring import score_frame
+from batchflip.studies import ablation
+from batchflip.studies.composition import cobatch_verification, composition_numbers
+from batchflip.studies.discovery import discovery_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSE, COMPLY = "I cannot help with that.", "Sure, here is how you do it."
@@ -160,7 +160,8 @@ def _write_inputs(tmp: Path) -> dict[str, Path]:
 
 
 def _numbers_argv(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["discovery", "numbers", "--study", "a", "--baseline", "sync_b1", "--flips", str(paths["flips"]),
+    return ["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
+            "--flips", str(paths["flips"]),
             "--scored", str(paths["sync_b1"]), str(paths["sync_b4"]), *extra, "--out", str(out)]
 
 

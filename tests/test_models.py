@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import ROOT
 
-from batchflip.studies.models import alignment_anova, models_figure, models_numbers
 from batchflip.records import FLIP_COLUMNS
+from batchflip.studies.models import alignment_anova, models_figure, models_numbers
 
 PUBLISHED = yaml.safe_load((ROOT / "src/batchflip/data/fidelity/published.yaml").read_text())
 TABLE = PUBLISHED["tables"]["study_b_models"]  # 15 models: rate (%) and alignment type

@@ -135,7 +135,8 @@ def test_study_d_plans_55_x_2_x_2(plan):
 def test_every_stage_is_planned(plan):
     _, stdout, _ = plan
     counts = job_counts(stdout)
-    for rule in ("battery", "score", "flips", "discovery_numbers", "models_numbers", "models_figure",
+    for rule in ("battery", "score", "flips", "discovery_numbers", "models_numbers",
+                 "models_figure",
                  "composition_numbers", "enriched_battery", "enriched_numbers", "paper"):
         assert counts.get(rule, 0) >= 1, rule
     assert any(r.startswith("generate_server_") for r in counts)

@@ -149,8 +149,8 @@ def test_tiny_dag_end_to_end(tiny_run):
     counts = job_counts(dry.stdout)
     # adjudication reads the flips: it re-exports (same seeded sheets) and re-checks which
     # reviewed items changed their automated label (flagged for re-review)
-    assert counts == {"score": 3, "flips": 1, "discovery_numbers": 1, "discovery_figure": 2, "paper": 1,
-                      "adjudication_export": 1, "adjudication_results": 1}
+    assert counts == {"score": 3, "flips": 1, "discovery_numbers": 1, "discovery_figure": 2,
+                      "paper": 1, "adjudication_export": 1, "adjudication_results": 1}
 
     # a clean rerun reproduces numbers.json byte for byte
     first = (paper / "numbers.json").read_bytes()

@@ -65,6 +65,21 @@ from typing import Any
 
 import pandas as pd
 
+from batchflip.cli import figure_arguments
+from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
+from batchflip.flips import FLIP_TOL
+from batchflip.io import write_json, write_parquet
+from batchflip.numbers import (
+    REFUSED_AT,
+    Record,
+    load,
+    not_estimable,
+    proportion_or_none,
+    scalar,
+)
+from batchflip.records import BATTERY_COLUMNS, read_records
+from batchflip.stats import mcnemar_exact, paired_counts
 from batchflip.studies.ablation_runs import (
     CANDIDATE_COLUMNS,
     CANDIDATE_SETS,
@@ -83,21 +98,6 @@ from batchflip.studies.ablation_runs import (
     score_runs,
     select_candidates,
 )
-from batchflip.cli import figure_arguments
-from batchflip.errors import BatchflipError, InputError
-from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
-from batchflip.flips import FLIP_TOL
-from batchflip.io import write_json, write_parquet
-from batchflip.numbers import (
-    REFUSED_AT,
-    Record,
-    load,
-    not_estimable,
-    proportion_or_none,
-    scalar,
-)
-from batchflip.records import BATTERY_COLUMNS, read_records
-from batchflip.stats import mcnemar_exact, paired_counts
 
 __all__ = [
     "CANDIDATE_COLUMNS", "CANDIDATE_SETS", "FACETS", "FLIP_NEEDED", "GEN_NEEDED", "MODES",

@@ -98,6 +98,12 @@ import numpy as np
 import pandas as pd
 
 from batchflip.cli import figure_arguments
+from batchflip.conditions import parse_condition
+from batchflip.errors import BatchflipError
+from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
+from batchflip.io import write_json
+from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
+from batchflip.records import read_records
 from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
@@ -125,12 +131,6 @@ from batchflip.studies.composition_stats import (
 )
 from batchflip.studies.composition_verify import cobatch_verification as cobatch_verification
 from batchflip.studies.composition_verify import verification_numbers
-from batchflip.conditions import parse_condition
-from batchflip.errors import BatchflipError
-from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
-from batchflip.io import write_json
-from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
-from batchflip.records import read_records
 
 
 def _sanitize(numbers: dict[str, Record]) -> dict[str, Record]:
