@@ -1,4 +1,4 @@
-"""Study D (batchflip.ablation): candidates, reruns, numbers, figure.
+"""Study D (batchflip.studies.ablation): candidates, reruns, numbers, figure.
 
 Group reconstruction is checked on generation records written to parquet by the test, with
 groups whose members are *not* in battery order (so re-deriving groups from prompt order

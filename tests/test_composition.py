@@ -1,4 +1,4 @@
-"""Study C numbers and figure (batchflip.composition) on small hand-built frames.
+"""Study C numbers and figure (batchflip.studies.composition) on small hand-built frames.
 
 Every statistic is checked against an independent computation: the Wilson closed form,
 brute-force binomial enumeration for McNemar, statsmodels for Holm, Cochran's Q and

@@ -1,4 +1,5 @@
-"""Enriched subset: boundary selection, and its rates beside the full-set rates."""
+"""Enriched subset (batchflip.studies.enriched): boundary selection, and its rates beside the
+full-set rates."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Study B (kind models): fragility across models, checked against the paper's table."""
+"""Study B (batchflip.studies.models, kind models): fragility across models, checked against the
+paper's table."""
 
 from __future__ import annotations
 
