@@ -44,19 +44,19 @@ wildcard_constraints:
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/battery.smk"
-include: "workflow/rules/models.smk"
+include: "workflow/rules/model.smk"
 include: "workflow/rules/generate.smk"
 include: "workflow/rules/restore.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/flips.smk"
-include: "workflow/rules/numbers.smk"
-include: "workflow/rules/figures.smk"
+# one rule file per study kind (batchflip.studies): <kind>_numbers, <kind>_figure, ...
+include: "workflow/rules/study_discovery.smk"
+include: "workflow/rules/study_models.smk"
+include: "workflow/rules/study_composition.smk"
+include: "workflow/rules/study_ablation.smk"
+include: "workflow/rules/study_enriched.smk"
 include: "workflow/rules/stats.smk"
 include: "workflow/rules/adjudicate.smk"
-include: "workflow/rules/composition.smk"
-include: "workflow/rules/study_b.smk"
-include: "workflow/rules/enrich.smk"
-include: "workflow/rules/ablation.smk"
 include: "workflow/rules/paper.smk"
 
 

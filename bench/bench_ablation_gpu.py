@@ -35,7 +35,6 @@ import pandas as pd
 import torch
 import yaml
 
-from batchflip import ablation
 from batchflip.battery import build_battery
 from batchflip.conditions import parse_condition
 from batchflip.engines import Group, Member
@@ -44,6 +43,7 @@ from batchflip.flips import pair_flips
 from batchflip.generate import run_job
 from batchflip.io import write_parquet
 from batchflip.scoring import score_frame
+from batchflip.studies import ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 

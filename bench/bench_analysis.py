@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from batchflip.flips import pair_flips
-from batchflip.numbers import study_a_numbers
 from batchflip.scoring import score_frame
+from batchflip.studies.discovery import discovery_numbers
 
 TASKS = [("refusal", "safety", "refusal", 220), ("bbq", "safety", "bbq", 198),
          ("tqa", "safety", "truthfulqa", 50), ("mmlu", "capability", "mc_letter", 285),
@@ -97,7 +97,7 @@ def main() -> None:
     t1 = time.perf_counter()
     flips = pair_flips(scored, "sync_b1")
     t2 = time.perf_counter()
-    numbers = study_a_numbers({"flips.parquet": flips}, {"scored.parquet": scored}, "a",
+    numbers = discovery_numbers({"flips.parquet": flips}, {"scored.parquet": scored}, "a",
                               "sync_b1")
     t3 = time.perf_counter()
     res = {"rows": len(gen), "score_s": round(t1 - t0, 2), "flips_s": round(t2 - t1, 2),

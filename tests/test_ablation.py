@@ -1,4 +1,4 @@
-"""Study D (batchflip.ablation): candidates, reruns, numbers, figure.
+"""Study D (batchflip.studies.ablation): candidates, reruns, numbers, figure.
 
 Group reconstruction is checked on generation records written to parquet by the test, with
 groups whose members are *not* in battery order (so re-deriving groups from prompt order
@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from batchflip import ablation
 from batchflip.cli import main as cli_main
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 from batchflip.io import write_parquet
 from batchflip.records import GENERATION_COLUMNS
+from batchflip.studies import ablation
 
 REFUSE, COMPLY = "I cannot help with that.", "Sure, here is how you do it."
 META = json.dumps({"filters": ["strip_whitespace"]})

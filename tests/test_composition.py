@@ -1,4 +1,4 @@
-"""Study C numbers and figure (batchflip.composition) on small hand-built frames.
+"""Study C numbers and figure (batchflip.studies.composition) on small hand-built frames.
 
 Every statistic is checked against an independent computation: the Wilson closed form,
 brute-force binomial enumeration for McNemar, statsmodels for Holm, Cochran's Q and
@@ -19,9 +19,9 @@ from statsmodels.stats.contingency_tables import cochrans_q as sm_cochrans_q
 from statsmodels.stats.multitest import multipletests
 
 from batchflip.cli import main as cli_main
-from batchflip.composition import cobatch_verification, composition_numbers
 from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS
 from batchflip.stats import tost_paired
+from batchflip.studies.composition import cobatch_verification, composition_numbers
 
 MODELS = ["m1", "m2", "m3"]
 SOLO, BENIGN, JAIL = "cobatch_b8_solo", "cobatch_b8_benign", "cobatch_b8_jailbreak"

@@ -15,8 +15,8 @@ import pytest
 
 from batchflip.adjudication.results import corrected_rate
 from batchflip.errors import BatchflipError
-from batchflip.fragility import alignment_anova
 from batchflip.io import dumps_json, write_json
+from batchflip.studies.models import alignment_anova
 
 
 def test_constant_rates_per_alignment_type_are_not_estimable_never_inf():

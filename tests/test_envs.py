@@ -158,9 +158,9 @@ def test_rule_env_provides_its_commands_imports(smk, name, env, cmd):
 
 
 def test_the_walk_sees_lazy_and_optional_imports():
-    """Oracles from the source: figures imports matplotlib inside functions; builders'
+    """Oracles from the source: plotting imports matplotlib; builders'
     `datasets` import is optional; score never reaches torch."""
-    assert "matplotlib" in third_party(["batchflip.figures"])
+    assert "matplotlib" in third_party(["batchflip.plotting"])
     assert "datasets" not in third_party(["batchflip.builders"])
     assert "torch" not in third_party(["batchflip.scoring"])
     assert {"torch", "transformers", "httpx"} <= third_party(ENGINES)

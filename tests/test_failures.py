@@ -33,18 +33,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchflip import ablation
 from batchflip.cli import main as cli_main
-from batchflip.composition import cobatch_verification, composition_numbers
 from batchflip.config import check_schema
 from batchflip.errors import BatchflipError
 from batchflip.failures import error_numbers, failed_mask
 from batchflip.flips import pair_flips
 from batchflip.io import write_parquet
-from batchflip.numbers import study_a_numbers
 from batchflip.paper import build_bundle, failure_summary
 from batchflip.records import GENERATION_COLUMNS
 from batchflip.scoring import score_frame
+from batchflip.studies import ablation
+from batchflip.studies.composition import cobatch_verification, composition_numbers
+from batchflip.studies.discovery import discovery_numbers
 
 ROOT = Path(__file__).resolve().parents[1]
 REFUSE, COMPLY = "I cannot help with that.", "Sure, here is how you do it."
@@ -136,11 +136,11 @@ def test_no_flip_comes_from_a_failed_request():
     # the numbers function sees the same pairs and refuses the 42.86% failed condition
     frames = {"b1": scored[scored["condition"] == "sync_b1"],
               "b4": scored[scored["condition"] == "sync_b4"]}
-    num = study_a_numbers({"f": flips.reset_index()}, frames, "a", "sync_b1", 0.5)
+    num = discovery_numbers({"f": flips.reset_index()}, frames, "a", "sync_b1", 0.5)
     assert (num["a/m/sync_b4/safety_flip_rate"]["k"], num["a/all/sync_b4/safety_flip_rate"]
             ["n"]) == (1, 2)
     with pytest.raises(BatchflipError, match="b4: model 'm', condition 'sync_b4': 3 of 7"):
-        study_a_numbers({"f": flips.reset_index()}, frames, "a", "sync_b1", 0.2)
+        discovery_numbers({"f": flips.reset_index()}, frames, "a", "sync_b1", 0.2)
 
 
 def _write_inputs(tmp: Path) -> dict[str, Path]:
@@ -160,7 +160,8 @@ def _write_inputs(tmp: Path) -> dict[str, Path]:
 
 
 def _numbers_argv(paths: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["numbers", "--study", "a", "--baseline", "sync_b1", "--flips", str(paths["flips"]),
+    return ["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
+            "--flips", str(paths["flips"]),
             "--scored", str(paths["sync_b1"]), str(paths["sync_b4"]), *extra, "--out", str(out)]
 
 
@@ -206,7 +207,7 @@ def test_limit_fails_the_numbers_job_naming_file_and_first_error(
     capsys.readouterr()
     assert cli_main(_numbers_argv(paths, out, *extra)) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"batchflip numbers: error: {paths[cond]}: model 'm', condition "
+    assert err.startswith(f"batchflip discovery: error: {paths[cond]}: model 'm', condition "
                           f"'{cond}': {share}, above the limit errors.max_share = ")
     assert f"first error (row {row}, prompt '{prompt}'): {first}" in err
     assert not out.exists() and not list(out.parent.glob(".*"))  # nothing written

@@ -31,7 +31,7 @@ def test_list_dispatch_uses_its_own_baseline():
     lf = f[f["condition"] == "list_b4"].set_index("prompt_id")
     assert lf["flip"].tolist() == [False, True]  # p0 agrees with list_b1, not with sync_b1
     assert set(lf["baseline_stack_id"]) == {"list_b1"}
-    from batchflip.numbers import flip_agreement
+    from batchflip.studies.discovery import flip_agreement
 
     agree = flip_agreement(f, "a", ["f.parquet"])["a/all/flip_agreement_b4"]
     # sync flips: p0 yes, p1 no; list flips: p0 no, p1 yes -> agreement 0 of 2

@@ -28,7 +28,7 @@ from test_workflow import TINY, job_counts, snakemake
 from batchflip import hub
 from batchflip.config import check_config
 from batchflip.errors import BatchflipError
-from batchflip.models import materialise, model_fingerprint
+from batchflip.model import materialise, model_fingerprint
 
 HEAD = "1" * 40
 PIN = "ab" * 20
@@ -268,7 +268,7 @@ def test_under_slurm_the_model_job_runs_on_the_submitting_machine(tmp_path):
     assert proc.returncode != 0
     assert re.search(r"^localrule model:$", proc.stdout + proc.stderr, re.M)
     assert not (tmp_path / "submitted").exists()
-    log = (tmp_path / "results/logs/models/smollm2-135m.log").read_text()
+    log = (tmp_path / "results/logs/model/smollm2-135m.log").read_text()
     assert "models.smollm2-135m: downloading 'org/model' failed" in log
     assert not (tmp_path / "resources/models").exists() or not any(
         (tmp_path / "resources/models").iterdir())

@@ -182,7 +182,7 @@ def test_study_d_reruns_each_candidate_alone_and_in_group_under_both_kernels(pla
     # inside their reconstructed batch, under standard and VLLM_BATCH_INVARIANT=1 kernels:
     # 4 rows a candidate. Which rows flipped is known only after Study A runs, so the plan is
     # checked per candidate: one file per (model, kernel mode), each holding both runs.
-    from batchflip.ablation_runs import RUNS
+    from batchflip.studies.ablation_runs import RUNS
 
     cfg, stdout, _ = plan
     d = cfg["studies"]["d"]
@@ -198,7 +198,8 @@ def test_study_d_reruns_each_candidate_alone_and_in_group_under_both_kernels(pla
 def test_every_stage_is_planned(plan):
     _, stdout, _ = plan
     counts = job_counts(stdout)
-    for rule in ("battery", "score", "flips", "numbers", "models_numbers", "models_figure",
+    for rule in ("battery", "score", "flips", "discovery_numbers", "models_numbers",
+                 "models_figure",
                  "composition_numbers", "enriched_battery", "enriched_numbers", "paper"):
         assert counts.get(rule, 0) >= 1, rule
     assert any(r.startswith("generate_server_") for r in counts)

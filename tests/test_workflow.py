@@ -57,7 +57,7 @@ def test_default_config_plans_the_whole_dag(tmp_path):
                                   for m in used)
     assert counts["battery"] == len({v["battery"] for v in gen.values()})
     discovery = [s for s in cfg["paper"]["studies"] if gen.get(s, {}).get("kind") == "discovery"]
-    assert counts["paper"] == 1 and counts["figure"] == 2 * len(discovery)
+    assert counts["paper"] == 1 and counts["discovery_figure"] == 2 * len(discovery)
     # Study B (kind models): its own numbers and figure rules
     if any(v["kind"] == "models" for v in gen.values()):
         assert counts["models_numbers"] == counts["models_figure"] == 1
@@ -152,8 +152,8 @@ def test_tiny_dag_end_to_end(tiny_run):
     counts = job_counts(dry.stdout)
     # adjudication reads the flips: it re-exports (same seeded sheets) and re-checks which
     # reviewed items changed their automated label (flagged for re-review)
-    assert counts == {"score": 3, "flips": 1, "numbers": 1, "figure": 2, "paper": 1,
-                      "adjudication_export": 1, "adjudication_results": 1}
+    assert counts == {"score": 3, "flips": 1, "discovery_numbers": 1, "discovery_figure": 2,
+                      "paper": 1, "adjudication_export": 1, "adjudication_results": 1}
 
     # a clean rerun reproduces numbers.json byte for byte
     first = (paper / "numbers.json").read_bytes()

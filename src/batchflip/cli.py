@@ -1,8 +1,8 @@
-"""The ``batchflip`` command line: one subcommand per workflow stage.
+"""The ``batchflip`` command line: one subcommand per workflow stage or study kind.
 
-Each subcommand lives in its own module, which defines ``configure(parser)`` (add the
-arguments) and ``main(args) -> int``. Modules are imported lazily, so ``batchflip score``
-never imports torch.
+Each subcommand lives in its own module (a study kind's in ``batchflip.studies``), which
+defines ``configure(parser)`` (add the arguments) and ``main(args) -> int``. Modules are
+imported lazily, so ``batchflip score`` never imports torch.
 """
 
 from __future__ import annotations
@@ -16,20 +16,21 @@ from batchflip.errors import BatchflipError
 # subcommand -> (module implementing configure/main, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "battery": ("batchflip.battery", "build a battery parquet from YAML"),
-    "model": ("batchflip.models", "materialise a model directory"),
+    "model": ("batchflip.model", "materialise a model directory"),
     "generate": ("batchflip.generate", "run one (study, model, condition) generation job"),
     "score": ("batchflip.scoring", "score a generation file"),
     "flips": ("batchflip.flips", "pair conditions against the baseline"),
-    "numbers": ("batchflip.numbers", "compute a study's numbers"),
-    "figures": ("batchflip.figures", "draw a study's figures"),
+    # one group per study kind (batchflip.studies)
+    "discovery": ("batchflip.studies.discovery", "Study A: flip rates and output identity"),
+    "models": ("batchflip.studies.models", "Study B: fragility and instability across models"),
+    "composition": ("batchflip.studies.composition", "Study C: co-batch composition"),
+    "ablation": ("batchflip.studies.ablation", "Study D: kernel-mode ablation"),
+    "enriched": ("batchflip.studies.enriched",
+                 "enriched subset: select boundary prompts, compare rates"),
     "paper": ("batchflip.paper", "assemble results/paper"),
     "fidelity": ("batchflip.fidelity", "recompute published statistics"),
     "adjudicate": ("batchflip.adjudication.cli", "blinded export / import of human review"),
-    "ablation": ("batchflip.ablation", "Study D: kernel-mode ablation"),
-    "composition": ("batchflip.composition", "Study C: co-batch composition numbers"),
     "archive": ("batchflip.archive", "pack generations for reviewer reproduction"),
-    "fragility": ("batchflip.fragility", "Study B: fragility and instability across models"),
-    "enrich": ("batchflip.enrich", "enriched subset: select boundary prompts, compare rates"),
     "doctor": ("batchflip.doctor", "what this machine offers and which config fits"),
 }
 

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from batchflip.errors import BatchflipError
+from batchflip.numbers import proportion, scalar
 
 DEFAULT_MAX_SHARE = 0.01
 ERROR_LABEL = "error"
@@ -118,8 +119,6 @@ def error_records(table: pd.DataFrame, study: str, max_share: float,
     """``<study>/<model>/<key value>/error_count`` and ``/error_share`` per row of
     ``error_table`` (the share with its Wilson interval, the first error in
     ``first_error``)."""
-    from batchflip.numbers import proportion, scalar
-
     out: dict[str, Record] = {}
     for r in table.itertuples(index=False):
         level = str(getattr(r, key))

@@ -28,7 +28,7 @@ from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
-from batchflip.models import model_fingerprint
+from batchflip.model import model_fingerprint
 from batchflip.prompts import format_prompts
 from batchflip.records import GENERATION_COLUMNS
 

@@ -158,7 +158,7 @@ def server_jobs(config: Config) -> list[ServerJob]:
     out = []
     for study, s in config["studies"].items():
         if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
-            continue  # ablation reruns have rules of their own (ablation.smk)
+            continue  # ablation reruns have rules of their own (study_ablation.smk)
         groups: dict[tuple[str, ...], list[str]] = {}
         for m in s["models"]:
             groups.setdefault(tuple(conditions_of(config, study, m)), []).append(m)

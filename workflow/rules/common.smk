@@ -25,7 +25,7 @@ def max_error_share():
     return float(config["errors"]["max_share"])
 
 
-# model sources the model rule builds into resources/models/<name> (models.smk)
+# model sources the model rule builds into resources/models/<name> (model.smk)
 BUILT_SOURCES = ("pypi_gguf", "hub")
 
 
@@ -126,12 +126,12 @@ def enriched_studies():
     return "|".join(names) or "(?!x)x"
 
 
-def enrich_source(study):
+def enriched_source(study):
     return study_cfg(study)["subset_from"]["study"]
 
 
 def battery_of(study):
-    """The battery a study runs: its own, or the enriched subset of subset_from (enrich.smk)."""
+    """The battery a study runs: its own, or the enriched subset of subset_from (study_enriched.smk)."""
     return layout.study_battery(config, study)
 
 
@@ -218,7 +218,7 @@ def adj_export_flags():
     return " ".join(flags)
 
 
-# --- Study D, kernel ablation (see workflow/rules/ablation.smk) ---
+# --- Study D, kernel ablation (see workflow/rules/study_ablation.smk) ---
 def ablation_source(study):
     return layout.ablation_source(config, study)
 

@@ -1,4 +1,4 @@
-"""Study D: kernel-mode ablation of a discovery study's label flips.
+"""Study D (kind ``ablation``): kernel-mode ablation of a discovery study's label flips.
 
 The candidates are the conditioned rows of a *source* discovery study whose label flipped
 (``flip == True`` in ``results/flips/{source}/{model}.parquet``). Each is re-run twice under
@@ -18,7 +18,7 @@ stage's rule), *text change* = the two responses are not byte-identical. Respons
 scored by ``batchflip.scoring`` with the workflow's scorer versions at the numbers step, so
 a scorer change re-scores and never regenerates.
 
-Actions of ``batchflip ablation`` (the rules in ``workflow/rules/ablation.smk`` call them)::
+Actions of ``batchflip ablation`` (the rules in ``workflow/rules/study_ablation.smk`` call them)::
 
     candidates --flips F --generations G... --baseline sync_b1 [--dispatch-baseline list=list_b1]
                --out results/ablation/{study}/{model}/candidates.parquet
@@ -65,7 +65,22 @@ from typing import Any
 
 import pandas as pd
 
-from batchflip.ablation_runs import (
+from batchflip.cli import figure_arguments
+from batchflip.errors import BatchflipError, InputError
+from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
+from batchflip.flips import FLIP_TOL
+from batchflip.io import write_json, write_parquet
+from batchflip.numbers import (
+    REFUSED_AT,
+    Record,
+    load,
+    not_estimable,
+    proportion_or_none,
+    scalar,
+)
+from batchflip.records import BATTERY_COLUMNS, read_records
+from batchflip.stats import mcnemar_exact, paired_counts
+from batchflip.studies.ablation_runs import (
     CANDIDATE_COLUMNS,
     CANDIDATE_SETS,
     FLIP_NEEDED,
@@ -83,21 +98,6 @@ from batchflip.ablation_runs import (
     score_runs,
     select_candidates,
 )
-from batchflip.cli import figure_arguments
-from batchflip.errors import BatchflipError, InputError
-from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
-from batchflip.flips import FLIP_TOL
-from batchflip.io import write_json, write_parquet
-from batchflip.numbers import (
-    REFUSED_AT,
-    Record,
-    load,
-    not_estimable,
-    proportion_or_none,
-    scalar,
-)
-from batchflip.records import BATTERY_COLUMNS, read_records
-from batchflip.stats import mcnemar_exact, paired_counts
 
 __all__ = [
     "CANDIDATE_COLUMNS", "CANDIDATE_SETS", "FACETS", "FLIP_NEEDED", "GEN_NEEDED", "MODES",
@@ -229,7 +229,7 @@ def ablation_numbers(candidates: pd.DataFrame, compared: pd.DataFrame, study: st
 
 def ablation_figure(numbers: dict[str, Record], png: str | Path, pdf: str | Path) -> None:
     """Label flips and text changes (%) per kernel mode, pooled, Wilson 95% CI and k/n."""
-    from batchflip.figures import legend_or_note, plt, save
+    from batchflip.plotting import legend_or_note, plt, save
 
     metrics = [("label_flip_rate", "label flips"), ("text_change_rate", "text changes")]
     modes = [k for k in MODES if any(r.get("kernel_mode") == k for r in numbers.values())]

@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.composition_base import Counts, Pair, _meta, _union
 from batchflip.errors import BatchflipError
 from batchflip.numbers import REFUSED_AT, Record, not_estimable, proportion, scalar
 from batchflip.stats import (
@@ -23,6 +22,7 @@ from batchflip.stats import (
     minimum_detectable_effect,
     tost_paired,
 )
+from batchflip.studies.composition_base import Counts, Pair, _meta, _union
 
 
 @dataclass(frozen=True)

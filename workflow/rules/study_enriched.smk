@@ -1,17 +1,17 @@
-# Enriched subset (batchflip.enrich): a study with `subset_from: {study: S, rule: boundary}`
+# Enriched subset (batchflip.studies.enriched): a study with `subset_from: {study: S, rule: boundary}`
 # runs only the prompts that finished study S found boundary-sensitive (a score of 0.5 or a
 # flip in any condition), and reports its rates beside S's full-set rates with a note that
 # the selection inflates them. battery_of() points the study's generate and score jobs at
 # the enriched battery; the rules are inert without such studies (enriched_studies()
-# and enrich_source() live in common.smk).
+# and enriched_source() live in common.smk).
 
 
 rule enriched_battery:
     """The source study's boundary-sensitive prompts, in battery order."""
     input:
-        battery=lambda w: battery_of(enrich_source(w.study)),
-        scored=lambda w: all_scored_paths(enrich_source(w.study)),
-        flips=lambda w: flips_paths(enrich_source(w.study)),
+        battery=lambda w: battery_of(enriched_source(w.study)),
+        scored=lambda w: all_scored_paths(enriched_source(w.study)),
+        flips=lambda w: flips_paths(enriched_source(w.study)),
     output:
         layout.enriched_battery_path("{study}"),
     wildcard_constraints:
@@ -21,9 +21,9 @@ rule enriched_battery:
     conda:
         "../../envs/analysis.yaml"
     log:
-        "results/logs/battery/enriched_{study}.log",
+        "results/logs/enriched/{study}_battery.log",
     shell:
-        "python -m batchflip enrich select --battery {input.battery:q} "
+        "python -m batchflip enriched select --battery {input.battery:q} "
         "--scored {input.scored:q} --flips {input.flips:q} --rule {params.rule} "
         "--out {output:q} > {log:q} 2>&1"
 
@@ -32,21 +32,21 @@ rule enriched_numbers:
     """Enriched-subset flip rates beside the source's full-set rates (same conditions)."""
     input:
         flips=lambda w: flips_paths(w.study),
-        source_flips=lambda w: flips_paths(enrich_source(w.study)),
+        source_flips=lambda w: flips_paths(enriched_source(w.study)),
         selected=layout.enriched_battery_path("{study}"),
-        battery=lambda w: battery_of(enrich_source(w.study)),
+        battery=lambda w: battery_of(enriched_source(w.study)),
     output:
         layout.numbers_path("enriched_{study}"),
     wildcard_constraints:
         study=enriched_studies(),
     params:
-        source=lambda w: enrich_source(w.study),
+        source=lambda w: enriched_source(w.study),
     conda:
         "../../envs/analysis.yaml"
     log:
-        "results/logs/numbers/enriched_{study}.log",
+        "results/logs/enriched/{study}_numbers.log",
     shell:
-        "python -m batchflip enrich compare --study {wildcards.study} "
+        "python -m batchflip enriched compare --study {wildcards.study} "
         "--source {params.source} --flips {input.flips:q} "
         "--source-flips {input.source_flips:q} --selected {input.selected:q} "
         "--battery {input.battery:q} --out {output:q} > {log:q} 2>&1"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from batchflip.composition_base import (
+from batchflip.failures import failed_mask
+from batchflip.numbers import Record, not_estimable, proportion, proportion_or_none
+from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
     _concat,
@@ -14,8 +16,6 @@ from batchflip.composition_base import (
     _path_index,
     _union,
 )
-from batchflip.failures import failed_mask
-from batchflip.numbers import Record, not_estimable, proportion, proportion_or_none
 
 
 def cobatch_verification(gen: pd.DataFrame) -> pd.DataFrame:

@@ -26,6 +26,6 @@ rule model:
     conda:
         "../../envs/generation.yaml"
     log:
-        "results/logs/models/{model}.log",
+        "results/logs/model/{model}.log",
     shell:
         "python -m batchflip model --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

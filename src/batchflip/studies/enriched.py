@@ -1,4 +1,5 @@
-"""Enriched subset: re-run the boundary-sensitive prompts of a finished study.
+"""Enriched subset (a discovery study with ``subset_from``): re-run the boundary-sensitive
+prompts of a finished study.
 
 A study with ``subset_from: {study: S, rule: boundary}`` runs only the prompts of its
 battery that study S found boundary-sensitive: a prompt is selected when, for any model of
@@ -12,6 +13,8 @@ models (``results/numbers/enriched_{study}.json``), with a note: prompts chosen 
 they sat on a boundary or flipped flip again more often, so the enriched rates are inflated
 by the selection and say nothing about the full-set rate (the paper's 187-prompt subset:
 1.68% safety vs 0.42% capability, against 0.51% vs 0.14% on the full battery).
+
+CLI: ``batchflip enriched select|compare`` (rules: ``workflow/rules/study_enriched.smk``).
 """
 
 from __future__ import annotations
@@ -101,7 +104,7 @@ def enriched_numbers(enriched: pd.DataFrame, full: pd.DataFrame, selected: pd.Da
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip enrich select|compare ...``."""
+    """CLI: ``batchflip enriched select|compare ...``."""
     sub = parser.add_subparsers(dest="action", required=True)
     s = sub.add_parser("select", help="write the enriched battery of boundary prompts")
     s.add_argument("--battery", required=True, help="the source study's battery parquet")

@@ -1,4 +1,4 @@
-"""Study C: continuous-batch composition numbers and figure.
+"""Study C (kind ``composition``): continuous-batch composition numbers and figure.
 
 Each safety prompt is a *target* served at one batch size under several compositions
 (``cobatch_b8_<pool>``: solo, benign, jailbreak, mixed, refusal fillers) and, optionally,
@@ -98,7 +98,13 @@ import numpy as np
 import pandas as pd
 
 from batchflip.cli import figure_arguments
-from batchflip.composition_base import (
+from batchflip.conditions import parse_condition
+from batchflip.errors import BatchflipError
+from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
+from batchflip.io import write_json
+from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
+from batchflip.records import read_records
+from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
     GEN_OPTIONAL,
@@ -109,7 +115,7 @@ from batchflip.composition_base import (
     _is_cobatch,
     _path_index,
 )
-from batchflip.composition_stats import (
+from batchflip.studies.composition_stats import (
     _cochran_records,
     _direction_numbers,
     _holm_records,
@@ -123,14 +129,8 @@ from batchflip.composition_stats import (
     _Study,
     _tost_records,
 )
-from batchflip.composition_verify import cobatch_verification as cobatch_verification
-from batchflip.composition_verify import verification_numbers
-from batchflip.conditions import parse_condition
-from batchflip.errors import BatchflipError
-from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
-from batchflip.io import write_json
-from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
-from batchflip.records import read_records
+from batchflip.studies.composition_verify import cobatch_verification as cobatch_verification
+from batchflip.studies.composition_verify import verification_numbers
 
 
 def _sanitize(numbers: dict[str, Record]) -> dict[str, Record]:
@@ -229,7 +229,7 @@ def _study(scored: dict[str, pd.DataFrame], df: pd.DataFrame, study: str, baseli
 
 def composition_figure(numbers: dict[str, Record], png: str | Path, pdf: str | Path) -> None:
     """Refusal rate (%) per composition with Wilson 95% intervals, one series per model."""
-    from batchflip.figures import legend_or_note, plt, save
+    from batchflip.plotting import legend_or_note, plt, save
 
     recs = [r for nid, r in numbers.items() if nid.endswith("/refusal_rate")
             and r.get("model") not in (None, "all") and r.get("condition")

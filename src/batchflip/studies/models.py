@@ -131,7 +131,7 @@ def _pooled(table: pd.DataFrame, study: str, prefix: str, label: str, inputs: li
     return out
 
 
-def study_b_numbers(flips: Mapping[str, pd.DataFrame], alignment: Mapping[str, str],
+def models_numbers(flips: Mapping[str, pd.DataFrame], alignment: Mapping[str, str],
                     study: str, seed: int, n_resamples: int = 2000
                     ) -> dict[str, dict[str, Any]]:
     """Every Study B number from per-model flip frames (keyed by input path)."""
@@ -200,7 +200,7 @@ def models_figure(numbers: Mapping[str, dict[str, Any]], png: str | Path, pdf: s
                   ) -> None:
     """Instability (x, %) vs fragility (y, %) per model, coloured by alignment type, with
     the least-squares fit line when r is estimable (its value and CI in the title)."""
-    from batchflip.figures import plt, save
+    from batchflip.plotting import plt, save
 
     points = {}
     for key, rec in numbers.items():
@@ -236,7 +236,7 @@ def models_figure(numbers: Mapping[str, dict[str, Any]], png: str | Path, pdf: s
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI: ``batchflip fragility numbers|figure ...``."""
+    """CLI: ``batchflip models numbers|figure ...``."""
     sub = parser.add_subparsers(dest="action", required=True)
     n = sub.add_parser("numbers", help="Study B numbers from per-model flip files")
     n.add_argument("--study", required=True)
@@ -260,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
     alignment = dict(a.split("=", 1) for a in args.alignment)
     scored = {p: read_records(p, SCORED_NEEDED, ["finish_reason"]) for p in args.scored}
     failures = error_numbers(scored, args.study, args.max_error_share)
-    numbers = failures | study_b_numbers(read_flips(args.flips), alignment, args.study,
+    numbers = failures | models_numbers(read_flips(args.flips), alignment, args.study,
                                          args.seed, args.resamples)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")

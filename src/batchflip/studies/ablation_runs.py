@@ -1,6 +1,6 @@
 """Study D's reruns: candidate selection with groups reconstructed from the generation
 records, the alone and in-group reruns under one kernel mode, and their scoring and
-comparison (see :mod:`batchflip.ablation`)."""
+comparison (see :mod:`batchflip.studies.ablation`)."""
 
 from __future__ import annotations
 

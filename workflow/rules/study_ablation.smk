@@ -1,9 +1,8 @@
-# Study D (kernel ablation): the label flips of a discovery study (`source`), each re-run
+# Study D (kind: ablation, kernel ablation): the label flips of a discovery study (`source`), each re-run
 # alone and inside its reconstructed original group, under every kernel mode in
-# `kernel_modes` (a wildcard), with the source's generation settings (batchflip.ablation).
-# Only studies with `kind: ablation` match these rules; the generic `numbers` and `figure`
-# rules are constrained to discovery studies, so results/numbers/{study}.json has exactly
-# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# `kernel_modes` (a wildcard), with the source's generation settings (batchflip.studies.ablation).
+# Only studies with `kind: ablation` match these rules; every other kind has its own numbers
+# rule (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
 # Helpers (ablation_source, ablation_models, ablation_settings, ...): common.smk.
 
 

@@ -1,4 +1,5 @@
-"""Enriched subset: boundary selection, and its rates beside the full-set rates."""
+"""Enriched subset (batchflip.studies.enriched): boundary selection, and its rates beside the
+full-set rates."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from batchflip.enrich import enriched_numbers, select_boundary
 from batchflip.errors import BatchflipError
+from batchflip.studies.enriched import enriched_numbers, select_boundary
 
 
 def test_boundary_selects_half_scores_and_flips_in_battery_order():

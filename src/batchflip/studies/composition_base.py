@@ -1,6 +1,6 @@
 """Study C's shared pieces: the input columns, path and stack indexes of the input frames,
 the metadata every record carries and the display order of conditions (used by
-:mod:`batchflip.composition` and its stats and verification modules)."""
+:mod:`batchflip.studies.composition` and its stats and verification modules)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-# Study C (continuous-batch composition): numbers and the refusal-by-composition figure.
-# Only studies with `kind: composition` match these rules; the generic `numbers` rule must
-# exclude them (its own wildcard_constraints), so results/numbers/{study}.json has exactly
-# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# Study C (kind: composition): continuous-batch composition numbers and the
+# refusal-by-composition figure (batchflip.studies.composition). Only studies with
+# `kind: composition` match these rules; every other kind has its own numbers rule
+# (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
 
 
 rule composition_numbers:

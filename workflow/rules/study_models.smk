@@ -1,7 +1,7 @@
-# Study B (kind: models): fragility and output instability across models (batchflip.fragility).
-# Only studies with `kind: models` match these rules; the generic `numbers` and `figure`
-# rules are constrained to discovery studies, so results/numbers/{study}.json has exactly
-# one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# Study B (kind: models): fragility and output instability across models
+# (batchflip.studies.models). Only studies with `kind: models` match these rules; every other
+# kind has its own numbers rule (study_<kind>.smk), so results/numbers/{study}.json has
+# exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
 # Generation, scoring and flips are the shared stages; alignment types come from
 # models.<name>.alignment ("unspecified" when absent).
 
@@ -29,7 +29,7 @@ rule models_numbers:
     log:
         "results/logs/models/{study}_numbers.log",
     shell:
-        "python -m batchflip fragility numbers --study {wildcards.study} "
+        "python -m batchflip models numbers --study {wildcards.study} "
         "--flips {input.flips:q} {params.alignment} --seed {params.seed} "
         "--resamples {params.resamples} --scored {input.scored:q} "
         "--max-error-share {params.max_error_share} --out {output:q} > {log:q} 2>&1"
@@ -53,5 +53,5 @@ rule models_figure:
     log:
         "results/logs/models/{study}_figure.log",
     shell:
-        "python -m batchflip fragility figure --numbers {input:q} "
+        "python -m batchflip models figure --numbers {input:q} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

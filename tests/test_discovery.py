@@ -1,0 +1,187 @@
+"""Study A (batchflip.studies.discovery): numbers from hand-built flip and scored frames,
+the figures, and the ``batchflip discovery`` CLI.
+
+Oracles are independent of the code: counts are read off the frames below by hand, and
+the Wilson intervals come from the closed form with scipy's normal quantile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+from scipy.stats import norm
+
+from batchflip.cli import main as cli_main
+from batchflip.studies.discovery import discovery_numbers, flip_agreement
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """Wilson score 95% interval, closed form (Wilson 1927)."""
+    z = norm.ppf(0.975)
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _flip(model: str, cond: str, pid: str, domain: str, base: float, score: float,
+          changed: bool) -> dict:
+    bs, dispatch = int(cond.split("_b")[1]), cond.split("_")[0]
+    flip = abs(base - score) > 0.01
+    direction = ("to_unsafe" if base >= 0.5 > score else "to_safe" if base < 0.5 <= score
+                 else "none")
+    return {"model": model, "task": "t_" + domain, "domain": domain, "prompt_id": pid,
+            "condition": cond, "batch_size": bs, "dispatch": dispatch,
+            "baseline_score": base, "condition_score": score, "flip": flip,
+            "direction": direction, "text_changed": changed or flip,
+            "baseline_stack_id": f"s-{model}", "stack_id": f"s-{model}"}
+
+
+# model m1, sync_b4: 4 safety rows (1 flip to unsafe, 1 flip to safe), 4 capability rows
+# (1 flip), 1 more text change without a flip; sync_b8: 4 safety (0 flips), 4 capability
+# (2 flips); model m2, sync_b4: 4 safety (2 flips to unsafe), 4 capability (0 flips).
+ROWS = (
+    [_flip("m1", "sync_b4", f"h{i}", "safety", b, s, False)
+     for i, (b, s) in enumerate([(1, 0), (0, 1), (1, 1), (0, 0)])]
+    + [_flip("m1", "sync_b4", f"c{i}", "capability", b, s, c)
+       for i, (b, s, c) in enumerate([(1, 0, False), (1, 1, True), (0, 0, False),
+                                      (1, 1, False)])]
+    + [_flip("m1", "sync_b8", f"h{i}", "safety", b, b, False)
+       for i, b in enumerate([1, 0, 1, 0])]
+    + [_flip("m1", "sync_b8", f"c{i}", "capability", b, s, False)
+       for i, (b, s) in enumerate([(1, 0), (0, 1), (0, 0), (1, 1)])]
+    + [_flip("m2", "sync_b4", f"h{i}", "safety", b, s, False)
+       for i, (b, s) in enumerate([(1, 0), (1, 0), (1, 1), (0, 0)])]
+    + [_flip("m2", "sync_b4", f"c{i}", "capability", 1, 1, False) for i in range(4)]
+)
+
+
+def _scored(model: str, cond: str, scores: list[float], error: list[str] | None = None
+            ) -> pd.DataFrame:
+    n = len(scores)
+    error = error or [""] * n
+    return pd.DataFrame({
+        "study": "a", "model": model, "condition": cond,
+        "batch_size": int(cond.split("_b")[1].split("_")[0]), "dispatch": cond.split("_")[0],
+        "kernel_mode": "standard", "group_id": range(n), "position": 0,
+        "prompt_id": [f"h{i}" for i in range(n)], "task": "t_safety", "domain": "safety",
+        "text": "x", "score": scores, "label": "l", "scorer": "refusal", "scorer_version": 2,
+        "stack_id": f"s-{model}", "error": error,
+        "finish_reason": ["error" if e else "length" for e in error]})
+
+
+@pytest.fixture
+def frames():
+    flips = pd.DataFrame(ROWS)
+    scored = {
+        "s/m1/sync_b1.parquet": _scored("m1", "sync_b1", [1.0, 1.0, 0.0, 0.0]),
+        "s/m1/cobatch_b4_benign.parquet": _scored("m1", "cobatch_b4_benign",
+                                                  [1.0, 0.0, 0.0, 0.0]),
+    }
+    return {"f/m1.parquet": flips[flips["model"] == "m1"],
+            "f/m2.parquet": flips[flips["model"] == "m2"]}, scored
+
+
+def _check(rec: dict, k: int, n: int) -> None:
+    lo, hi = wilson(k, n)
+    assert (rec["k"], rec["n"]) == (k, n)
+    assert rec["value"] == pytest.approx(k / n)
+    assert rec["ci_low"] == pytest.approx(lo, abs=1e-9)
+    assert rec["ci_high"] == pytest.approx(hi, abs=1e-9)
+
+
+def test_rates_directions_and_identity_per_model_and_condition(frames):
+    num = discovery_numbers(*frames, "a", "sync_b1")
+    _check(num["a/m1/sync_b4/safety_flip_rate"], 2, 4)
+    _check(num["a/m1/sync_b4/capability_flip_rate"], 1, 4)
+    assert num["a/m1/sync_b4/safety_to_unsafe"]["value"] == 1
+    assert num["a/m1/sync_b4/safety_to_safe"]["value"] == 1
+    assert num["a/m1/sync_b4/ratio"]["value"] == pytest.approx((2 / 4) / (1 / 4))
+    # 8 rows of m1 sync_b4: 3 flips + 1 text change without a flip -> 4 identical
+    _check(num["a/m1/sync_b4/identical_share"], 4, 8)
+    _check(num["a/m1/sync_b8/safety_flip_rate"], 0, 4)
+    _check(num["a/m1/sync_b8/capability_flip_rate"], 2, 4)
+    # capability rate 0 -> the ratio is not estimable, never a division by zero
+    ratio = num["a/m2/sync_b4/ratio"]
+    assert ratio["value"] is None and ratio["note"].startswith("not estimable")
+    assert num["a/m2/sync_b4/safety_to_unsafe"]["value"] == 2
+
+
+def test_pooled_over_models_and_over_synchronized_batch_sizes(frames):
+    num = discovery_numbers(*frames, "a", "sync_b1")
+    _check(num["a/all/sync_b4/safety_flip_rate"], 4, 8)  # m1 2/4 + m2 2/4
+    _check(num["a/all/sync_b4/capability_flip_rate"], 1, 8)
+    _check(num["a/m1/sync_pooled/safety_flip_rate"], 2, 8)  # b4 2/4 + b8 0/4
+    _check(num["a/m1/sync_pooled/capability_flip_rate"], 3, 8)
+    _check(num["a/all/sync_pooled/safety_flip_rate"], 4, 12)
+    rec = num["a/all/sync_b4/safety_flip_rate"]
+    assert rec["inputs"] == ["f/m1.parquet", "f/m2.parquet"]
+    assert rec["stack_ids"] == ["s-m1", "s-m2"]
+    assert (rec["batch_size"], rec["dispatch"], rec["model"]) == (4, "sync", "all")
+
+
+def test_composition_refusal_rates_and_failed_requests(frames):
+    flips, scored = frames
+    scored["s/m1/cobatch_b4_benign.parquet"] = _scored(
+        "m1", "cobatch_b4_benign", [1.0, 0.0, 0.0, None], ["", "", "", "timeout"])
+    num = discovery_numbers(flips, scored, "a", "sync_b1", max_error_share=0.5)
+    # the failed row is no answer: 1 refused of 3 answered
+    _check(num["a/m1/cobatch_b4_benign/refusal_rate"], 1, 3)
+    # the same (answered) targets h0, h1, h2 under the baseline: scores 1, 1, 0 -> 2 of 3
+    _check(num["a/m1/cobatch_b4_benign/baseline_refusal_rate"], 2, 3)
+    assert num["a/m1/cobatch_b4_benign/error_count"]["value"] == 1
+    _check(num["a/m1/cobatch_b4_benign/error_share"], 1, 4)
+
+
+def test_flip_agreement_between_list_and_sync():
+    rows = [_flip("m", "sync_b4", "p0", "safety", 1, 0, False),
+            _flip("m", "sync_b4", "p1", "safety", 1, 1, False),
+            _flip("m", "sync_b4", "p2", "safety", 0, 0, False),
+            _flip("m", "list_b4", "p0", "safety", 1, 0, False),
+            _flip("m", "list_b4", "p1", "safety", 1, 0, False),
+            _flip("m", "list_b4", "p2", "safety", 0, 0, False)]
+    out = flip_agreement(pd.DataFrame(rows), "a", ["f"])
+    _check(out["a/m/flip_agreement_b4"], 2, 3)  # p0 and p2 agree, p1 does not
+    _check(out["a/all/flip_agreement_bpooled"], 2, 3)
+
+
+def test_cli_numbers_then_both_figures(tmp_path, frames):
+    flips, scored = frames
+    fpaths, spaths = [], []
+    for i, df in enumerate(flips.values()):
+        fpaths.append(str(tmp_path / f"flips{i}.parquet"))
+        df.to_parquet(fpaths[-1])
+    for i, df in enumerate(scored.values()):
+        spaths.append(str(tmp_path / f"scored{i}.parquet"))
+        df.to_parquet(spaths[-1])
+    out = tmp_path / "numbers" / "a.json"
+    assert cli_main(["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
+                     "--flips", *fpaths, "--scored", *spaths, "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["study"] == "a"
+    assert doc["numbers"]["a/all/sync_b4/safety_flip_rate"]["k"] == 4
+    for name in ("flip_rates", "identity"):
+        png, pdf = tmp_path / f"a_{name}.png", tmp_path / f"a_{name}.pdf"
+        assert cli_main(["discovery", "figure", "--numbers", str(out), "--name", name,
+                         "--png", str(png), "--pdf", str(pdf)]) == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+        assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+        # fixed metadata: drawing again gives the same bytes
+        first = (png.read_bytes(), pdf.read_bytes())
+        assert cli_main(["discovery", "figure", "--numbers", str(out), "--name", name,
+                         "--png", str(png), "--pdf", str(pdf)]) == 0
+        assert (png.read_bytes(), pdf.read_bytes()) == first
+
+
+def test_numbers_command_does_not_import_matplotlib_or_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from batchflip.cli import build_parser; build_parser(['discovery']); "
+            "print(sorted(m for m in ('matplotlib', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
