@@ -18,6 +18,8 @@ rule generate:
         "../../envs/generation.yaml"
     log:
         "results/logs/generate/{study}/{model}/{condition}.log",
+    benchmark:
+        "results/benchmarks/generate/{study}/{model}/{condition}.tsv"
     shell:
         "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
@@ -57,6 +59,8 @@ for _name, _study, _models, _conds in server_jobs():
             "../../envs/generation.yaml"
         log:
             f"results/logs/generate/{_study}/{{model}}/server_job.log",
+        benchmark:
+            f"results/benchmarks/generate/{_study}/{{model}}/server_job.tsv"
         shell:
             "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
             "--model-dir {params.model_dir:q} {params.jobs} 2> {log:q}"

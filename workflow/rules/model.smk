@@ -27,5 +27,7 @@ rule model:
         "../../envs/generation.yaml"
     log:
         "results/logs/model/{model}.log",
+    benchmark:
+        "results/benchmarks/model/{model}.tsv"
     shell:
         "python -m batchflip model --spec {params.spec:q} --out {params.out:q} > {log:q} 2>&1"

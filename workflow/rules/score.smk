@@ -13,6 +13,8 @@ rule score:
         "../../envs/analysis.yaml"
     log:
         "results/logs/score/{study}/{model}/{condition}.log",
+    benchmark:
+        "results/benchmarks/score/{study}/{model}/{condition}.tsv"
     shell:
         "python -m batchflip score --generations {input.gen:q} --battery {input.battery:q} "
         "--versions {params.versions:q} --patterns {input.patterns:q} --out {output:q} "

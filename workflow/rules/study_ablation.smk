@@ -59,6 +59,8 @@ rule ablation_generate:
         "../../envs/generation.yaml"
     log:
         "results/logs/ablation/{study}/{model}/{kernel_mode}.log",
+    benchmark:
+        "results/benchmarks/ablation/{study}/{model}/{kernel_mode}.tsv"
     shell:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
