@@ -20,6 +20,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("batchflip.generate", "run one (study, model, condition) generation job"),
     "score": ("batchflip.scoring", "score a generation file"),
     "flips": ("batchflip.flips", "pair conditions against the baseline"),
+    "divergence": ("batchflip.divergence",
+                   "where greedy paths diverge: margins and noise (needs logprobs)"),
+    "screen": ("batchflip.screen", "rank a run's prompts by their minimum logprob margin"),
     # one group per study kind (batchflip.studies)
     "discovery": ("batchflip.studies.discovery", "Study A: flip rates and output identity"),
     "models": ("batchflip.studies.models", "Study B: fragility and instability across models"),

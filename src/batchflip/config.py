@@ -142,7 +142,7 @@ def check_references(config: dict[str, Any]) -> None:
 
 # settings an ablation study takes from its source study (it may not set them itself)
 ABLATION_INHERITED = ("battery", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
-                      "prompt_format", "system_prompt", "baseline", "dispatch_baselines",
+                      "prompt_format", "system_prompt", "baseline", "dispatch_baselines", "logprobs",
                       "conditions", "cobatch_targets", "filler_pools", "server")
 
 

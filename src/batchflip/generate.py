@@ -30,7 +30,7 @@ from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
 from batchflip.model import model_fingerprint
 from batchflip.prompts import format_prompts
-from batchflip.records import GENERATION_COLUMNS
+from batchflip.records import GENERATION_COLUMNS, LOGPROB_COLUMNS
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -127,7 +127,7 @@ def make_engine(params: dict[str, Any], model_dir: str) -> Engine:
 
         return HFEngine(model_dir, params["dtype"], int(params["max_new_tokens"]),
                         int(params["seed"]), params.get("kernel_mode", "standard"),
-                        threads=params.get("threads"))
+                        threads=params.get("threads"), logprobs=int(params.get("logprobs", 0)))
     if name in ("vllm", "openai"):
         from batchflip.engines.server import make_server_engine
 
@@ -135,7 +135,8 @@ def make_engine(params: dict[str, Any], model_dir: str) -> Engine:
     raise BatchflipError(f"engine '{name}': must be one of hf, vllm, openai")
 
 
-def _rows(group: Group, results: list[Result], base: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(group: Group, results: list[Result], base: dict[str, Any],
+          logprobs: bool = False) -> list[dict[str, Any]]:
     if len(results) != len(group.members):
         raise BatchflipError(f"group {group.group_id}: engine returned {len(results)} results "
                              f"for {len(group.members)} prompts")
@@ -143,6 +144,10 @@ def _rows(group: Group, results: list[Result], base: dict[str, Any]) -> list[dic
     for m, r in zip(group.members, results, strict=True):
         rec = asdict(r)
         rec.pop("extra")
+        for col in LOGPROB_COLUMNS:  # present only when the study asks for them
+            value = rec.pop(col)
+            if logprobs:
+                rec[col] = value or []
         rows.append({**base, "group_id": group.group_id, "position": m.position,
                      "role": m.role, "prompt_id": m.prompt_id, **rec})
     return rows
@@ -171,9 +176,10 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     own_engine = engine is None
     engine = engine or make_engine(params, model_dir)
     try:
+        logprobs = int(params.get("logprobs", 0))
         stack = stack_fingerprint(engine, model_dir, {
             "prompt_format": params["prompt_format"], "max_new_tokens": params["max_new_tokens"],
-            "seed": params["seed"]})
+            "seed": params["seed"], **({"logprobs": logprobs} if logprobs else {})})
         battery_sha = hashlib.sha256(
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()
@@ -192,11 +198,13 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
             bar = tqdm(todo, desc=f"{params['model']}/{condition}", unit="group",
                        disable=not progress, file=sys.stderr)
             for group in bar:
-                ckpt.add(group.group_id, _rows(group, engine.run_group(group, cond), base))
+                ckpt.add(group.group_id, _rows(group, engine.run_group(group, cond), base,
+                                               bool(logprobs)))
     finally:
         if own_engine:
             engine.close()
-    df = pd.DataFrame([r for g in sorted(done) for r in done[g]], columns=GENERATION_COLUMNS)
+    columns = GENERATION_COLUMNS + (LOGPROB_COLUMNS if logprobs else [])
+    df = pd.DataFrame([r for g in sorted(done) for r in done[g]], columns=columns)
     write_json(stack, stack_out)
     write_parquet(df, out)
     if not keep_checkpoint:

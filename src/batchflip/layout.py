@@ -19,6 +19,8 @@ serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   
 prompts            battery, subset; scope settings as condition_overrides       every job
 composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
                                                                                 stagger_*
+records            logprobs (per-token log-probability columns; left out when  every job
+                   0 or unset, so studies without it keep their params)
 identity           study, model                                                 every job
 =================  ===========================================================  ==========
 
@@ -61,6 +63,8 @@ SERVING_KEYS = ("engine", "dtype", "max_new_tokens", "seed", "kernel_mode", "thr
 PROMPT_KEYS = ("battery", "subset")
 # which targets and fillers a composition condition (cobatch_*, stagger_*) groups
 COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
+# what each row records beyond the text: every generation job (not Study D's reruns)
+RECORD_KEYS = ("logprobs",)
 # server settings that change no row: how long to wait at start and stop, where logs go
 SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s")
 # engines that read ``server`` (the hf engine runs in process and ignores it)
@@ -90,6 +94,7 @@ def generation_settings(config: Config, study: str, model: str,
     s = config["studies"][study]
     keys = SERVING_KEYS + PROMPT_KEYS + (COMPOSITION_KEYS if _composition(conditions) else ())
     out = {k: s[k] for k in keys if k in s}
+    out.update({k: s[k] for k in RECORD_KEYS if s.get(k)})
     server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
     if server and s["engine"] in SERVER_ENGINES:
         out["server"] = server

@@ -18,6 +18,11 @@ GENERATION_COLUMNS = [
     "t_submit", "t_first", "t_done", "seed", "stack_id", "attempts", "error",
 ]
 
+# per generated token, only in files of a study with ``logprobs: k`` (batchflip.engines):
+# the chosen token's log-probability, and the top k ids and log-probabilities (highest
+# first); list columns, empty for a failed request
+LOGPROB_COLUMNS = ["token_logprobs", "top_ids", "top_logprobs"]
+
 # version of the scored-file layout; the score rule takes it as a params value, so a
 # change (2: failed requests kept unscored with their `error`) re-scores old files
 SCORED_FORMAT = 2

@@ -33,7 +33,12 @@ class Group:
 
 @dataclass
 class Result:
-    """What an engine returns for one member (timestamps are ``time.time()`` seconds)."""
+    """What an engine returns for one member (timestamps are ``time.time()`` seconds).
+
+    With a study's ``logprobs: k`` the engine also fills, per generated token, the chosen
+    token's log-probability and the k most likely tokens (ids and log-probabilities,
+    highest first); otherwise the three stay None and no record carries them.
+    """
 
     text: str
     token_ids: list[int]
@@ -45,6 +50,9 @@ class Result:
     attempts: int = 1
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    token_logprobs: list[float] | None = None
+    top_ids: list[list[int]] | None = None
+    top_logprobs: list[list[float]] | None = None
 
 
 class Engine(Protocol):

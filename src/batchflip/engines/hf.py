@@ -7,6 +7,11 @@ There is no continuous-batching scheduler, so ``stagger`` conditions are refused
 Kernel modes: ``standard`` (whatever transformers/torch pick) and ``batch_invariant``
 (``batchflip.engines.invariant``: a fixed-order forward whose result for a sequence does
 not depend on the rest of the batch).
+
+Log-probabilities (``logprobs: k``): ``generate`` returns the raw logits of every step
+(``output_logits``: before any logits processor, and the engine sets none that change
+them), and each token's log-softmax in float32 gives the chosen token's log-probability
+and the top k.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ class HFEngine:
 
     def __init__(self, model_dir: str, dtype: str, max_new_tokens: int, seed: int,
                  kernel_mode: str = "standard", device: str | None = None,
-                 threads: int | None = None) -> None:
+                 threads: int | None = None, logprobs: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in DTYPES:
@@ -52,7 +57,7 @@ class HFEngine:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype, self.max_new_tokens, self.seed = dtype, max_new_tokens, seed
-        self.kernel_mode = kernel_mode
+        self.kernel_mode, self.logprobs = kernel_mode, int(logprobs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
@@ -108,17 +113,23 @@ class HFEngine:
                 **enc, max_new_tokens=self.max_new_tokens, do_sample=False,
                 pad_token_id=self.tokenizer.pad_token_id, logits_processor=[clock],
                 temperature=None, top_p=None, top_k=None,
+                output_logits=bool(self.logprobs), return_dict_in_generate=True,
             )
         t_done = time.time()
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        seqs = out.sequences[:, enc["input_ids"].shape[1]:]
+        lps = token_logprobs(out.logits, seqs, self.logprobs) if self.logprobs else None
         results = []
-        for ids in new:
+        for row, ids in enumerate(seqs.tolist()):
             ids, reason = self._trim(ids)
-            results.append(Result(
+            res = Result(
                 text=self.tokenizer.decode(ids, skip_special_tokens=True), token_ids=ids,
                 finish_reason=reason, n_tokens=len(ids), t_submit=t_submit,
                 t_first=clock.t_first or t_done, t_done=t_done,
-            ))
+            )
+            if lps is not None:
+                chosen, top_ids, top_lps = (x[row, :len(ids)].tolist() for x in lps)
+                res.token_logprobs, res.top_ids, res.top_logprobs = chosen, top_ids, top_lps
+            results.append(res)
         return results
 
     def _trim(self, ids: list[int]) -> tuple[list[int], str]:
@@ -131,6 +142,16 @@ class HFEngine:
     def close(self) -> None:
         """Nothing to release beyond memory."""
         self.model = None  # type: ignore[assignment]
+
+
+def token_logprobs(logits: tuple[torch.Tensor, ...], ids: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per generated token: the chosen token's log-probability (batch, steps), and the top
+    ``k`` ids and log-probabilities (batch, steps, k), from one logits tensor per step."""
+    lp = torch.log_softmax(torch.stack(logits, dim=1).float(), dim=-1)
+    chosen = lp.gather(-1, ids[:, : lp.shape[1], None]).squeeze(-1)
+    top = lp.topk(k, dim=-1)
+    return chosen, top.indices, top.values
 
 
 def _as_list(value: Any) -> list[int]:

@@ -39,6 +39,15 @@ its original batch, so rows with ``attempts > 1`` may have a different batch con
 ``list`` dispatch the whole list is retried together. A list request answered without a
 choice for some index counts as a failed attempt.
 
+Log-probabilities
+-----------------
+With ``logprobs`` > 0 (the study key ``logprobs: k``) every request also asks for
+``logprobs: k`` and ``return_tokens_as_token_ids: true``: each streamed chunk then carries,
+per token, the chosen token's log-probability and a ``{"token_id:<id>": logprob}`` map of
+the sampled token plus the top k (vLLM), parsed into the k highest, highest first. A server
+that names tokens by text instead (no ``token_id:`` prefix) gets id -1 for them; the
+log-probabilities, which the margins need, are kept.
+
 Token ids
 ---------
 ``token_ids_source`` (reported in the fingerprint) is ``server`` when the server returned
@@ -81,6 +90,7 @@ class ClientSettings:
     retry_backoff_s: float = 1.0
     api_key: str | None = None
     extra_body: dict[str, Any] = field(default_factory=dict)
+    logprobs: int = 0
 
 
 class RequestFailed(Exception):
@@ -100,6 +110,24 @@ class _Choice:
     finish_reason: str | None = None
     t_first: float | None = None
     t_done: float | None = None
+    token_logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+
+    def add_logprobs(self, lp: dict[str, Any], k: int) -> None:
+        """Append one chunk's ``logprobs`` (token_logprobs, top_logprobs) to the choice."""
+        for chosen, top in zip(lp.get("token_logprobs") or [], lp.get("top_logprobs") or [],
+                               strict=False):
+            ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k]
+            self.token_logprobs.append(float("nan") if chosen is None else float(chosen))
+            self.top_ids.append([_token_id(t) for t, _ in ranked])
+            self.top_logprobs.append([float(v) for _, v in ranked])
+
+
+def _token_id(token: str) -> int:
+    """The id of a ``token_id:<id>`` name (vLLM's return_tokens_as_token_ids), else -1."""
+    head, _, tail = token.partition(":")
+    return int(tail) if head == "token_id" and tail.lstrip("-").isdigit() else -1
 
 
 class CompletionClient:
@@ -177,6 +205,9 @@ class CompletionClient:
             body["model"] = self.s.model
         if self.return_token_ids:
             body["return_token_ids"] = True
+        if self.s.logprobs:
+            body["logprobs"] = self.s.logprobs
+            body["return_tokens_as_token_ids"] = True
         return body
 
     async def _attempt(self, prompt: str | list[str], n: int,
@@ -217,6 +248,8 @@ class CompletionClient:
                         if c.get("token_ids") is not None:
                             ch.got_ids = True
                             ch.token_ids.extend(int(t) for t in c["token_ids"])
+                        if self.s.logprobs and c.get("logprobs"):
+                            ch.add_logprobs(c["logprobs"], self.s.logprobs)
                         if c.get("finish_reason"):
                             ch.finish_reason = c["finish_reason"]
                             ch.t_done = now
@@ -272,9 +305,13 @@ class CompletionClient:
             ids = self._retokenize(text)
             n_tokens = len(ids) if self._tokenizer is not None else ch.chunks
         t_first = ch.t_first if ch.t_first is not None else ch.t_done
-        return Result(text=text, token_ids=ids, finish_reason=ch.finish_reason or "unknown",
-                      n_tokens=n_tokens, t_submit=t_submit, t_first=t_first or t_submit,
-                      t_done=ch.t_done or t_submit, attempts=attempts)
+        res = Result(text=text, token_ids=ids, finish_reason=ch.finish_reason or "unknown",
+                     n_tokens=n_tokens, t_submit=t_submit, t_first=t_first or t_submit,
+                     t_done=ch.t_done or t_submit, attempts=attempts)
+        if self.s.logprobs:
+            res.token_logprobs, res.top_ids = ch.token_logprobs, ch.top_ids
+            res.top_logprobs = ch.top_logprobs
+        return res
 
     def _retokenize(self, text: str) -> list[int]:
         if self.token_ids_source == "server":

@@ -85,7 +85,9 @@ class ServerEngine:
                 "token_ids_source": self.client.token_ids_source,
                 "client": {"endpoint": "/v1/completions", "stream": True,
                            "temperature": 0.0,
-                           "return_token_ids": self.client.return_token_ids}}
+                           "return_token_ids": self.client.return_token_ids,
+                           **({"logprobs": self.client.s.logprobs}
+                              if self.client.s.logprobs else {})}}
 
     def run_group(self, group: Group, condition: Condition) -> list[Result]:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
@@ -131,7 +133,7 @@ def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
         base_url=base_url, model=cfg["model"], max_tokens=int(params["max_new_tokens"]),
         seed=int(params["seed"]), request_timeout_s=float(cfg["request_timeout_s"]),
         max_retries=int(cfg["max_retries"]), retry_backoff_s=float(cfg["retry_backoff_s"]),
-        api_key=key or None)
+        api_key=key or None, logprobs=int(params.get("logprobs", 0)))
     return CompletionClient(settings, tokenizer_loader=load_tokenizer)
 
 
