@@ -49,6 +49,7 @@ include: "workflow/rules/generate.smk"
 include: "workflow/rules/restore.smk"
 include: "workflow/rules/score.smk"
 include: "workflow/rules/flips.smk"
+include: "workflow/rules/divergence.smk"
 # one rule file per study kind (batchflip.studies): <kind>_numbers, <kind>_figure, ...
 include: "workflow/rules/study_discovery.smk"
 include: "workflow/rules/study_models.smk"

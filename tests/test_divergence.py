@@ -146,7 +146,8 @@ def test_capture_and_change_probability() -> None:
 
 def test_screen_numbers() -> None:
     pairs = pair_table(GENS, FLIPS, "sync_b1").assign(baseline_condition="sync_b1")
-    out = screen_numbers(pairs, GENS[GENS["condition"] == "sync_b1"], "a", ["x"], 200, 0)
+    base = GENS[GENS["condition"] == "sync_b1"]
+    out = screen_numbers(pairs, rank(base), base, "a", ["x"], 200, 0)
     assert out["a/m/sync_b2/screen_auroc_flip"]["value"] == 1.0  # p1 has the lowest margin
     assert out["a/m/sync_b2/screen_auroc_text"]["value"] == 1.0
     assert out["a/m/sync_b2/screen_expected_text_changes"]["observed"] == 2

@@ -253,6 +253,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
     n = sub.add_parser("numbers", help="a study's divergence, noise and screen numbers")
     n.add_argument("pairs", nargs="+")
+    n.add_argument("--screens", nargs="+", required=True,
+                   help="ranked lists of the baseline runs (batchflip screen)")
     n.add_argument("--generations", nargs="+", required=True, help="baseline files")
     n.add_argument("--study", required=True)
     n.add_argument("--bootstrap", type=int, default=1000)
@@ -277,11 +279,14 @@ def main(args: argparse.Namespace) -> int:
 
     pairs = pd.concat([pd.read_parquet(p) for p in args.pairs], ignore_index=True)
     base = read_generations(args.generations)
-    inputs = sorted(args.pairs) + sorted(args.generations)
+    ranked = pd.concat([pd.read_csv(p, dtype={"prompt_id": str}) for p in args.screens],
+                       ignore_index=True)
+    inputs = sorted(args.pairs) + sorted(args.screens) + sorted(args.generations)
     all_m = {str(m): baseline_margins(g, sorted(set(g["condition"])))
              for m, g in base.groupby("model")}
     out = numbers(pairs, all_m, args.study, inputs)
-    out |= screen.screen_numbers(pairs, base, args.study, inputs, args.bootstrap, args.seed)
+    out |= screen.screen_numbers(pairs, ranked, base, args.study, inputs, args.bootstrap,
+                                 args.seed)
     write_json({"study": f"divergence_{args.study}", "numbers": out}, args.out)
     pooled = np.concatenate(list(all_m.values())) if all_m else np.array([])
     figure(pairs, pooled, f"Study {args.study}: where greedy paths diverge", args.png,

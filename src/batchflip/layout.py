@@ -249,9 +249,10 @@ def pinned_key_path(study: str) -> str:
     return f"resources/adjudication/{study}/key.parquet"
 
 
-def generation_paths(config: Config, study: str) -> list[str]:
-    """Every generation file of a (non-ablation) study."""
-    return [generation_path(study, m, c) for m in config["studies"][study]["models"]
+def generation_paths(config: Config, study: str, model: str | None = None) -> list[str]:
+    """Every generation file of a (non-ablation) study, or of one of its models."""
+    models = [model] if model else config["studies"][study]["models"]
+    return [generation_path(study, m, c) for m in models
             for c in conditions_of(config, study, m)]
 
 
@@ -288,6 +289,42 @@ def archive_members(config: Config, studies: Iterable[str] | None = None) -> lis
     return sorted(out)
 
 
+# --- token log-probabilities (batchflip.divergence, batchflip.screen) -------------------------
+
+# figures of a study recorded with logprobs (beside its kind's figures)
+LOGPROB_FIGURES = ["divergence"]
+
+
+def logprob_studies(config: Config) -> list[str]:
+    """The generation studies that record the top-2 log-probabilities (``logprobs >= 2``):
+    the ones with divergence numbers and a margin screen."""
+    return [s for s, v in config["studies"].items()
+            if v["kind"] != "ablation" and int(v.get("logprobs") or 0) >= 2]
+
+
+def baseline_conditions(config: Config, study: str, model: str) -> list[str]:
+    """A model's baseline conditions: the study's baseline and each dispatch's own."""
+    s, conds = config["studies"][study], conditions_of(config, study, model)
+    own = [c for c in s.get("dispatch_baselines", {}).values() if c in conds]
+    return [s["baseline"], *sorted(set(own) - {s["baseline"]})]
+
+
+def divergence_pairs_path(study: str, model: str) -> str:
+    """One model's pairs with where (and at what margin) their tokens diverge."""
+    return f"results/divergence/{study}/{model}.parquet"
+
+
+def screen_path(study: str, model: str, condition: str) -> str:
+    """The ranked prompt list (lowest minimum margin first) of one batch-1 run."""
+    return f"results/screen/{study}/{model}/{condition}.csv"
+
+
+def screen_paths(config: Config, study: str) -> list[str]:
+    """The screens of a study: one per model and baseline condition."""
+    return [screen_path(study, m, c) for m in config["studies"][study]["models"]
+            for c in baseline_conditions(config, study, m)]
+
+
 # --- the paper ------------------------------------------------------------------------------
 
 # figures each kind of study contributes to the paper
@@ -301,20 +338,25 @@ FIGURES_BY_KIND = {
 
 def paper_numbers(config: Config) -> list[str]:
     """The numbers files of results/paper: each paper study's, the adjudication of its
-    discovery studies, the enriched comparisons, and the fidelity check."""
+    discovery studies, the enriched comparisons, the divergence and screen numbers of the
+    studies recorded with logprobs, and the fidelity check."""
     studies = config["paper"]["studies"]
     kinds = {s: config["studies"][s] for s in studies}
     return ([numbers_path(s) for s in studies]
             + [numbers_path(f"adjudication_{s}") for s in studies
                if kinds[s]["kind"] == "discovery"]
             + [numbers_path(f"enriched_{s}") for s in studies if kinds[s].get("subset_from")]
+            + [numbers_path(f"divergence_{s}") for s in studies
+               if s in logprob_studies(config)]
             + [numbers_path("fidelity")])
 
 
 def paper_figures(config: Config) -> list[str]:
     """The figures of results/paper (png and pdf of each of a paper study's figures)."""
+    lp = logprob_studies(config)
     return [figure_path(s, n, ext) for s in config["paper"]["studies"]
-            for n in FIGURES_BY_KIND[config["studies"][s]["kind"]] for ext in ("png", "pdf")]
+            for n in FIGURES_BY_KIND[config["studies"][s]["kind"]]
+            + (LOGPROB_FIGURES if s in lp else []) for ext in ("png", "pdf")]
 
 
 def paper_stacks(config: Config) -> list[str]:

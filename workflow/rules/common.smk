@@ -177,7 +177,8 @@ def paper_stacks(wildcards):
 
 
 def figure_captions():
-    names = sorted({n for names in layout.FIGURES_BY_KIND.values() for n in names})
+    names = sorted({n for names in layout.FIGURES_BY_KIND.values() for n in names}
+                   | set(layout.LOGPROB_FIGURES))
     return [repo_path(f"workflow/report/{n}.rst") for n in names]
 
 
