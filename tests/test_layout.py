@@ -239,3 +239,16 @@ def test_schema_defaults_are_filled_once_at_load():
     once = copy.deepcopy(again)
     fill_defaults(again, yaml.safe_load(SCHEMA.read_text()))
     assert again == once
+
+
+def test_logprob_studies_add_divergence_inputs():
+    cfg = tiny()
+    assert layout.logprob_studies(cfg) == []
+    assert "logprobs" not in layout.generation_settings(cfg, "a", "smollm2-135m", ["sync_b1"])
+    cfg["studies"]["a"]["logprobs"] = 2
+    cfg["paper"]["studies"] = ["a"]
+    assert layout.logprob_studies(cfg) == ["a"]
+    assert layout.generation_settings(cfg, "a", "smollm2-135m", ["sync_b1"])["logprobs"] == 2
+    assert "results/numbers/divergence_a.json" in layout.paper_numbers(cfg)
+    assert "results/figures/a_divergence.png" in layout.paper_figures(cfg)
+    assert layout.screen_paths(cfg, "a") == ["results/screen/a/smollm2-135m/sync_b1.csv"]

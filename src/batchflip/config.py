@@ -142,8 +142,8 @@ def check_references(config: dict[str, Any]) -> None:
 
 # settings an ablation study takes from its source study (it may not set them itself)
 ABLATION_INHERITED = ("battery", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
-                      "prompt_format", "system_prompt", "baseline", "dispatch_baselines", "logprobs",
-                      "conditions", "cobatch_targets", "filler_pools", "server")
+                      "prompt_format", "system_prompt", "baseline", "dispatch_baselines",
+                      "conditions", "cobatch_targets", "filler_pools", "server", "logprobs")
 
 
 def check_ablation(config: dict[str, Any], name: str) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +35,7 @@ from batchflip.errors import BatchflipError
 from batchflip.failures import answered
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import Record, not_estimable, proportion, scalar
-from batchflip.records import GENERATION_COLUMNS, LOGPROB_COLUMNS, read_records
+from batchflip.records import LOGPROB_COLUMNS, read_records
 
 PAIR_COLUMNS = [
     "model", "condition", "baseline_condition", "batch_size", "dispatch", "prompt_id",
