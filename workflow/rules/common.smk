@@ -78,6 +78,12 @@ def studies_on(engine):
     return "|".join(names) or "(?!x)x"
 
 
+def lp_studies():
+    """Regex of the studies recorded with logprobs >= 2 (divergence.smk; never matches
+    when there are none)."""
+    return "|".join(layout.logprob_studies(config)) or "(?!x)x"
+
+
 def server_jobs():
     """(name, study, models, conditions) for each server generate rule (layout.server_jobs)."""
     return layout.server_jobs(config)

@@ -2,11 +2,6 @@
 # (batchflip.divergence) and the margin screen from one batch-1 run (batchflip.screen).
 
 
-def lp_studies():
-    """Regex of the studies recorded with logprobs >= 2 (never matches when none)."""
-    return "|".join(layout.logprob_studies(config)) or "(?!x)x"
-
-
 rule screen:
     """Prompts of one batch-1 run ranked by their minimum top-1/top-2 margin."""
     input:
