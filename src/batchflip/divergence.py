@@ -217,7 +217,8 @@ def figure(pairs: pd.DataFrame, base_margins: np.ndarray, title: str, png: str,
     for label, values, style in [("all baseline tokens", base_margins, dict(color="0.5",
                                                                             lw=2.5))] + [
             (f"{c} (n={int(p['text_changed'].sum())})",
-             p.loc[p["text_changed"], "baseline_margin"].to_numpy(dtype=float), {})
+             p.loc[p["text_changed"], "baseline_margin"].to_numpy(dtype=float),
+             dict(marker="o", ms=4))
             for c, p in pairs.groupby("condition", sort=True)]:
         v = np.sort(values[np.isfinite(values)])
         if len(v):
