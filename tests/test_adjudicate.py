@@ -88,7 +88,7 @@ def _world(root: Path) -> dict[str, list[str] | str]:
 
 
 def _export(world: dict, out: Path, *extra: str, seed: int = 7) -> int:
-    return cli(["adjudicate", "export", "--study", "a", "--baseline", BASELINE,
+    return cli(["adjudicate", "export", "--study", "a",
                 "--flips", *world["flips"], "--scored", *world["scored"],
                 "--battery", world["battery"], "--out-dir", str(out), "--seed", str(seed),
                 *extra])

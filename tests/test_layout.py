@@ -224,7 +224,7 @@ def test_schema_defaults_are_filled_once_at_load():
     assert "kernel_mode" not in d and "dispatch_baselines" not in d
     assert d["candidates"] == "label_flips"
     assert cfg["adjudication"] == {"raters": ["rater1", "rater2"], "seed": 0,
-                                   "domains": ["safety"], "include_text_changes": False,
+                                   "phase": "sync", "domains": ["safety"], "include_text_changes": False,
                                    "text_change_limit": None, "confidence": 0.95}
     assert cfg["errors"] == {"max_share": 0.01}
     assert "restore" not in cfg and "verify" not in cfg  # presence means something
