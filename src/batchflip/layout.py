@@ -297,11 +297,12 @@ FIGURES_BY_KIND = {
 
 def has_agreement(config: Config, study: str) -> bool:
     """True when some model of a study runs both ``list_b{n}`` and ``sync_b{n}`` for one
-    n (the pairs of Study A's flip agreement, the paper's Figure 4)."""
+    n > 1 (the pairs of Study A's flip agreement, the paper's Figure 4)."""
     s = config["studies"][study]
     for model in s.get("models", []):
         parsed = [parse_condition(c) for c in conditions_of(config, study, model)]
-        sizes = {d: {c.batch_size for c in parsed if c.dispatch == d} for d in ("sync", "list")}
+        sizes = {d: {c.batch_size for c in parsed if c.dispatch == d and c.batch_size > 1}
+                 for d in ("sync", "list")}
         if sizes["sync"] & sizes["list"]:
             return True
     return False
