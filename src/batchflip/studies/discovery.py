@@ -275,13 +275,17 @@ def flip_agreement_figure(numbers: dict[str, dict[str, Any]], png: str, pdf: str
         if "/flip_agreement_b" in key and "batch_size" in rec and rec.get("value") is not None:
             series.setdefault(rec["model"], []).append(rec)
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    models = sorted(m for m in series if m != "all") + (["all"] if "all" in series else [])
+    models = sorted(m for m in series if m != "all")
+    if len(models) > 1:  # with one model the pooled series is that model's
+        models.append("all")
     for model in models:
         recs = sorted(series[model], key=lambda r: r["batch_size"])
         _errorbar(ax, recs, 100, label="pooled over models" if model == "all" else model,
                   **({"color": "black", "linestyle": "--"} if model == "all" else {}))
     if models:
+        sizes = sorted({r["batch_size"] for m in models for r in series[m]})
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
         ax.legend(frameon=False, fontsize=8)
     else:
         ax.text(0.5, 0.5, "no batch size has both list_b{n} and sync_b{n}",
