@@ -149,15 +149,18 @@ def test_flip_agreement_between_list_and_sync():
     _check(out["a/all/flip_agreement_bpooled"], 2, 3)
 
 
+def _write(tmp_path, frames) -> tuple[list[str], list[str]]:
+    """The flip and scored frames as parquet files: (flip paths, scored paths)."""
+    paths: tuple[list[str], list[str]] = ([], [])
+    for kind, group, out in zip(("flips", "scored"), frames, paths, strict=True):
+        for i, df in enumerate(group.values()):
+            out.append(str(tmp_path / f"{kind}{i}.parquet"))
+            df.to_parquet(out[-1])
+    return paths
+
+
 def test_cli_numbers_then_both_figures(tmp_path, frames):
-    flips, scored = frames
-    fpaths, spaths = [], []
-    for i, df in enumerate(flips.values()):
-        fpaths.append(str(tmp_path / f"flips{i}.parquet"))
-        df.to_parquet(fpaths[-1])
-    for i, df in enumerate(scored.values()):
-        spaths.append(str(tmp_path / f"scored{i}.parquet"))
-        df.to_parquet(spaths[-1])
+    fpaths, spaths = _write(tmp_path, frames)
     out = tmp_path / "numbers" / "a.json"
     assert cli_main(["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
                      "--flips", *fpaths, "--scored", *spaths, "--out", str(out)]) == 0
@@ -307,13 +310,7 @@ def test_old_flips_file_without_baseline_condition_says_to_re_pair(tmp_path):
 
 def test_flip_agreement_figure_per_model_and_batch_size(tmp_path, tb_frames):
     # sync_b4 and list_b4 of the same prompts: agreement per model at b = 4 and b = 8
-    flips, scored = tb_frames
-    fpaths, spaths = [], []
-    for i, df in enumerate(flips.values()):
-        fpaths.append(str(tmp_path / f"flips{i}.parquet"))
-        df.to_parquet(fpaths[-1])
-    spaths.append(str(tmp_path / "scored0.parquet"))
-    next(iter(scored.values())).to_parquet(spaths[-1])
+    fpaths, spaths = _write(tmp_path, tb_frames)
     out = tmp_path / "a.json"
     assert cli_main(["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
                      "--flips", *fpaths, "--scored", *spaths, "--out", str(out)]) == 0
