@@ -110,11 +110,14 @@ from batchflip.studies.composition_base import (
     GEN_OPTIONAL,
     SCORED_ERROR,
     SCORED_NEEDED,
+    SCORED_OPTIONAL,
     _concat,
     _condition_key,
     _is_cobatch,
     _path_index,
 )
+from batchflip.studies.composition_pairs import pair_numbers
+from batchflip.studies.composition_rows import capability_numbers, position_numbers
 from batchflip.studies.composition_stats import (
     _cochran_records,
     _direction_numbers,
@@ -184,7 +187,12 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
     numbers |= _tost_records(s, pairs, margin, alpha)
     numbers |= _cochran_records(s) | _mh_numbers(s)
     numbers |= _mde_numbers(s, _pooled_counts(s, pairs))
-    numbers |= _direction_numbers(s, pairs, raw, alpha)
+    numbers |= _direction_numbers(s, pairs, raw, alpha) | pair_numbers(s, pairs, alpha)
+    numbers |= position_numbers(s)
+    cap = _target_rows(df, "capability")
+    numbers |= capability_numbers(
+        _study(scored, cap, study, baseline, "capability") if len(cap) else None, study,
+        s.every_input)
     numbers |= verification_numbers(generations, study, baseline)
     return _sanitize(numbers)
 
@@ -298,7 +306,8 @@ def main(args: argparse.Namespace) -> int:
         composition_figure(numbers, args.png, args.pdf)
         print(f"{args.png}, {args.pdf}")
         return 0
-    scored = {p: read_records(p, SCORED_NEEDED + SCORED_ERROR) for p in args.scored}
+    scored = {p: read_records(p, SCORED_NEEDED + SCORED_ERROR, SCORED_OPTIONAL)
+              for p in args.scored}
     gens = {p: read_records(p, GEN_NEEDED, GEN_OPTIONAL) for p in args.generations}
     numbers = composition_numbers(scored, gens, args.study, args.baseline, args.margin,
                                   args.alpha, None if args.domain == "all" else args.domain,
