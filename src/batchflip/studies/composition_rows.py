@@ -92,7 +92,7 @@ def _capability_pooled(cap: _Study, cond: str, b: int, c: int, n: int) -> dict[s
     """Flip rate and exact McNemar of the capability pairs pooled over models."""
     keys = [(m, cond) for m in cap.models]
     ins, sts = cap.ins(keys), cap.sts(keys)
-    meta = cap.meta("all", cond) | {"b": b, "c": c, "n": n, "to_wrong": b, "to_correct": c}
+    meta = cap.meta("all", cond) | {"b": b, "c": c, "to_wrong": b, "to_correct": c}
     pre = f"{cap.study}/all/{cond}"
     rate_def = (f"capability flip rate, {cond} vs {cap.baseline}, pairs pooled over models: "
                 "discordant pairs / paired targets (Wilson 95%; Clopper-Pearson in "
@@ -106,7 +106,7 @@ def _capability_pooled(cap: _Study, cond: str, b: int, c: int, n: int) -> dict[s
     return {f"{pre}/capability_flip_rate": proportion(b + c, n, rate_def, ins, sts,
                                                       **_cp(b + c, n), **meta),
             f"{pre}/capability_mcnemar_p": scalar(mcnemar_exact(b, c).p_value, p_def, ins,
-                                                  sts, **meta)}
+                                                  sts, n=n, **meta)}
 
 
 def position_numbers(s: _Study) -> dict[str, Record]:
