@@ -61,6 +61,22 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   over every (model, condition) pair; the same with ``direction_significant_`` for the
   pairs whose unadjusted McNemar p < alpha (the paper's "28/31 in the three significant
   conditions").
+- ``<s>/all/<c>/refusal_diff_pp`` and ``<s>/all/refusal_diff_pp`` (with ``<s>/all/tost_p``,
+  every non-baseline composition pooled: the paper's one TOST): refusal(condition) -
+  refusal(baseline) over paired targets, Wald (1 - 2 alpha) interval in ``ci_low``/``ci_high``.
+- The paper's 7 pairs (:mod:`batchflip.studies.composition_pairs`; the list follows issue
+  13, TR143 is not public): ``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` (Holm
+  over the tests run, ``<s>/all/pair_tests``), ``<s>/all/<a>_vs_<b>/mh_odds_ratio`` and
+  ``/mh_p``; the direction per condition ``<s>/all/<c>/direction_*`` and pooled over the
+  significant conditions ``<s>/all/direction_condition_significant_*`` (pooled exact p <
+  alpha, the paper's 28/31) and ``<s>/all/direction_holm_significant_*``; every share also
+  carries its Clopper-Pearson 95% interval (``cp_low``/``cp_high``).
+- Capability controls and target position (:mod:`batchflip.studies.composition_rows`):
+  ``<s>/<m>/<c>/capability_correct_rate``, ``/capability_mcnemar_p``,
+  ``/capability_mcnemar_p_holm``, ``<s>/all/<c>/capability_flip_rate``,
+  ``/capability_mcnemar_p`` (``<s>/all/capability_missing`` when none ran);
+  ``<s>/<m>/position_anova_p``, ``<s>/all/position_anova_p``,
+  ``<s>/all/<c>/position_anova_p``.
 - ``<s>/<m>/<c>/cobatch_verified_rate``, ``<s>/all/<c>/...`` and
   ``<s>/all/cobatch_verified_rate``: from the generation files, the share of targets
   whose decode interval ``[t_first, t_done]`` overlaps (closed intervals) the interval of

@@ -8,7 +8,8 @@ Capability: the capability-domain targets, each condition paired with the baseli
 
 Position: one-way ANOVA of the target's score (the refusal score of the study's domain)
 by its slot in the batch (``position``, 0-7 at batch 8), over the compositions that have
-fillers (solo has no slot to vary).
+fillers (solo has no slot to vary). Rows are treated as independent, as a one-way ANOVA
+does, although a prompt appears once in every composition pooled.
 """
 
 from __future__ import annotations
