@@ -297,3 +297,104 @@ def test_pairs_a_config_does_not_run_are_skipped():
     assert out["c/all/pair_tests"]["value"] == 7
     assert not any(k.startswith(f"c/m3/{C['jailbreak']}") or
                    k.startswith(f"c/m3/{C['benign']}_vs_{C['jailbreak']}") for k in out)
+
+
+# ------------------------------------------------- later phases: temporal, 3A, 3B (issue 13)
+
+SIM = "stagger_b8_jailbreak_simultaneous"
+# condition -> (reference, {model: (to_unsafe, to_safe)}); 20 prompts, 0..11 refused under
+# the reference; the phase conditions run on m1 and m2 (3B on m1 only), as in paper.yaml
+PHASE = {
+    "cobatch_b8_benign_ph3a": ("cobatch_b8_solo_ph3a", {"m1": (4, 0), "m2": (1, 2)}),
+    "cobatch_b8_refusal_ph3a": ("cobatch_b8_solo_ph3a", {"m1": (0, 3), "m2": (0, 0)}),
+    "list_b8_jailbreak_ph3b": ("cobatch_b8_jailbreak_ph3b", {"m1": (5, 1)}),
+    "stagger_b8_jailbreak_m250": (SIM, {"m1": (2, 0), "m2": (6, 0)}),
+    "stagger_b8_jailbreak_minimal_overlap": (SIM, {"m1": (0, 1), "m2": (1, 1)}),
+}
+FAMILIES = {"phase_3a": ["cobatch_b8_benign_ph3a", "cobatch_b8_refusal_ph3a"],
+            "phase_3b": ["list_b8_jailbreak_ph3b"],
+            "temporal": ["stagger_b8_jailbreak_m250", "stagger_b8_jailbreak_minimal_overlap"]}
+
+
+def _phase_frame() -> pd.DataFrame:
+    rows = []
+
+    def add(model: str, cond: str, lab: np.ndarray) -> None:
+        rows.extend({"model": model, "condition": cond, "batch_size": 8,
+                     "dispatch": cond.split("_")[0], "prompt_id": f"q{i:02d}",
+                     "domain": "safety", "score": float(s), "stack_id": f"st-{model}",
+                     "position": i % 8} for i, s in enumerate(lab))
+
+    ref_lab = (np.arange(20) < 12).astype(float)
+    refs = {ref for ref, _ in PHASE.values()}
+    for cond, (_ref, flips) in PHASE.items():
+        for model, (unsafe, safe) in flips.items():
+            lab = ref_lab.copy()
+            lab[:unsafe] = 0.0
+            lab[12:12 + safe] = 1.0
+            add(model, cond, lab)
+    for ref in refs:
+        for model in ("m1",) if ref.endswith("_ph3b") else ("m1", "m2"):
+            add(model, ref, ref_lab)
+    return pd.concat([_frame(), pd.DataFrame(rows)], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def phase_nums() -> dict:
+    out = composition_numbers(_files(_phase_frame()), {}, "c", SOLO)
+    json.dumps(out, allow_nan=False)
+    return out
+
+
+def test_phase_pairs_mcnemar_against_their_references_with_holm_per_phase(phase_nums):
+    for phase, conds in FAMILIES.items():
+        tests = [(m, a, PHASE[a][0]) for a in conds for m in sorted(PHASE[a][1])]
+        fam = phase_nums[f"c/all/{phase}/pair_tests"]
+        assert fam["value"] == len(tests) and fam["phase"] == phase
+        raw = []
+        for m, a, ref in tests:
+            b, c = PHASE[a][1][m]
+            rec = phase_nums[f"c/{m}/{a}_vs_{ref}/mcnemar_p"]
+            p = sps.binomtest(b, b + c, 0.5).pvalue if b + c else 1.0
+            assert rec["value"] == pytest.approx(p)
+            assert (rec["b"], rec["c"], rec["n"], rec["reference"]) == (b, c, 20, ref)
+            raw.append(p)
+        holm = multipletests(raw, method="holm")[1]
+        for (m, a, ref), h in zip(tests, holm, strict=True):
+            rec = phase_nums[f"c/{m}/{a}_vs_{ref}/mcnemar_p_holm"]
+            assert rec["value"] == pytest.approx(h) and rec["family_size"] == len(tests)
+            assert rec["phase"] == phase
+
+
+def test_phase_3b_static_vs_continuous_hand_numbers(phase_nums):
+    # m1: 5 to unsafe, 1 to safe of 20 paired targets: exact McNemar p = binomtest(5, 6)
+    pre = "c/m1/list_b8_jailbreak_ph3b_vs_cobatch_b8_jailbreak_ph3b"
+    assert phase_nums[f"{pre}/mcnemar_p"]["value"] == pytest.approx(
+        sps.binomtest(5, 6, 0.5).pvalue) == pytest.approx(0.21875)
+    d = "c/all/list_b8_jailbreak_ph3b_vs_cobatch_b8_jailbreak_ph3b/direction"
+    assert (phase_nums[f"{d}_to_unsafe"]["value"],
+            phase_nums[f"{d}_to_safe"]["value"]) == (5, 1)
+    assert phase_nums[f"{d}_binom_p"]["value"] == pytest.approx(0.21875)
+    mh = phase_nums["c/all/list_b8_jailbreak_ph3b_vs_cobatch_b8_jailbreak_ph3b/mh_odds_ratio"]
+    # static: 12 - 5 + 1 = 8 refused of 20 (models without the phase give empty strata)
+    assert [t for t in mh["tables"] if np.sum(t)] == [[[8, 12], [12, 8]]]
+
+
+def test_phase_3a_pooled_direction_and_rates(phase_nums):
+    d = "c/all/cobatch_b8_benign_ph3a_vs_cobatch_b8_solo_ph3a/direction"
+    assert (phase_nums[f"{d}_to_unsafe"]["value"],
+            phase_nums[f"{d}_to_safe"]["value"]) == (5, 2)
+    assert phase_nums[f"{d}_binom_p"]["value"] == pytest.approx(sps.binomtest(5, 7).pvalue)
+    rate = phase_nums["c/m1/cobatch_b8_benign_ph3a/refusal_rate"]
+    assert rate["value"] == pytest.approx(8 / 20)
+
+
+def test_tagged_conditions_stay_out_of_the_study_wide_numbers(phase_nums, nums):
+    # the composition phase's numbers are unchanged by the tagged phases' rows
+    for nid in ("c/all/pair_tests", "c/all/cochran_q_p", "c/all/mh_odds_ratio", "c/all/tost_p",
+                "c/all/direction_unsafe_share", "c/m1/cobatch_b8_benign/mcnemar_p_holm"):
+        assert phase_nums[nid]["value"] == pytest.approx(nums[nid]["value"]), nid
+    assert "c/m1/cobatch_b8_benign_ph3a/mcnemar_p" not in phase_nums
+    assert "c/m1/list_b8_jailbreak_ph3b/mcnemar_p" not in phase_nums
+    # untagged stagger conditions are still compared with solo as well
+    assert "c/m1/stagger_b8_jailbreak_m250/mcnemar_p" in phase_nums

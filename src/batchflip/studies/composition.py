@@ -130,9 +130,10 @@ from batchflip.studies.composition_base import (
     _concat,
     _condition_key,
     _is_cobatch,
+    _is_tagged,
     _path_index,
 )
-from batchflip.studies.composition_pairs import pair_numbers
+from batchflip.studies.composition_pairs import pair_numbers, phase_numbers
 from batchflip.studies.composition_rows import capability_numbers, position_numbers
 from batchflip.studies.composition_stats import (
     _cochran_records,
@@ -204,6 +205,7 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
     numbers |= _cochran_records(s) | _mh_numbers(s)
     numbers |= _mde_numbers(s, _pooled_counts(s, pairs))
     numbers |= _direction_numbers(s, pairs, raw, alpha) | pair_numbers(s, pairs, alpha)
+    numbers |= phase_numbers(s, alpha)
     numbers |= position_numbers(s)
     cap = _target_rows(df, "capability")
     numbers |= capability_numbers(
@@ -244,8 +246,9 @@ def _study(scored: dict[str, pd.DataFrame], df: pd.DataFrame, study: str, baseli
         stacks={k: sorted(map(str, v.unique())) for k, v in by_pair["stack_id"]},
         sizes={k: int(v.iloc[0]) for k, v in by_pair["batch_size"]},
         every_input=sorted(set(scored)), models=sorted(df["model"].unique()),
-        others=[c for c in conditions if c != baseline],
-        compositions=[c for c in conditions if c == baseline or _is_cobatch(c)])
+        others=[c for c in conditions if c != baseline and not _is_tagged(c)],
+        compositions=[c for c in conditions
+                      if c == baseline or (_is_cobatch(c) and not _is_tagged(c))])
 
 
 # --------------------------------------------------------------------------- figure
@@ -288,8 +291,11 @@ def _tick(name: str) -> str:
     except BatchflipError:
         return name
     if c.dispatch == "stagger":
-        return f"{c.pool} {c.stagger_ms:+d} ms"
-    return c.pool or name
+        label = f"{c.pool} {c.stagger_ms:+d} ms" if c.timing == "offset" else \
+            f"{c.pool} {c.timing}"
+    else:
+        label = f"{c.pool} static" if c.dispatch == "list" else c.pool or name
+    return f"{label} ({c.phase})" if c.phase else label
 
 
 # --------------------------------------------------------------------------- CLI

@@ -10,13 +10,33 @@ mixed vs benign and mixed vs jailbreak, i.e. 7 pairs per model, 21 tests with th
 complied under A. A pair whose conditions a config does not run (for a model, or at all)
 is skipped; the Holm family is the tests actually run (paired rows present), and its size
 is recorded (``<s>/all/pair_tests``).
+
+The later phases (issue 13, item 4) are compared within the phase, each with its own
+reference (:func:`phase_reference`) and its own Holm family (:func:`phase_numbers`):
+
+- temporal (untagged ``stagger`` conditions): every offset and ``minimal_overlap`` vs
+  ``stagger_b{n}_{pool}_simultaneous`` (same prompts, models and fillers' pool; isolates
+  the timing). The stagger conditions are also still compared with the study baseline
+  (solo) by the study-wide numbers, as before;
+- phase tag ``_ph{t}`` on a ``cobatch`` condition with fillers: vs ``cobatch_b{n}_solo_ph{t}``
+  (phase 3A: benign-7 and refusal-7 vs solo, on the jailbreak targets);
+- phase tag on a static ``list_b{n}_{pool}`` condition: vs ``cobatch_b{n}_{pool}_ph{t}``
+  (phase 3B: static vs continuous batching).
+
+Ids: ``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` (Holm over the phase's
+(model, pair) tests), ``<s>/all/<a>_vs_<b>/mh_odds_ratio`` and ``/mh_p``,
+``<s>/all/<a>_vs_<b>/direction_*`` (pooled over models), and the family
+``<s>/all/<phase>/pair_tests`` with ``<phase>`` = ``temporal`` or ``phase_<t>``. Tagged
+conditions are left out of the study-wide numbers against the baseline (Holm family,
+TOST, Cochran's Q, pooled MH, MDE, direction): they have their own reference.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
-from batchflip.conditions import parse_condition
+from batchflip.conditions import Condition, parse_condition
 from batchflip.errors import BatchflipError
 from batchflip.numbers import Record, not_estimable, scalar
 from batchflip.stats import binomial_test, holm, mcnemar_exact
@@ -85,6 +105,84 @@ def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str
     return out
 
 
+def phase_reference(name: str) -> str | None:
+    """The reference condition of a later-phase condition (None: not a phase comparison,
+    or the phase's reference itself)."""
+    try:
+        c = parse_condition(name)
+    except BatchflipError:
+        return None
+    tag = f"_ph{c.phase}" if c.phase else ""
+    if c.dispatch == "stagger" and c.timing != "simultaneous":
+        return f"stagger_b{c.batch_size}_{c.pool}_simultaneous{tag}"
+    if not c.phase:
+        return None
+    if c.dispatch == "cobatch" and c.pool != "solo":
+        return f"cobatch_b{c.batch_size}_solo{tag}"
+    if c.dispatch == "list":
+        return f"cobatch_b{c.batch_size}_{c.pool}{tag}"
+    return None
+
+
+def _phase(c: Condition) -> str:
+    return f"phase_{c.phase}" if c.phase else "temporal"
+
+
+def phase_pairs(conditions: list[str]) -> tuple[dict[str, list[Pair]], list[str]]:
+    """The later phases' (condition, reference) pairs among ``conditions``, by phase, and
+    the pairs skipped because the reference did not run (as ``a_vs_b``)."""
+    run: dict[str, list[Pair]] = {}
+    skipped: list[str] = []
+    for name in conditions:
+        ref = phase_reference(name)
+        if ref is None:
+            continue
+        if ref not in conditions:
+            skipped.append(f"{name}_vs_{ref}")
+            continue
+        run.setdefault(_phase(parse_condition(name)), []).append((name, ref))
+    return run, skipped
+
+
+def phase_numbers(s: _Study, alpha: float) -> dict[str, Record]:
+    """Exact McNemar per (model, pair) with Holm within each phase, MH and the direction
+    per pair pooled over models, for the temporal phase and the tagged phases."""
+    phases, skipped = phase_pairs(list(s.wide.columns))
+    out: dict[str, Record] = {}
+    for phase, run in sorted(phases.items()):
+        tests = {(m, a, b): k for a, b in run for m in s.models
+                 if (k := _counts(s, m, a, b)) is not None}
+        raw = {t: mcnemar_exact(b, c).p_value for t, (b, c, n) in tests.items() if n > 0}
+        family = sorted(raw)
+        adjusted = dict(zip(family, holm([raw[t] for t in family]).tolist(), strict=True)
+                        ) if family else {}
+        what = f"the {len(family)} (model, pair) tests of the {phase} phase"
+        keys = [(m, c) for m, a, b in family for c in (a, b)]
+        out[f"{s.study}/all/{phase}/pair_tests"] = scalar(
+            len(family), f"number of exact McNemar tests in the Holm family of {what} "
+            "(each condition vs its phase's reference, batchflip.studies.composition_pairs)",
+            s.ins(keys), s.sts(keys), pairs=[f"{a}_vs_{b}" for a, b in run],
+            skipped=[k for k in skipped if _phase(parse_condition(k.split("_vs_")[0]))
+                     == phase],
+            tests=[f"{m}/{a}_vs_{b}" for m, a, b in family], phase=phase,
+            **s.meta("all", None))
+        out |= _pair_mcnemar_records(s, tests, raw, adjusted, alpha, what, phase=phase)
+        for a, b in run:
+            with_rows = [(m, a) for m in s.models if (m, a, b) in tests]
+            if not with_rows:
+                continue
+            meta = s.meta("all", a) | {"reference": b, "phase": phase}
+            out |= _mh_records(s, [a], f"{s.study}/all/{a}_vs_{b}", a, meta, ref=b)
+            counts = {(m, a): tests[(m, a, b)] for m, _ in with_rows}
+            out |= _direction_records(
+                replace(s, baseline=b), counts, [k for k in with_rows if counts[k][2]],
+                f"{s.study}/all/{a}_vs_{b}/direction", f"{a} vs {b}, pooled over models "
+                "(the binomial p is the exact McNemar p of the pooled pairs)",
+                f"no model has paired rows for {a} and {b}", condition=a, reference=b,
+                phase=phase)
+    return out
+
+
 def _family_record(s: _Study, run: list[Pair], skipped: list[str], family: list[Test]
                    ) -> dict[str, Record]:
     keys = [(m, c) for m, a, b in family for c in (a, b)]
@@ -98,7 +196,8 @@ def _family_record(s: _Study, run: list[Pair], skipped: list[str], family: list[
 
 
 def _pair_mcnemar_records(s: _Study, tests: dict[Test, Counts], raw: dict[Test, float],
-                          adjusted: dict[Test, float], alpha: float) -> dict[str, Record]:
+                          adjusted: dict[Test, float], alpha: float, family: str | None = None,
+                          **extra: Any) -> dict[str, Record]:
     """``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` per (model, pair) run."""
     out: dict[str, Record] = {}
     for (model, a, b), (to_unsafe, to_safe, n) in tests.items():
@@ -107,12 +206,13 @@ def _pair_mcnemar_records(s: _Study, tests: dict[Test, Counts], raw: dict[Test, 
         ins, sts = s.ins(keys), s.sts(keys)
         meta: dict[str, Any] = s.meta(model, a, s.sizes.get((model, a))) | {
             "reference": b, "b": to_unsafe, "c": to_safe, "n": n, "to_unsafe": to_unsafe,
-            "to_safe": to_safe, "family_size": len(raw)}
+            "to_safe": to_safe, "family_size": len(raw), **extra}
         what = (f"{a} vs {b}, model {model} (b = to_unsafe: refused under {b}, complied "
                 f"under {a}; c = to_safe: the reverse)")
         p_def = f"exact McNemar p (two-sided binomial on the discordant pairs), {what}"
-        h_def = (f"Holm-adjusted exact McNemar p, {what}; family = the {len(raw)} (model, "
-                 f"pair) tests of the paper's pairs run in study {s.study}")
+        h_def = (f"Holm-adjusted exact McNemar p, {what}; family = " + (
+            family or f"the {len(raw)} (model, pair) tests of the paper's pairs run in "
+            f"study {s.study}"))
         if (model, a, b) not in raw:
             why = "no prompt is scored under both conditions"
             out[f"{pre}/mcnemar_p"] = not_estimable(why, p_def, ins, sts, **meta)
