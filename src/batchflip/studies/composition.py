@@ -21,6 +21,11 @@ What is counted
   the compositions only; ``stagger`` conditions (the temporal-overlap phase) get the
   pairwise numbers (McNemar in the Holm family, TOST, their own MH) and enter the pooled
   flip direction, which pools every pair of the study.
+- The later phases (temporal vs ``stagger_..._simultaneous``; phase-tagged ``_ph<t>``
+  conditions, e.g. 3A vs ``cobatch_b8_solo_ph3a`` and 3B static ``list_b8_<pool>_ph3b`` vs
+  continuous ``cobatch_b8_<pool>_ph3b``) are compared with their phase's reference, Holm
+  within the phase (:func:`batchflip.studies.composition_pairs.phase_numbers`). Tagged
+  conditions get refusal rates but are left out of every number against the baseline.
 
 Numbers (``<s>`` = study, ``<m>`` = model, ``<c>`` = condition; ``all`` = pooled over
 models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
