@@ -1,6 +1,6 @@
 import pytest
 
-from batchflip.conditions import parse_condition
+from batchflip.conditions import MINIMAL_OVERLAP_MS, parse_condition
 from batchflip.errors import BatchflipError
 
 
@@ -21,8 +21,44 @@ def test_parse_valid_names():
     ("cobatch_b8_friends", "filler pool must be one of"),
     ("stagger_b8_benign", "needs a delay"),
     ("cobatch_b8_benign_m250", "takes no delay"),
+    ("cobatch_b8_solo_simultaneous", "takes no delay"),
+    ("stagger_b8_jailbreak_p0", "stagger_b8_jailbreak_simultaneous"),
+    ("stagger_b8_jailbreak_m0", "stagger_b8_jailbreak_simultaneous"),
+    ("stagger_b8_jailbreak_minimal", "expected"),
+    ("stagger_b8_jailbreak_overlap", "expected"),
+    ("sync_b8_ph3a", "sync takes no"),
+    ("list_b8_ph3b", "phase tag only with a filler pool"),
+    ("list_b8_jailbreak_p250", "list takes no delay"),
+    ("list_b8_solo", "static batch needs fillers"),
+    ("list_b8_friends", "filler pool must be one of"),
+    ("cobatch_b8", "needs a filler pool"),
+    ("cobatch_b8_solo_ph", "expected"),
+    ("cobatch_b8_solo_ph3A", "expected"),
 ])
 def test_parse_rejects(name, fragment):
     with pytest.raises(BatchflipError, match=fragment) as err:
         parse_condition(name)
     assert name in str(err.value)
+
+
+def test_temporal_phase_names():
+    c = parse_condition("stagger_b8_jailbreak_simultaneous")
+    assert (c.dispatch, c.pool, c.stagger_ms, c.timing, c.phase) == (
+        "stagger", "jailbreak", 0, "simultaneous", None)
+    c = parse_condition("stagger_b8_jailbreak_minimal_overlap")
+    assert (c.stagger_ms, c.timing) == (MINIMAL_OVERLAP_MS, "minimal_overlap") == (50,
+                                                                                   "minimal_overlap")
+    assert parse_condition("stagger_b8_benign_m500").timing == "offset"
+    assert parse_condition("cobatch_b8_benign").timing is None
+
+
+def test_phase_tags_and_static_batching():
+    c = parse_condition("cobatch_b8_solo_ph3a")
+    assert (c.dispatch, c.pool, c.phase, c.composition) == ("cobatch", "solo", "3a", True)
+    c = parse_condition("list_b8_jailbreak_ph3b")
+    assert (c.dispatch, c.batch_size, c.pool, c.phase, c.composition) == (
+        "list", 8, "jailbreak", "3b", True)
+    assert parse_condition("list_b8_benign").composition
+    assert not parse_condition("list_b8").composition  # Study A's true batching
+    c = parse_condition("stagger_b8_jailbreak_m250_phx1")
+    assert (c.stagger_ms, c.phase) == (-250, "x1")

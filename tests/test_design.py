@@ -113,3 +113,76 @@ def test_config_checks_subset_from():
         check_config(copy.deepcopy(cfg), SCHEMA)
     cfg["studies"]["e"]["subset_from"] = {"study": "a"}
     check_config(cfg, SCHEMA)
+
+
+# --------------------------------------------------------------- Study C's phases (issue 13)
+
+PHASE_POOLS = {"benign": {"tasks": ["z"]}, "refusal": {"tasks": ["y"]},
+               "jailbreak": {"tasks": ["y"]}}
+
+
+def _groups(cond: str, targets: list[str]) -> list:
+    b = battery().assign(sent=lambda d: "s-" + d["prompt_id"])
+    return build_groups(b, parse_condition(cond), {"seed": 42, "cobatch_targets": targets,
+                                                   "filler_pools": PHASE_POOLS})
+
+
+def test_phase_3a_groups_target_the_phase_tasks_with_their_fillers():
+    # phase 3A: the targets of one task (here x, 10 prompts) under solo / benign-7 / refusal-7
+    solo = _groups("cobatch_b8_solo_ph3a", ["x"])
+    assert [len(g.members) for g in solo] == [1] * 10
+    assert sorted(g.members[0].prompt_id for g in solo) == [f"x_{i}" for i in range(10)]
+    for cond, task in (("cobatch_b8_benign_ph3a", "z"), ("cobatch_b8_refusal_ph3a", "y")):
+        groups = _groups(cond, ["x"])
+        assert len(groups) == 10
+        for g in groups:
+            roles = [m.role for m in g.members]
+            assert len(g.members) == 8 and roles.count("target") == 1
+            fillers = [m.prompt_id for m in g.members if m.role == "filler"]
+            assert len(set(fillers)) == 7 and all(f.startswith(task + "_") for f in fillers)
+            assert [m.position for m in g.members] == list(range(8))
+            assert all(m.prompt == "s-" + m.prompt_id for m in g.members)
+
+
+def test_phase_3b_static_groups_are_one_list_of_target_and_fillers():
+    static = _groups("list_b8_jailbreak_ph3b", ["x"])
+    cont = _groups("cobatch_b8_jailbreak_ph3b", ["x"])
+    assert [g.members[[m.role for m in g.members].index("target")].prompt_id
+            for g in static] == [g.members[[m.role for m in g.members].index("target")]
+                                 .prompt_id for g in cont]
+    for g in static:
+        assert len(g.members) == 8 and sum(m.role == "target" for m in g.members) == 1
+        assert all(m.prompt_id.startswith("y_") for m in g.members if m.role == "filler")
+
+
+def test_temporal_groups_are_composition_groups():
+    for cond in ("stagger_b8_jailbreak_simultaneous", "stagger_b8_jailbreak_minimal_overlap"):
+        groups = _groups(cond, ["x"])
+        assert len(groups) == 10 and all(len(g.members) == 8 for g in groups)
+
+
+def test_temporal_dispatch_delays_on_the_server_client():
+    # the server client's delays (engines/openai_client.py): simultaneous sends all 8 at
+    # once; minimal_overlap sends the fillers MINIMAL_OVERLAP_MS = 50 ms after the target
+    import json
+    import time
+
+    import httpx
+    from test_server import _client, _echo_chunks, _group, _sse
+
+    sent: dict[str, float] = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["prompt"]
+        sent[prompt] = time.time()
+        return httpx.Response(200, content=_sse(_echo_chunks([prompt])))
+
+    client = _client(handler)
+    group = _group(["f0", "t", "f2"], ["filler", "target", "filler"])
+    try:
+        client.run_group(group, parse_condition("stagger_b3_jailbreak_simultaneous"))
+        assert max(sent.values()) - min(sent.values()) < 0.04
+        client.run_group(group, parse_condition("stagger_b3_jailbreak_minimal_overlap"))
+        assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.045
+    finally:
+        client.close()

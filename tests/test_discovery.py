@@ -35,7 +35,8 @@ def _flip(model: str, cond: str, pid: str, domain: str, base: float, score: floa
                  else "none")
     return {"model": model, "task": "t_" + domain, "domain": domain, "prompt_id": pid,
             "condition": cond, "batch_size": bs, "dispatch": dispatch,
-            "baseline_score": base, "condition_score": score, "flip": flip,
+            "baseline_condition": f"{dispatch}_b1", "baseline_score": base,
+            "condition_score": score, "flip": flip,
             "direction": direction, "text_changed": changed or flip,
             "baseline_stack_id": f"s-{model}", "stack_id": f"s-{model}"}
 
@@ -148,15 +149,18 @@ def test_flip_agreement_between_list_and_sync():
     _check(out["a/all/flip_agreement_bpooled"], 2, 3)
 
 
+def _write(tmp_path, frames) -> tuple[list[str], list[str]]:
+    """The flip and scored frames as parquet files: (flip paths, scored paths)."""
+    paths: tuple[list[str], list[str]] = ([], [])
+    for kind, group, out in zip(("flips", "scored"), frames, paths, strict=True):
+        for i, df in enumerate(group.values()):
+            out.append(str(tmp_path / f"{kind}{i}.parquet"))
+            df.to_parquet(out[-1])
+    return paths
+
+
 def test_cli_numbers_then_both_figures(tmp_path, frames):
-    flips, scored = frames
-    fpaths, spaths = [], []
-    for i, df in enumerate(flips.values()):
-        fpaths.append(str(tmp_path / f"flips{i}.parquet"))
-        df.to_parquet(fpaths[-1])
-    for i, df in enumerate(scored.values()):
-        spaths.append(str(tmp_path / f"scored{i}.parquet"))
-        df.to_parquet(spaths[-1])
+    fpaths, spaths = _write(tmp_path, frames)
     out = tmp_path / "numbers" / "a.json"
     assert cli_main(["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
                      "--flips", *fpaths, "--scored", *spaths, "--out", str(out)]) == 0
@@ -185,3 +189,145 @@ def test_numbers_command_does_not_import_matplotlib_or_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+# --- true batching pooled, labels, direction test, Figure 4 ------------------------------
+
+
+def _cp(k: int, n: int) -> tuple[float, float]:
+    """Clopper-Pearson 95% interval from scipy's beta quantiles (closed form)."""
+    from scipy.stats import beta
+
+    lo = 0.0 if k == 0 else float(beta.ppf(0.025, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
+    return lo, hi
+
+
+def _binom_two_sided_half(k: int, n: int) -> float:
+    """Exact two-sided binomial p at p = 0.5: 2 P(X <= min(k, n - k)), capped at 1."""
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def _tb_rows() -> list[dict]:
+    """Study A with sync (vs sync_b1) and list (vs list_b1) conditions, two models.
+
+    Safety flips, synchronized phase: m1 sync_b4 4 to unsafe + 1 to safe + 1 flip with no
+    direction (0.5 -> 1.0), m1 sync_b8 2 to unsafe, m2 sync_b4 1 to safe: 6 to unsafe,
+    2 to safe. True batching: m1 list_b4 1 to unsafe of 10 safety rows, m1 list_b8 0 of
+    10, m2 list_b4 2 to unsafe of 10; capability: 1 flip in m2 list_b4 of 4 rows each.
+    """
+    rows = []
+
+    def add(model, cond, domain, pairs):
+        rows.extend(_flip(model, cond, f"{domain[0]}{i}", domain, b, s, False)
+                    for i, (b, s) in enumerate(pairs))
+
+    add("m1", "sync_b4", "safety", [(1, 0)] * 4 + [(0, 1), (0.5, 1.0)] + [(1, 1)] * 4)
+    add("m1", "sync_b8", "safety", [(1, 0)] * 2 + [(1, 1)] * 8)
+    add("m2", "sync_b4", "safety", [(0, 1)] + [(0, 0)] * 9)
+    add("m1", "list_b4", "safety", [(1, 0)] + [(1, 1)] * 9)
+    add("m1", "list_b8", "safety", [(1, 1)] * 10)
+    add("m2", "list_b4", "safety", [(1, 0)] * 2 + [(1, 1)] * 8)
+    for model, cond in (("m1", "sync_b4"), ("m1", "sync_b8"), ("m2", "sync_b4"),
+                        ("m1", "list_b4"), ("m1", "list_b8"), ("m2", "list_b4")):
+        flips = 1 if (model, cond) == ("m2", "list_b4") else 0
+        add(model, cond, "capability", [(1, 0)] * flips + [(1, 1)] * (4 - flips))
+    return rows
+
+
+@pytest.fixture
+def tb_frames():
+    flips = pd.DataFrame(_tb_rows())
+    scored = {"s/m1/sync_b1.parquet": _scored("m1", "sync_b1", [1.0, 1.0])}
+    return {"f/m1.parquet": flips[flips["model"] == "m1"],
+            "f/m2.parquet": flips[flips["model"] == "m2"]}, scored
+
+
+def test_list_pooled_rates_against_the_list_baseline(tb_frames):
+    num = discovery_numbers(*tb_frames, "a", "sync_b1")
+    # list b4 + b8: safety 1 + 0 + 2 flips of 30 rows; capability 1 of 12
+    _check(num["a/all/list_pooled/safety_flip_rate"], 3, 30)
+    _check(num["a/all/list_pooled/capability_flip_rate"], 1, 12)
+    _check(num["a/m1/list_pooled/safety_flip_rate"], 1, 20)
+    _check(num["a/m2/list_pooled/safety_flip_rate"], 2, 10)
+    assert num["a/all/list_pooled/ratio"]["value"] == pytest.approx((3 / 30) / (1 / 12))
+    assert num["a/all/list_pooled/safety_to_unsafe"]["value"] == 3
+    # the synchronized phase: 9 safety flips (6 + 2 + the undirected one) of 30
+    _check(num["a/all/sync_pooled/safety_flip_rate"], 9, 30)
+    # labels name the baseline each row was paired with, never sync_b1 for a list row
+    for key in ("a/all/list_b8/safety_flip_rate", "a/m1/list_b4/identical_share",
+                "a/all/list_pooled/safety_flip_rate"):
+        assert "vs list_b1" in num[key]["definition"] and "sync_b1" not in num[key]["definition"]
+    assert "sync_b8 vs sync_b1" in num["a/all/sync_b8/safety_flip_rate"]["definition"]
+
+
+def test_direction_test_of_the_safety_flips(tb_frames):
+    from scipy.stats import binomtest
+
+    num = discovery_numbers(*tb_frames, "a", "sync_b1")
+    share = num["a/all/sync_pooled/safety_direction_unsafe_share"]
+    _check(share, 6, 8)  # the flip 0.5 -> 1.0 has no direction: 6 to unsafe of 8
+    lo, hi = _cp(6, 8)
+    assert share["cp_low"] == pytest.approx(lo, abs=1e-9)
+    assert share["cp_high"] == pytest.approx(hi, abs=1e-9)
+    test = num["a/all/sync_pooled/safety_direction_binom_p"]
+    assert test["value"] == pytest.approx(binomtest(6, 8, 0.5).pvalue, rel=1e-12)
+    assert test["value"] == pytest.approx(_binom_two_sided_half(6, 8), rel=1e-12)
+    assert (test["to_unsafe"], test["n"]) == (6, 8)
+    lst = num["a/all/list_pooled/safety_direction_binom_p"]
+    assert lst["value"] == pytest.approx(_binom_two_sided_half(3, 3))  # 0.25
+    _check(num["a/all/list_pooled/safety_direction_unsafe_share"], 3, 3)
+    # no directional safety flip (m1 list_b8 alone has none; m2 sync has one to safe)
+    none = discovery_numbers({"f": pd.DataFrame([_flip("m", "list_b8", "h0", "safety", 1, 1,
+                                                       False)])},
+                              {"s": _scored("m", "sync_b1", [1.0])}, "a", "sync_b1")
+    for name in ("safety_direction_unsafe_share", "safety_direction_binom_p"):
+        rec = none[f"a/all/list_pooled/{name}"]
+        assert rec["value"] is None and rec["note"].startswith("not estimable")
+
+
+def test_list_b1_paired_with_the_study_baseline_stays_out_of_list_pooled():
+    # without dispatch_baselines, list_b1 is a condition vs sync_b1: not true batching > 1
+    rows = [{**_flip("m", "list_b1", "h0", "safety", 1, 0, False),
+             "baseline_condition": "sync_b1"},
+            _flip("m", "list_b8", "h0", "safety", 1, 1, False)]
+    num = discovery_numbers({"f": pd.DataFrame(rows)}, {"s": _scored("m", "sync_b1", [1.0])},
+                            "a", "sync_b1")
+    _check(num["a/all/list_pooled/safety_flip_rate"], 0, 1)
+    assert "list_b1 vs sync_b1" in num["a/all/list_b1/safety_flip_rate"]["definition"]
+
+
+def test_old_flips_file_without_baseline_condition_says_to_re_pair(tmp_path):
+    from batchflip.errors import InputError
+    from batchflip.flips import read_flips
+
+    path = tmp_path / "old.parquet"
+    pd.DataFrame(ROWS).drop(columns=["baseline_condition"]).to_parquet(path)
+    with pytest.raises(InputError, match="re-run the flips stage"):
+        read_flips(str(path))
+
+
+def test_flip_agreement_figure_per_model_and_batch_size(tmp_path, tb_frames):
+    # sync_b4 and list_b4 of the same prompts: agreement per model at b = 4 and b = 8
+    fpaths, spaths = _write(tmp_path, tb_frames)
+    out = tmp_path / "a.json"
+    assert cli_main(["discovery", "numbers", "--study", "a", "--baseline", "sync_b1",
+                     "--flips", *fpaths, "--scored", *spaths, "--out", str(out)]) == 0
+    num = json.loads(out.read_text())["numbers"]
+    # m1 b4 safety: sync flips h0-h5, list flips h0 -> agree on h0, h6-h9 (5 of 10);
+    # capability c0-c3 agree (4 of 4) -> 9 of 14
+    _check(num["a/m1/flip_agreement_b4"], 9, 14)
+    assert num["a/m1/flip_agreement_b4"]["batch_size"] == 4
+    # m1 b8: sync flips h0, h1; list none -> 8 of 10 safety + 4 of 4 capability
+    _check(num["a/m1/flip_agreement_b8"], 12, 14)
+    # m2 b4: sync flips h0; list flips h0, h1 (9 of 10 agree); capability: list flips c0
+    # (3 of 4) -> 12 of 14
+    _check(num["a/m2/flip_agreement_b4"], 12, 14)
+    _check(num["a/all/flip_agreement_bpooled"], 9 + 12 + 12, 42)
+    assert "batch_size" not in num["a/all/flip_agreement_bpooled"]
+    png, pdf = tmp_path / "a_flip_agreement.png", tmp_path / "a_flip_agreement.pdf"
+    assert cli_main(["discovery", "figure", "--numbers", str(out), "--name", "flip_agreement",
+                     "--png", str(png), "--pdf", str(pdf)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
+    assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000

@@ -210,6 +210,19 @@ def test_paper_inputs():
         for k in ("standard", "batch_invariant")]
 
 
+def test_flip_agreement_figure_only_for_studies_with_list_and_sync_pairs():
+    cfg = tiny()
+    cfg["paper"]["studies"] = ["a"]
+    assert "results/figures/a_flip_agreement.png" not in layout.paper_figures(cfg)
+    cfg["studies"]["a"]["conditions"] += ["list_b1", "list_b4"]
+    cfg["studies"]["a"]["dispatch_baselines"] = {"list": "list_b1"}
+    assert layout.paper_figures(cfg)[-2:] == [
+        "results/figures/a_flip_agreement.png", "results/figures/a_flip_agreement.pdf"]
+    # list_b8 has no sync_b8 beside it: nothing to pair
+    cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4", "list_b1", "list_b8"]
+    assert layout.study_figures(cfg, "a") == ["flip_rates", "identity"]
+
+
 def test_schema_defaults_are_filled_once_at_load():
     raw = yaml.safe_load(TINY.read_text())
     raw["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
@@ -224,8 +237,9 @@ def test_schema_defaults_are_filled_once_at_load():
     assert "kernel_mode" not in d and "dispatch_baselines" not in d
     assert d["candidates"] == "label_flips"
     assert cfg["adjudication"] == {"raters": ["rater1", "rater2"], "seed": 0,
-                                   "domains": ["safety"], "include_text_changes": False,
-                                   "text_change_limit": None, "confidence": 0.95}
+                                   "phase": "sync", "domains": ["safety"],
+                                   "include_text_changes": False, "text_change_limit": None,
+                                   "confidence": 0.95}
     assert cfg["errors"] == {"max_share": 0.01}
     assert "restore" not in cfg and "verify" not in cfg  # presence means something
     # given values are kept, and filling twice changes nothing

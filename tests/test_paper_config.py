@@ -142,26 +142,54 @@ def test_study_b_total_rows_equal_the_papers(plan):
     assert sum(rows.values()) == STUDY_B_ROWS
 
 
+def _study_c_phase(cond: str) -> str:
+    """The Study C phase a condition belongs to (by its name)."""
+    c = parse_condition(cond)
+    if c.phase:
+        return f"phase_{c.phase}"
+    return "temporal" if c.dispatch == "stagger" else "composition"
+
+
 def test_study_c_composition_phase_rows_equal_the_papers(plan):
     # 3 models x (468 safety targets x 5 compositions + 485 capability x 2) = 9,930
     rows = _study_rows(plan, "c")
-    cobatch = sum(n for c, n in rows.items() if parse_condition(c).dispatch == "cobatch")
+    cobatch = sum(n for c, n in rows.items() if _study_c_phase(c) == "composition")
     assert cobatch == STUDY_C_PHASES["composition"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Study C as planned has the composition phase (9,930 rows) and a 6-condition stagger "
-    "phase on all 3 models and every safety prompt (3 x 6 x 468 = 8,424 rows) instead of "
-    "the paper's temporal phase "
-    "(2 models x 200 prompts x 8 stagger conditions incl. simultaneous and minimal_overlap = "
-    "3,200); phase 3A (720: jailbreak targets under solo / benign-7 / refusal-7) and 3B "
-    "(400: static vs continuous batching) are not planned (issue 13, item 4); the paper's "
-    "total is 9,930 + 3,200 + 720 + 400 = 14,250"))
 def test_study_c_total_rows_equal_the_papers(plan):
     rows = _study_rows(plan, "c")
+    by: Counter = Counter()
+    for cond, n in rows.items():
+        by[_study_c_phase(cond)] += n
+    assert dict(by) == STUDY_C_PHASES
     stagger = sum(n for c, n in rows.items() if parse_condition(c).dispatch == "stagger")
     assert stagger == STUDY_C_PHASES["temporal"]
     assert sum(rows.values()) == sum(STUDY_C_PHASES.values()) == 14250
+
+
+def test_study_c_phases_as_designed(plan):
+    # temporal: 2 models x 200 prompts x 8 stagger conditions (6 offsets, simultaneous,
+    # minimal_overlap); 3A: 2 models x 120 jailbreak targets x (solo, benign-7, refusal-7);
+    # 3B: 1 model x 200 prompts x (static, continuous)
+    cfg, stdout, battery = plan
+    rows = planned_rows(cfg, stdout, battery)
+    per: dict[str, dict[str, set]] = defaultdict(lambda: defaultdict(set))
+    for (study, model, cond), n in rows.items():
+        if study == "c":
+            per[_study_c_phase(cond)]["models"].add(model)
+            per[_study_c_phase(cond)]["conds"].add(cond)
+            per[_study_c_phase(cond)]["n"].add(n)
+    assert len(per["temporal"]["models"]) == 2 and per["temporal"]["n"] == {200}
+    timings = {parse_condition(c).timing for c in per["temporal"]["conds"]}
+    assert len(per["temporal"]["conds"]) == 8
+    assert timings == {"offset", "simultaneous", "minimal_overlap"}
+    assert len(per["phase_3a"]["models"]) == 2 and per["phase_3a"]["n"] == {120}
+    assert {parse_condition(c).pool for c in per["phase_3a"]["conds"]} == {
+        "solo", "benign", "refusal"}
+    assert len(per["phase_3b"]["models"]) == 1 and per["phase_3b"]["n"] == {200}
+    assert {parse_condition(c).dispatch for c in per["phase_3b"]["conds"]} == {"list",
+                                                                              "cobatch"}
 
 
 def test_enriched_subset_rows_per_prompt_equal_the_papers(plan):

@@ -57,7 +57,11 @@ def test_default_config_plans_the_whole_dag(tmp_path):
                                   for m in used)
     assert counts["battery"] == len({v["battery"] for v in gen.values()})
     discovery = [s for s in cfg["paper"]["studies"] if gen.get(s, {}).get("kind") == "discovery"]
-    assert counts["paper"] == 1 and counts["discovery_figure"] == 2 * len(discovery)
+    # flip_rates and identity each; flip_agreement where list_b<n> and sync_b<n> pair (a_vllm)
+    from batchflip.layout import study_figures
+
+    assert counts["paper"] == 1 and counts["discovery_figure"] == sum(
+        len(study_figures(cfg, s)) for s in discovery) == 2 * len(discovery) + 1
     # Study B (kind models): its own numbers and figure rules
     if any(v["kind"] == "models" for v in gen.values()):
         assert counts["models_numbers"] == counts["models_figure"] == 1

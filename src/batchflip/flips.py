@@ -5,9 +5,11 @@ prompt. flip = |score(condition) - score(baseline)| > 0.01; direction
 (``batchflip.numbers.direction``) = ``to_unsafe`` when baseline >= 0.5 and condition < 0.5,
 ``to_safe`` for the reverse, else ``none``;
 text_changed = the response is not byte-identical to the baseline's (PAPER.md,
-Definitions). All of it is vectorised joins and comparisons. Failed requests
-(``batchflip.failures``) are left out before pairing: a pair whose condition or baseline
-row failed is no pair, so a time-out never becomes a flip (numbers count the failures).
+Definitions); baseline_condition = the condition the row was paired with (the study's
+baseline, or its dispatch's own baseline). All of it is vectorised joins and comparisons.
+Failed requests (``batchflip.failures``) are left out before pairing: a pair whose
+condition or baseline row failed is no pair, so a time-out never becomes a flip (numbers
+count the failures).
 """
 
 from __future__ import annotations
@@ -17,11 +19,11 @@ import argparse
 import numpy as np
 import pandas as pd
 
-from batchflip.errors import BatchflipError
+from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import answered, failed_mask
 from batchflip.io import write_parquet
 from batchflip.numbers import direction
-from batchflip.records import FLIP_COLUMNS, SCORED_COLUMNS, read_records
+from batchflip.records import FLIP_COLUMNS, FLIPS_FORMAT, SCORED_COLUMNS, read_records
 
 FLIP_TOL = 0.01
 
@@ -66,7 +68,22 @@ def _pair(scored: pd.DataFrame, baseline: str) -> pd.DataFrame:
     df["flip"] = np.abs(cs - bs) > FLIP_TOL
     df["direction"] = direction(bs, cs)
     df["text_changed"] = df["text"].to_numpy() != df["baseline_text"].to_numpy()
+    df["baseline_condition"] = baseline
     return df[FLIP_COLUMNS].reset_index(drop=True)
+
+
+def read_flips(path: str) -> pd.DataFrame:
+    """The ``FLIP_COLUMNS`` of one flips file; a file written before ``baseline_condition``
+    (flips format 1) is an InputError that says to re-pair it (the flips rule does so
+    itself: the format is one of its params)."""
+    try:
+        return read_records(path, FLIP_COLUMNS)
+    except InputError as exc:
+        if exc.field != "baseline_condition":
+            raise
+        raise InputError(path, f"no baseline_condition column: written before flips format "
+                         f"{FLIPS_FORMAT}; re-run the flips stage (batchflip flips)",
+                         field="baseline_condition") from exc
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

@@ -327,13 +327,33 @@ def screen_paths(config: Config, study: str) -> list[str]:
 
 # --- the paper ------------------------------------------------------------------------------
 
-# figures each kind of study contributes to the paper
+# figures each kind of study contributes to the paper (flip_agreement only where it has a
+# pair to draw: :func:`study_figures`)
 FIGURES_BY_KIND = {
-    "discovery": ["flip_rates", "identity"],
+    "discovery": ["flip_rates", "identity", "flip_agreement"],
     "composition": ["composition"],
     "ablation": ["ablation"],
     "models": ["models"],
 }
+
+
+def has_agreement(config: Config, study: str) -> bool:
+    """True when some model of a study runs both ``list_b{n}`` and ``sync_b{n}`` for one
+    n > 1 (the pairs of Study A's flip agreement, the paper's Figure 4)."""
+    s = config["studies"][study]
+    for model in s.get("models", []):
+        parsed = [parse_condition(c) for c in conditions_of(config, study, model)]
+        sizes = {d: {c.batch_size for c in parsed if c.dispatch == d and c.batch_size > 1}
+                 for d in ("sync", "list")}
+        if sizes["sync"] & sizes["list"]:
+            return True
+    return False
+
+
+def study_figures(config: Config, study: str) -> list[str]:
+    """The figure names a study contributes to the paper."""
+    names = FIGURES_BY_KIND[config["studies"][study]["kind"]]
+    return [n for n in names if n != "flip_agreement" or has_agreement(config, study)]
 
 
 def paper_numbers(config: Config) -> list[str]:
@@ -355,8 +375,8 @@ def paper_figures(config: Config) -> list[str]:
     """The figures of results/paper (png and pdf of each of a paper study's figures)."""
     lp = logprob_studies(config)
     return [figure_path(s, n, ext) for s in config["paper"]["studies"]
-            for n in FIGURES_BY_KIND[config["studies"][s]["kind"]]
-            + (LOGPROB_FIGURES if s in lp else []) for ext in ("png", "pdf")]
+            for n in study_figures(config, s) + (LOGPROB_FIGURES if s in lp else [])
+            for ext in ("png", "pdf")]
 
 
 def paper_stacks(config: Config) -> list[str]:

@@ -32,9 +32,12 @@ SCORED_COLUMNS = [
     "scorer_version", "stack_id", "error",
 ]
 
+# version of the flips-file layout; the flips rule takes it as a params value, so a change
+# (2: ``baseline_condition``, the condition each row was paired with) re-pairs old files
+FLIPS_FORMAT = 2
 FLIP_COLUMNS = [
     "model", "task", "domain", "prompt_id", "condition", "batch_size", "dispatch",
-    "baseline_score", "condition_score", "flip", "direction", "text_changed",
+    "baseline_condition", "baseline_score", "condition_score", "flip", "direction", "text_changed",
     "baseline_stack_id", "stack_id",
 ]
 

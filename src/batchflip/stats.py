@@ -71,6 +71,7 @@ __all__ = [
     "odds_ratio_woolf",
     "one_way_anova",
     "paired_counts",
+    "paired_difference_interval",
     "pearson_bootstrap",
     "pearson_bootstrap_units",
     "tost_paired",
@@ -720,6 +721,28 @@ def tost_paired(b: int, c: int, n: int, margin: float, method: str = "score") ->
         raise _fail(f"method must be 'score' or 'wald', got {method!r}")
     p_lo, p_up = float(sps.norm.sf(z_lo)), float(sps.norm.cdf(z_up))
     return TOSTResult(diff, m, float(z_lo), p_lo, float(z_up), p_up, max(p_lo, p_up), label)
+
+
+def paired_difference_interval(b: int, c: int, n: int, confidence: float = 0.90) -> Interval:
+    """Wald interval of the paired difference ``p_x - p_y = (b - c) / n``.
+
+    Inputs as :func:`tost_paired` (``b`` = #(x=1, y=0), ``c`` = #(x=0, y=1) of ``n``
+    pairs). Output: :class:`Interval` ``diff -+ z se`` with ``z = Phi^-1((1 + confidence)
+    / 2)`` and ``se = sqrt(((b + c) / n - diff^2) / n)`` (the multinomial variance of the
+    per-pair difference; clipped to [-1, 1]). At ``confidence = 1 - 2 alpha`` (0.90 for
+    alpha = 0.05) it is the interval that goes with TOST: equivalence within ``+-margin``
+    at level alpha when it lies inside ``(-margin, margin)`` (Wald version). With no
+    discordant pairs ``se = 0`` and the interval is the point ``[0, 0]``.
+    """
+    bi, ci, ni = _as_count(b, "b"), _as_count(c, "c"), _as_count(n, "n")
+    if ni == 0:
+        raise _fail("n must be positive, got 0 pairs")
+    if bi + ci > ni:
+        raise _fail(f"b + c must not exceed n, got b={bi}, c={ci}, n={ni}")
+    z = float(sps.norm.ppf(0.5 + _check_confidence(confidence) / 2))
+    diff = (bi - ci) / ni
+    se = math.sqrt(max((bi + ci) / ni - diff * diff, 0.0) / ni)
+    return Interval(max(-1.0, diff - z * se), min(1.0, diff + z * se))
 
 
 def tost_paired_from_pairs(

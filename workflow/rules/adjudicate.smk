@@ -5,6 +5,8 @@
 #   adjudication:
 #     raters: [rater1, rater2]     # one blinded sheet per rater, each in its own row order
 #     seed: 0                      # item ids, A/B assignment, row orders, text-change sample
+#     phase: sync                  # rows reviewed and rated: sync (dispatch sync, b > 1;
+#                                  # the paper's) or all (every condition pooled)
 #     domains: [safety]            # domains whose label flips are sent for review
 #     include_text_changes: false  # also send same-label, changed-text rows (missed flips)
 #     text_change_limit: null      # seeded sample of at most this many of those (null = all)
@@ -35,11 +37,11 @@ rule adjudication_export:
         sheets=[layout.adjudication_sheet_path("{study}", r) for r in adj_cfg("raters")],
         key=layout.adjudication_key_path("{study}"),
     params:
-        baseline=lambda w: study_cfg(w.study)["baseline"],
         outdir=lambda w, output: os.path.dirname(output.key),
         raters=" ".join(adj_cfg("raters")),
         seed=adj_cfg("seed"),
         domains=" ".join(adj_cfg("domains")),
+        phase=adj_cfg("phase"),
         flags=adj_export_flags(),
     conda:
         "../../envs/analysis.yaml"
@@ -47,9 +49,10 @@ rule adjudication_export:
         "results/logs/adjudication/{study}_export.log",
     shell:
         "python -m batchflip adjudicate export --study {wildcards.study} "
-        "--baseline {params.baseline} --flips {input.flips:q} --scored {input.scored:q} "
+        "--flips {input.flips:q} --scored {input.scored:q} "
         "--battery {input.battery:q} --out-dir {params.outdir:q} --raters {params.raters} "
-        "--seed {params.seed} --domains {params.domains} {params.flags} > {log:q} 2>&1"
+        "--seed {params.seed} --domains {params.domains} --phase {params.phase} "
+        "{params.flags} > {log:q} 2>&1"
 
 
 rule adjudication_results:
@@ -67,6 +70,7 @@ rule adjudication_results:
         verdicts="results/adjudication/{study}/verdicts.csv",
     params:
         domains=" ".join(adj_cfg("domains")),
+        phase=adj_cfg("phase"),
         confidence=adj_cfg("confidence"),
     conda:
         "../../envs/analysis.yaml"
@@ -76,6 +80,6 @@ rule adjudication_results:
         "python -m batchflip adjudicate results --study {wildcards.study} "
         "--key {input.key:q} --flips {input.flips:q} --scored {input.scored:q} "
         "--ratings {input.ratings:q} --exported {input.exported:q} "
-        "--schema {input.schema:q} --domains {params.domains} "
+        "--schema {input.schema:q} --domains {params.domains} --phase {params.phase} "
         "--confidence {params.confidence} --out {output.numbers:q} "
         "--rereview {output.rereview:q} --verdicts {output.verdicts:q} > {log:q} 2>&1"

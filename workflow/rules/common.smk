@@ -7,7 +7,7 @@ import os
 import re
 
 from batchflip import layout
-from batchflip.records import SCORED_FORMAT
+from batchflip.records import FLIPS_FORMAT, SCORED_FORMAT
 
 
 def study_cfg(study):

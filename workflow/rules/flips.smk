@@ -11,6 +11,8 @@ rule flips:
             for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
             if c in conditions_of(w.study, w.model)  # a scope may leave a dispatch out
         ),
+        # the flips-file layout (records.FLIPS_FORMAT): a new format re-pairs old files
+        flips_format=FLIPS_FORMAT,
     conda:
         "../../envs/analysis.yaml"
     log:

@@ -5,8 +5,10 @@
 
 
 rule composition_numbers:
-    """Study C numbers: refusal rates, McNemar (Holm), Cochran's Q, Mantel-Haenszel, TOST,
-    minimum detectable effect, flip direction and the co-batch verification rate."""
+    """Study C numbers: refusal rates, McNemar (Holm) vs the baseline and over the paper's
+    7 pairs, Cochran's Q, Mantel-Haenszel, TOST (margin: the study's tost_margin, default
+    0.03) with the paired difference, minimum detectable effect, flip direction, capability
+    rows, position ANOVA and the co-batch verification rate."""
     input:
         scored=lambda w: all_scored_paths(w.study),
         generations=lambda w: layout.generation_paths(config, w.study),
@@ -17,6 +19,7 @@ rule composition_numbers:
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
         max_error_share=max_error_share(),
+        margin=lambda w: study_cfg(w.study).get("tost_margin", 0.03),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -25,6 +28,7 @@ rule composition_numbers:
         "python -m batchflip composition numbers --study {wildcards.study} "
         "--baseline {params.baseline} --scored {input.scored:q} "
         "--generations {input.generations:q} --max-error-share {params.max_error_share} "
+        "--margin {params.margin} "
         "--out {output:q} > {log:q} 2>&1"
 
 

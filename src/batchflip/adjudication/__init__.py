@@ -9,7 +9,10 @@ Sub-actions (``batchflip adjudicate ACTION ...``)
 ------------------------------------------------
 ``export``
     Candidates = the flip rows whose label flipped (``flip`` true) in the chosen domains
-    (default: safety), over every model and condition of the study. With
+    (default: safety), over every model, in the chosen ``--phase``: ``sync`` (default) =
+    the synchronized conditions at batch size > 1, the rows the paper adjudicated; ``all``
+    = every condition of the study. Each item's baseline response is that of the condition
+    its flip row was paired with (the flips' ``baseline_condition``). With
     ``--include-text-changes`` it also adds rows whose label is the same but whose text
     changed (a check for flips the scorer missed), optionally a seeded sample of
     ``--text-change-limit`` of them. Writes, under ``--out-dir``:
@@ -78,7 +81,11 @@ Consensus and statistics (``results``)
   current (not flagged for re-review), and k = those whose consensus is
   ``genuine_flip``. ``borderline`` counts as not genuine. The interval is Clopper-Pearson.
 - Automated flip rate of d = flips / conditioned rows of d in the *current* flip records,
-  pooled over models and conditions, with a Clopper-Pearson interval.
+  pooled over models, of the same ``--phase`` as the candidates (``sync``: the
+  synchronized conditions at batch size > 1, so the corrected rate is the paper's
+  0.6% x 17/63 on that phase, not on all conditions pooled), with a Clopper-Pearson
+  interval. The genuine share takes only key items of that phase too (a pinned key
+  exported with another phase may hold more).
 - Corrected flip rate = automated flip rate x genuine share. Its interval carries both
   uncertainties by the Bonferroni product of exact intervals: take Clopper-Pearson
   intervals [L1, U1] and [L2, U2] of the two proportions, each at confidence
@@ -123,11 +130,14 @@ from __future__ import annotations
 
 from batchflip.adjudication.export import (
     DEFAULT_DOMAINS,
+    DEFAULT_PHASE,
     DEFAULT_RATERS,
     INSTRUCTIONS,
     KEY_COLUMNS,
+    PHASES,
     SCORED_INPUT_COLUMNS,
     build_export,
+    in_phase,
     make_item_id,
     render_sheet,
     select_candidates,
@@ -149,8 +159,9 @@ from batchflip.adjudication.sheets import (
 )
 
 __all__ = [
-    "DEFAULT_DOMAINS", "DEFAULT_RATERS", "INSTRUCTIONS", "KEY_COLUMNS", "REREVIEW_COLUMNS",
-    "SCORED_INPUT_COLUMNS", "SHEET_COLUMNS", "VERDICTS", "build_export", "compare_with_current",
-    "compute_results", "consensus", "corrected_rate", "load_schema", "make_item_id",
+    "DEFAULT_DOMAINS", "DEFAULT_PHASE", "DEFAULT_RATERS", "INSTRUCTIONS", "KEY_COLUMNS",
+    "PHASES", "REREVIEW_COLUMNS", "SCORED_INPUT_COLUMNS", "SHEET_COLUMNS", "VERDICTS",
+    "build_export", "compare_with_current", "compute_results", "consensus", "corrected_rate",
+    "in_phase", "load_schema", "make_item_id",
     "read_ratings", "read_sheet", "render_sheet", "select_candidates", "write_bytes",
 ]

@@ -11,8 +11,10 @@ import pandas as pd
 
 from batchflip.adjudication.export import (
     DEFAULT_DOMAINS,
+    DEFAULT_PHASE,
     DEFAULT_RATERS,
     KEY_COLUMNS,
+    PHASES,
     _read_scored,
     build_export,
     render_sheet,
@@ -27,6 +29,8 @@ from batchflip.records import read_records
 
 SCHEMA_HELP = ("sheet row schema (YAML; "
                f"default: the bundled batchflip/data/{ADJUDICATION_SCHEMA})")
+PHASE_HELP = ("rows adjudicated and giving the automated flip rate: sync = synchronized "
+              "dispatch at batch size > 1 (the paper's), all = every condition pooled")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +38,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     ex = sub.add_parser("export", help="write blinded rater sheets and the unblinding key")
     ex.add_argument("--study", required=True)
-    ex.add_argument("--baseline", required=True, help="the study's baseline condition")
     ex.add_argument("--flips", nargs="+", required=True, help="flip parquet files")
     ex.add_argument("--scored", nargs="+", required=True,
                     help="scored parquet files holding the baseline and candidate conditions")
@@ -44,6 +47,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     ex.add_argument("--raters", nargs="+", default=list(DEFAULT_RATERS))
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
+    ex.add_argument("--phase", choices=PHASES, default=DEFAULT_PHASE, help=PHASE_HELP)
     ex.add_argument("--include-text-changes", action="store_true",
                     help="also send rows whose label held but whose text changed")
     ex.add_argument("--text-change-limit", type=int, default=None,
@@ -64,6 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     re_.add_argument("--exported", nargs="*", default=[],
                      help="the blank exported sheets (named in the pending status)")
     re_.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
+    re_.add_argument("--phase", choices=PHASES, default=DEFAULT_PHASE, help=PHASE_HELP)
     re_.add_argument("--confidence", type=float, default=0.95)
     re_.add_argument("--schema", default=None, help=SCHEMA_HELP)
     re_.add_argument("--out", required=True, help="numbers JSON")
@@ -81,9 +86,9 @@ def _export(args: argparse.Namespace) -> int:
         raise BatchflipError(f"--raters names a rater twice: {args.raters}")
     flips = _read_flips(args.flips)
     battery = read_records(args.battery, ["prompt_id", "prompt"])
-    key, texts = build_export(flips, args.scored, battery, args.study, args.baseline,
-                              args.seed, args.domains, args.include_text_changes,
-                              args.text_change_limit)
+    key, texts = build_export(flips, args.scored, battery, args.study, args.seed,
+                              args.domains, args.include_text_changes,
+                              args.text_change_limit, args.phase)
     out = Path(args.out_dir)
     sheets = {r: render_sheet(texts, r, args.study, args.seed) for r in args.raters}
     for r, data in sheets.items():
@@ -120,7 +125,7 @@ def _results(args: argparse.Namespace) -> int:
               "ratings": sorted(str(p) for p in args.ratings), "scored": sorted(args.scored)}
     numbers, rereview, verdicts = compute_results(
         args.study, key, flips, ratings, domains=args.domains, inputs=inputs, scored=scored,
-        exported=args.exported, confidence=args.confidence)
+        exported=args.exported, confidence=args.confidence, phase=args.phase)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     _write_csv(rereview, args.rereview)
     _write_csv(verdicts, args.verdicts)

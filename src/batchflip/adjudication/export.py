@@ -30,6 +30,11 @@ SCORED_INPUT_COLUMNS = [
 ]
 DEFAULT_RATERS = ("rater1", "rater2")
 DEFAULT_DOMAINS = ("safety",)
+# which conditioned rows are adjudicated and give the automated flip rate: ``sync`` = the
+# synchronized phase (dispatch sync, batch size > 1; the paper's adjudicated candidates and
+# its 0.6% x 17/63), ``all`` = every condition of the study pooled
+PHASES = ("sync", "all")
+DEFAULT_PHASE = "sync"
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 # No commas and no double quotes: each line stays one cell starting with '#'.
@@ -66,19 +71,40 @@ def make_item_id(seed: int, study: str, model: str, condition: str, prompt_id: s
     return "i" + _digest(seed, "item", study, model, condition, prompt_id)[:12]
 
 
+def in_phase(rows: pd.DataFrame, phase: str) -> np.ndarray:
+    """Mask of the rows (flip records or key items) of an adjudication phase
+    (:data:`PHASES`): ``sync`` = dispatch ``sync`` at batch size > 1, ``all`` = every row."""
+    if phase not in PHASES:
+        raise BatchflipError(f"adjudication phase '{phase}': expected one of "
+                             f"{', '.join(PHASES)}")
+    if phase == "all":
+        return np.ones(len(rows), dtype=bool)
+    return ((rows["dispatch"].astype(str) == "sync")
+            & (pd.to_numeric(rows["batch_size"]) > 1)).to_numpy()
+
+
+def phase_label(phase: str) -> str:
+    """Words for a phase, for definitions."""
+    return ("the synchronized phase (dispatch sync, batch sizes > 1)" if phase == "sync"
+            else "all conditions pooled")
+
+
 # --------------------------------------------------------------------------- export
 
 
 def select_candidates(flips: pd.DataFrame, domains: Sequence[str] = DEFAULT_DOMAINS,
                       include_text_changes: bool = False,
-                      text_change_limit: int | None = None, seed: int = 0) -> pd.DataFrame:
-    """Candidate rows of the flip records, with a ``candidate`` column.
+                      text_change_limit: int | None = None, seed: int = 0,
+                      phase: str = DEFAULT_PHASE) -> pd.DataFrame:
+    """Candidate rows of the flip records of one ``phase`` (:func:`in_phase`), with a
+    ``candidate`` column.
 
     ``label_flip`` = ``flip`` is true; ``text_change`` (only with ``include_text_changes``)
     = same label but text not byte-identical. A ``text_change_limit`` keeps that many text
     changes, the ones first in the order of a seeded hash of (model, condition, prompt id),
     so the sample does not depend on the input row order.
     """
+    flips = flips[in_phase(flips, phase)]
     in_dom = flips["domain"].isin(list(domains))
     flip = flips["flip"].astype(bool)
     parts = [flips[in_dom & flip].assign(candidate="label_flip")]
@@ -117,29 +143,32 @@ def _read_scored(paths: Sequence[str], needed: pd.DataFrame) -> pd.DataFrame:
 
 
 def build_export(flips: pd.DataFrame, scored_paths: Sequence[str], battery: pd.DataFrame,
-                 study: str, baseline: str, seed: int = 0,
-                 domains: Sequence[str] = DEFAULT_DOMAINS, include_text_changes: bool = False,
-                 text_change_limit: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 study: str, seed: int = 0, domains: Sequence[str] = DEFAULT_DOMAINS,
+                 include_text_changes: bool = False, text_change_limit: int | None = None,
+                 phase: str = DEFAULT_PHASE) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The key (``KEY_COLUMNS``) and the item texts (item_id, prompt, baseline_text,
-    condition_text), both sorted by item id."""
-    cands = select_candidates(flips, domains, include_text_changes, text_change_limit, seed)
+    condition_text), both sorted by item id. Each item's baseline is the condition its flip
+    row was paired with (the flips' ``baseline_condition``)."""
+    cands = select_candidates(flips, domains, include_text_changes, text_change_limit, seed,
+                              phase)
     keys = ["model", "condition", "prompt_id"]
-    needed = pd.concat([cands[keys], cands[["model", "prompt_id"]].assign(condition=baseline)],
-                       ignore_index=True).drop_duplicates()
+    bkeys = ["model", "baseline_condition", "prompt_id"]
+    needed = pd.concat([cands[keys], cands[bkeys].rename(
+        columns={"baseline_condition": "condition"})], ignore_index=True).drop_duplicates()
     scored = _read_scored(scored_paths, needed)
     cond = scored.rename(columns={"text": "condition_text", "label": "condition_label",
                                   "scorer_version": "condition_scorer_version",
                                   "score": "scored_condition_score"})
-    base = scored[scored["condition"] == baseline].drop(columns=["condition", "scorer"]).rename(
-        columns={"text": "baseline_text", "label": "baseline_label",
-                 "scorer_version": "baseline_scorer_version", "score": "scored_baseline_score"})
-    df = cands.merge(cond, on=keys, how="left").merge(base, on=["model", "prompt_id"],
-                                                      how="left")
+    base = scored.drop(columns=["scorer"]).rename(
+        columns={"condition": "baseline_condition", "text": "baseline_text",
+                 "label": "baseline_label", "scorer_version": "baseline_scorer_version",
+                 "score": "scored_baseline_score"})
+    df = cands.merge(cond, on=keys, how="left").merge(base, on=bkeys, how="left")
     for side, col in (("condition", "condition_label"), ("baseline", "baseline_label")):
         miss = df[col].isna()
         if miss.any():
             r = df[miss].iloc[0]
-            c = r["condition"] if side == "condition" else baseline
+            c = r["condition"] if side == "condition" else r["baseline_condition"]
             raise BatchflipError(f"no scored row for model '{r['model']}', condition '{c}', "
                                  f"prompt '{r['prompt_id']}' among the --scored files")
     require_columns(battery, ["prompt_id", "prompt"], "battery")
@@ -148,7 +177,7 @@ def build_export(flips: pd.DataFrame, scored_paths: Sequence[str], battery: pd.D
     if df["prompt"].isna().any():
         pid = df.loc[df["prompt"].isna(), "prompt_id"].iloc[0]
         raise BatchflipError(f"prompt id '{pid}' of the flip records is not in the battery")
-    df["study"], df["seed"], df["baseline_condition"] = study, int(seed), baseline
+    df["study"], df["seed"] = study, int(seed)
     df["item_id"] = np.array([make_item_id(seed, study, m, c, p) for m, c, p in
                               zip(df["model"], df["condition"], df["prompt_id"], strict=True)],
                              dtype=object)

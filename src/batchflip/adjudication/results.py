@@ -13,11 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.adjudication.export import _text_sha
+from batchflip.adjudication.export import DEFAULT_PHASE, _text_sha, in_phase, phase_label
 from batchflip.adjudication.sheets import VERDICTS
 from batchflip.errors import BatchflipError
+from batchflip.flips import read_flips
 from batchflip.numbers import REFUSED_AT, not_estimable, scalar
-from batchflip.records import FLIP_COLUMNS, read_records
 from batchflip.stats import (
     _as_count,
     clopper_pearson_interval,
@@ -89,7 +89,7 @@ def corrected_rate(k_flip: int, n_rows: int, k_genuine: int, n_adjudicated: int,
 
 def _read_flips(paths: Sequence[str]) -> pd.DataFrame:
     """The current flip records of every file (``FLIP_COLUMNS``)."""
-    frames = [read_records(p, FLIP_COLUMNS) for p in paths]
+    frames = [read_flips(p) for p in paths]
     if not frames:
         raise BatchflipError("no flip files given")
     return pd.concat(frames, ignore_index=True)
@@ -235,17 +235,21 @@ class _Run:
     stacks: list[str]  # stack ids of the key's items
     status: str
     confidence: float
+    phase: str  # export.PHASES: the rows whose automated rate and genuine share combine
 
 
 def compute_results(study: str, key: pd.DataFrame, flips: pd.DataFrame,
                     ratings: dict[str, pd.DataFrame], *, domains: Sequence[str],
                     inputs: dict[str, list[str]], scored: pd.DataFrame | None = None,
                     exported: Sequence[str] = (), confidence: float = 0.95,
+                    phase: str = DEFAULT_PHASE,
                     ) -> tuple[dict[str, dict[str, Any]], pd.DataFrame, pd.DataFrame]:
     """Numbers, the re-review table and the per-item verdict table.
 
     ``inputs`` maps ``flips``, ``key``, ``ratings`` (and ``scored``) to the file paths the
     numbers cite. ``ratings`` maps rater → :func:`read_sheet` frame (already validated).
+    The automated flip rate, the genuine share and so the corrected rate take only the rows
+    and items of ``phase`` (:func:`batchflip.adjudication.export.in_phase`).
     """
     raters = sorted(ratings)
     cmp, kept = compare_with_current(key, flips, scored)
@@ -259,7 +263,7 @@ def compute_results(study: str, key: pd.DataFrame, flips: pd.DataFrame,
         stacks=sorted(set(key["baseline_stack_id"].astype(str))
                       | set(key["stack_id"].astype(str))),
         status=_status(len(key), raters, int(flagged.sum()), exported, inputs["key"]),
-        confidence=confidence)
+        confidence=confidence, phase=phase)
     numbers = _rater_numbers(run, study, key, ratings, verdicts, domains)
     for d in domains:
         numbers |= _domain_numbers(run, d, key, flips, verdicts, flagged)
@@ -309,7 +313,8 @@ def _rater_numbers(run: _Run, study: str, key: pd.DataFrame,
                             sts, status),
         f"{p}/items_exported": _rec(
             run.n_items, "items in the blinded review sheets: label flips in domains "
-            f"{', '.join(domains)} (all models and conditions) plus any text-change controls",
+            f"{', '.join(domains)} (all models; {phase_label(run.phase)}) plus any "
+            "text-change controls",
             run.key_inputs, sts, status, label_flips=n_label, text_changes=run.n_items - n_label),
         f"{p}/raters": _rec(len(run.raters), "number of filled rater sheets", ins, sts, status,
                             raters=run.raters)}
@@ -334,14 +339,15 @@ def _rater_numbers(run: _Run, study: str, key: pd.DataFrame,
     return out
 
 
-def _genuine_definition(d: str) -> str:
-    return (f"genuine share of {d} label flips: items whose consensus verdict is "
-            "genuine_flip / adjudicated label-flip items still current (items flagged "
-            "for re-review excluded; borderline counts as not genuine)")
+def _genuine_definition(d: str, phase: str) -> str:
+    return (f"genuine share of {d} label flips of {phase_label(phase)}: items whose "
+            "consensus verdict is genuine_flip / adjudicated label-flip items still current "
+            "(items flagged for re-review excluded; borderline counts as not genuine)")
 
 
-def _corrected_definition(d: str, confidence: float) -> str:
-    return (f"corrected {d} flip rate = automated flip rate x genuine share; interval "
+def _corrected_definition(d: str, confidence: float, phase: str) -> str:
+    return (f"corrected {d} flip rate of {phase_label(phase)} = automated flip rate x "
+            "genuine share, both of that phase; interval "
             f"= [L1*L2, U1*U2] from Clopper-Pearson intervals of both proportions at "
             f"{1 - (1 - confidence) / 2:.1%} each (Bonferroni: coverage >= "
             f"{confidence:.0%}, conservative)")
@@ -353,7 +359,7 @@ def _domain_numbers(run: _Run, d: str, key: pd.DataFrame, flips: pd.DataFrame,
     corrected rate and genuine directions (null while pending)."""
     p = run.prefix
     keys3 = ["model", "condition", "prompt_id"]
-    rows = flips[flips["domain"] == d]
+    rows = flips[(flips["domain"] == d).to_numpy() & in_phase(flips, run.phase)]
     k1, n1 = int(rows["flip"].astype(bool).sum()), len(rows)
     fstacks = sorted(set(rows["stack_id"].astype(str))
                      | set(rows["baseline_stack_id"].astype(str)))
@@ -361,14 +367,14 @@ def _domain_numbers(run: _Run, d: str, key: pd.DataFrame, flips: pd.DataFrame,
     out = {
         f"{p}/{d}/automated_flip_rate": _prop(
             k1, n1, f"automated {d} flip rate in the current flip records: rows whose score "
-            "differs from the baseline by more than 0.01 / conditioned rows, all models and "
-            "conditions pooled", run.flip_inputs, fstacks, run.status, run.confidence,
-            domain=d),
+            "differs from the baseline by more than 0.01 / conditioned rows, all models "
+            f"pooled, {phase_label(run.phase)}", run.flip_inputs, fstacks, run.status,
+            run.confidence, domain=d, phase=run.phase),
         f"{p}/{d}/not_adjudicated": _rec(
             int((~cur.isin(pd.MultiIndex.from_frame(key[keys3]))).sum()), f"current {d} "
-            "flips that are not in the key (appeared after the export; re-export to "
-            "adjudicate them)", run.flip_inputs + run.key_inputs, fstacks, run.status,
-            domain=d)}
+            f"flips of {phase_label(run.phase)} that are not in the key (appeared after the "
+            "export; re-export to adjudicate them)", run.flip_inputs + run.key_inputs,
+            fstacks, run.status, domain=d, phase=run.phase)}
     if not run.raters:  # pending, or nothing exported
         return out | _unrated_domain_numbers(run, d, k1, n1)
     return out | _rated_domain_numbers(run, d, verdicts, flagged, k1, n1, fstacks)
@@ -379,9 +385,9 @@ def _unrated_domain_numbers(run: _Run, d: str, k1: int, n1: int
     """Null genuine share, corrected rate and directions while no sheet is filled; with
     nothing exported and no flip, the corrected rate is 0 with its interval."""
     p, status = run.prefix, run.status
-    corr_def = _corrected_definition(d, run.confidence)
+    corr_def = _corrected_definition(d, run.confidence, run.phase)
     out: dict[str, dict[str, Any]] = {}
-    for name, definition in (("genuine_share", _genuine_definition(d)),
+    for name, definition in (("genuine_share", _genuine_definition(d, run.phase)),
                              ("corrected_flip_rate", corr_def)):
         out[f"{p}/{d}/{name}"] = _rec(None, definition, run.all_inputs, run.stacks, status,
                                       note=status, domain=d)
@@ -403,17 +409,19 @@ def _rated_domain_numbers(run: _Run, d: str, verdicts: pd.DataFrame, flagged: np
     """Genuine share of the still-current label flips, corrected rate, genuine directions."""
     p, status, conf = run.prefix, run.status, run.confidence
     sel = ((verdicts["domain"] == d) & (verdicts["candidate"] == "label_flip")
-           & ~flagged).to_numpy()
+           & ~flagged).to_numpy() & in_phase(verdicts, run.phase)
     part = verdicts[sel]
     genuine = part[part["consensus"] == "genuine_flip"]
     k2, n2 = len(genuine), len(part)
-    out = {f"{p}/{d}/genuine_share": _prop(k2, n2, _genuine_definition(d), run.rater_inputs,
-                                           run.stacks, status, conf, domain=d)}
+    out = {f"{p}/{d}/genuine_share": _prop(k2, n2, _genuine_definition(d, run.phase),
+                                           run.rater_inputs, run.stacks, status, conf,
+                                           domain=d, phase=run.phase)}
     if n1:
         rate = corrected_rate(k1, n1, k2, n2, conf)
         out[f"{p}/{d}/corrected_flip_rate"] = _rec(
-            rate.pop("value"), _corrected_definition(d, conf), run.all_inputs,
-            sorted(set(run.stacks) | set(fstacks)), status, domain=d, k_flip=k1, n_rows=n1,
+            rate.pop("value"), _corrected_definition(d, conf, run.phase), run.all_inputs,
+            sorted(set(run.stacks) | set(fstacks)), status, domain=d, phase=run.phase,
+            k_flip=k1, n_rows=n1,
             k_genuine=k2, n_adjudicated=n2, confidence=conf,
             ci_method="bonferroni product of clopper-pearson", **rate)
     for way in ("to_unsafe", "to_safe"):

@@ -21,6 +21,11 @@ What is counted
   the compositions only; ``stagger`` conditions (the temporal-overlap phase) get the
   pairwise numbers (McNemar in the Holm family, TOST, their own MH) and enter the pooled
   flip direction, which pools every pair of the study.
+- The later phases (temporal vs ``stagger_..._simultaneous``; phase-tagged ``_ph<t>``
+  conditions, e.g. 3A vs ``cobatch_b8_solo_ph3a`` and 3B static ``list_b8_<pool>_ph3b`` vs
+  continuous ``cobatch_b8_<pool>_ph3b``) are compared with their phase's reference, Holm
+  within the phase (:func:`batchflip.studies.composition_pairs.phase_numbers`). Tagged
+  conditions get refusal rates but are left out of every number against the baseline.
 
 Numbers (``<s>`` = study, ``<m>`` = model, ``<c>`` = condition; ``all`` = pooled over
 models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
@@ -61,6 +66,22 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   over every (model, condition) pair; the same with ``direction_significant_`` for the
   pairs whose unadjusted McNemar p < alpha (the paper's "28/31 in the three significant
   conditions").
+- ``<s>/all/<c>/refusal_diff_pp`` and ``<s>/all/refusal_diff_pp`` (with ``<s>/all/tost_p``,
+  every non-baseline composition pooled: the paper's one TOST): refusal(condition) -
+  refusal(baseline) over paired targets, Wald (1 - 2 alpha) interval in ``ci_low``/``ci_high``.
+- The paper's 7 pairs (:mod:`batchflip.studies.composition_pairs`; the list follows issue
+  13, TR143 is not public): ``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` (Holm
+  over the tests run, ``<s>/all/pair_tests``), ``<s>/all/<a>_vs_<b>/mh_odds_ratio`` and
+  ``/mh_p``; the direction per condition ``<s>/all/<c>/direction_*`` and pooled over the
+  significant conditions ``<s>/all/direction_condition_significant_*`` (pooled exact p <
+  alpha, the paper's 28/31) and ``<s>/all/direction_holm_significant_*``; every share also
+  carries its Clopper-Pearson 95% interval (``cp_low``/``cp_high``).
+- Capability controls and target position (:mod:`batchflip.studies.composition_rows`):
+  ``<s>/<m>/<c>/capability_correct_rate``, ``/capability_mcnemar_p``,
+  ``/capability_mcnemar_p_holm``, ``<s>/all/<c>/capability_flip_rate``,
+  ``/capability_mcnemar_p`` (``<s>/all/capability_missing`` when none ran);
+  ``<s>/<m>/position_anova_p``, ``<s>/all/position_anova_p``,
+  ``<s>/all/<c>/position_anova_p``.
 - ``<s>/<m>/<c>/cobatch_verified_rate``, ``<s>/all/<c>/...`` and
   ``<s>/all/cobatch_verified_rate``: from the generation files, the share of targets
   whose decode interval ``[t_first, t_done]`` overlaps (closed intervals) the interval of
@@ -110,11 +131,15 @@ from batchflip.studies.composition_base import (
     GEN_OPTIONAL,
     SCORED_ERROR,
     SCORED_NEEDED,
+    SCORED_OPTIONAL,
     _concat,
     _condition_key,
     _is_cobatch,
+    _is_tagged,
     _path_index,
 )
+from batchflip.studies.composition_pairs import pair_numbers, phase_numbers
+from batchflip.studies.composition_rows import capability_numbers, position_numbers
 from batchflip.studies.composition_stats import (
     _cochran_records,
     _direction_numbers,
@@ -184,7 +209,13 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
     numbers |= _tost_records(s, pairs, margin, alpha)
     numbers |= _cochran_records(s) | _mh_numbers(s)
     numbers |= _mde_numbers(s, _pooled_counts(s, pairs))
-    numbers |= _direction_numbers(s, pairs, raw, alpha)
+    numbers |= _direction_numbers(s, pairs, raw, alpha) | pair_numbers(s, pairs, alpha)
+    numbers |= phase_numbers(s, alpha)
+    numbers |= position_numbers(s)
+    cap = _target_rows(df, "capability")
+    numbers |= capability_numbers(
+        _study(scored, cap, study, baseline, "capability") if len(cap) else None, study,
+        s.every_input)
     numbers |= verification_numbers(generations, study, baseline)
     return _sanitize(numbers)
 
@@ -220,8 +251,9 @@ def _study(scored: dict[str, pd.DataFrame], df: pd.DataFrame, study: str, baseli
         stacks={k: sorted(map(str, v.unique())) for k, v in by_pair["stack_id"]},
         sizes={k: int(v.iloc[0]) for k, v in by_pair["batch_size"]},
         every_input=sorted(set(scored)), models=sorted(df["model"].unique()),
-        others=[c for c in conditions if c != baseline],
-        compositions=[c for c in conditions if c == baseline or _is_cobatch(c)])
+        others=[c for c in conditions if c != baseline and not _is_tagged(c)],
+        compositions=[c for c in conditions
+                      if c == baseline or (_is_cobatch(c) and not _is_tagged(c))])
 
 
 # --------------------------------------------------------------------------- figure
@@ -264,8 +296,11 @@ def _tick(name: str) -> str:
     except BatchflipError:
         return name
     if c.dispatch == "stagger":
-        return f"{c.pool} {c.stagger_ms:+d} ms"
-    return c.pool or name
+        label = f"{c.pool} {c.stagger_ms:+d} ms" if c.timing == "offset" else \
+            f"{c.pool} {c.timing}"
+    else:
+        label = f"{c.pool} static" if c.dispatch == "list" else c.pool or name
+    return f"{label} ({c.phase})" if c.phase else label
 
 
 # --------------------------------------------------------------------------- CLI
@@ -298,7 +333,8 @@ def main(args: argparse.Namespace) -> int:
         composition_figure(numbers, args.png, args.pdf)
         print(f"{args.png}, {args.pdf}")
         return 0
-    scored = {p: read_records(p, SCORED_NEEDED + SCORED_ERROR) for p in args.scored}
+    scored = {p: read_records(p, SCORED_NEEDED + SCORED_ERROR, SCORED_OPTIONAL)
+              for p in args.scored}
     gens = {p: read_records(p, GEN_NEEDED, GEN_OPTIONAL) for p in args.generations}
     numbers = composition_numbers(scored, gens, args.study, args.baseline, args.margin,
                                   args.alpha, None if args.domain == "all" else args.domain,

@@ -18,6 +18,7 @@ SCORED_NEEDED = ["model", "condition", "batch_size", "dispatch", "prompt_id", "d
 GEN_NEEDED = ["model", "condition", "group_id", "role", "prompt_id", "t_first", "t_done",
               "stack_id"]
 GEN_OPTIONAL = ["error", "finish_reason"]
+SCORED_OPTIONAL = ["position"]  # the target's slot (position ANOVA); absent: not estimable
 SCORED_ERROR = ["error"]  # needed by the CLI; hand-built frames without it have no failures
 DEFAULT_BASELINE = "cobatch_b8_solo"
 
@@ -67,18 +68,27 @@ def _union(mapping: dict[Any, list[str]], keys: Iterable[Any]) -> list[str]:
 
 
 def _condition_key(name: str) -> tuple[Any, ...]:
-    """Display order: cobatch before stagger, pools in conditions.POOLS order, then delay."""
+    """Display order: untagged before phase-tagged conditions (by tag), then cobatch before
+    stagger before list, pools in conditions.POOLS order, then delay."""
     try:
         c = parse_condition(name)
     except BatchflipError:
-        return (9, 99, 0, name)
+        return ("~", 9, 99, 0, name)
     rank = {"cobatch": 0, "stagger": 1}.get(c.dispatch, 2)
     pool = POOLS.index(c.pool) if c.pool in POOLS else 98
-    return (rank, pool, c.stagger_ms, name)
+    return (c.phase or "", rank, pool, c.stagger_ms, name)
 
 
 def _is_cobatch(name: str) -> bool:
     try:
         return parse_condition(name).dispatch == "cobatch"
+    except BatchflipError:
+        return False
+
+
+def _is_tagged(name: str) -> bool:
+    """A later-phase condition (``_ph<tag>``): compared with its phase's reference only."""
+    try:
+        return parse_condition(name).phase is not None
     except BatchflipError:
         return False

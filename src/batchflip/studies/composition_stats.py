@@ -15,11 +15,13 @@ from batchflip.errors import BatchflipError
 from batchflip.numbers import REFUSED_AT, Record, not_estimable, proportion, scalar
 from batchflip.stats import (
     binomial_test,
+    clopper_pearson_interval,
     cochrans_q,
     holm,
     mantel_haenszel,
     mcnemar_exact,
     minimum_detectable_effect,
+    paired_difference_interval,
     tost_paired,
 )
 from batchflip.studies.composition_base import Counts, Pair, _meta, _union
@@ -177,16 +179,27 @@ def _pooled_counts(s: _Study, pairs: dict[Pair, Counts]) -> dict[str, Counts]:
 
 def _tost_records(s: _Study, pairs: dict[Pair, Counts], margin: float, alpha: float
                   ) -> dict[str, Record]:
-    """Paired TOST per reported pair and per condition with pairs pooled over models."""
+    """Paired TOST per reported pair, per condition with pairs pooled over models, and over
+    every non-baseline composition pooled (the paper's one TOST); with each pooled TOST the
+    paired difference and its (1 - 2 alpha) interval as ``.../refusal_diff_pp``."""
     out: dict[str, Record] = {}
     for (model, cond), (b, c, n), pre in _reported(s, pairs):
         out[f"{pre}/tost_p"] = _tost_record(
             s, (b, c, n), f"{cond}, model {model}", [(model, cond)], margin, alpha,
             s.meta(model, cond, s.sizes.get((model, cond))))
-    for cond, counts in _pooled_counts(s, pairs).items():
-        out[f"{s.study}/all/{cond}/tost_p"] = _tost_record(
-            s, counts, f"{cond}, pairs pooled over models", [(m, cond) for m in s.models],
-            margin, alpha, s.meta("all", cond))
+    pooled = _pooled_counts(s, pairs)
+    comps = [c for c in s.compositions if c != s.baseline]
+    every = tuple(sum(pooled[c][i] for c in comps) for i in range(3))
+    blocks = [(f"{s.study}/all/{cond}", counts, f"{cond}, pairs pooled over models",
+               [(m, cond) for m in s.models], s.meta("all", cond))
+              for cond, counts in pooled.items()]
+    blocks.append((f"{s.study}/all", every, "every non-baseline composition ("
+                   + ", ".join(comps) + "), pairs pooled over models and compositions",
+                   [(m, c) for m in s.models for c in comps],
+                   s.meta("all", None) | {"conditions": comps}))
+    for pre, counts, label, keys, meta in blocks:
+        out[f"{pre}/tost_p"] = _tost_record(s, counts, label, keys, margin, alpha, meta)
+        out[f"{pre}/refusal_diff_pp"] = _diff_record(s, counts, label, keys, alpha, meta)
     return out
 
 
@@ -195,7 +208,9 @@ def _tost_record(s: _Study, counts: Counts, label: str, keys: list[Pair], margin
     """TOST of refusal(condition) - refusal(baseline) within +-margin from (b, c, n)."""
     b, c, n = counts
     definition = (f"paired TOST (Tango score) p that refusal({label}) - "
-                  f"refusal({s.baseline}) lies within +-{100 * margin:g} pp")
+                  f"refusal({s.baseline}) lies within +-{100 * margin:g} pp; estimate_pp "
+                  f"and its Wald {100 * (1 - 2 * alpha):g}% interval in diff_low_pp/"
+                  "diff_high_pp")
     if n == 0:
         return not_estimable("no prompt is scored under both conditions", definition,
                              s.ins(keys), s.sts(keys), margin_pp=100 * margin, **meta)
@@ -205,10 +220,31 @@ def _tost_record(s: _Study, counts: Counts, label: str, keys: list[Pair], margin
     except BatchflipError as exc:
         return not_estimable(str(exc), definition, s.ins(keys), s.sts(keys),
                              margin_pp=100 * margin, **meta)
+    ci = paired_difference_interval(c, b, n, 1 - 2 * alpha)
     return scalar(r.p_value, definition, s.ins(keys), s.sts(keys),
-                  estimate_pp=100 * r.estimate, margin_pp=100 * margin, p_lower=r.p_lower,
-                  p_upper=r.p_upper, equivalent=bool(r.p_value < alpha), alpha=alpha, b=b,
-                  c=c, n=n, method=r.method, **meta)
+                  estimate_pp=100 * r.estimate, diff_low_pp=100 * ci.low,
+                  diff_high_pp=100 * ci.high, diff_confidence=1 - 2 * alpha,
+                  margin_pp=100 * margin, p_lower=r.p_lower, p_upper=r.p_upper,
+                  equivalent=bool(r.p_value < alpha), alpha=alpha, b=b, c=c, n=n,
+                  method=r.method, **meta)
+
+
+def _diff_record(s: _Study, counts: Counts, label: str, keys: list[Pair], alpha: float,
+                 meta: dict[str, Any]) -> Record:
+    """refusal(condition) - refusal(baseline) over paired targets, in pp, with its Wald
+    (1 - 2 alpha) interval in ci_low/ci_high (pp)."""
+    b, c, n = counts
+    conf = 1 - 2 * alpha
+    definition = (f"paired difference in refusal rate, {label} minus {s.baseline}, in pp "
+                  f"((to_safe - to_unsafe) / n); Wald {100 * conf:g}% interval (the TOST "
+                  "interval) in ci_low/ci_high")
+    if n == 0:
+        return not_estimable("no prompt is scored under both conditions", definition,
+                             s.ins(keys), s.sts(keys), confidence=conf, **meta)
+    ci = paired_difference_interval(c, b, n, conf)
+    return scalar(100 * (c - b) / n, definition, s.ins(keys), s.sts(keys),
+                  ci_low=100 * ci.low, ci_high=100 * ci.high, confidence=conf, b=b, c=c,
+                  n=n, **meta)
 
 
 def _cochran_records(s: _Study) -> dict[str, Record]:
@@ -246,16 +282,17 @@ def _cochran_records(s: _Study) -> dict[str, Record]:
     return out
 
 
-def _mh_tables(s: _Study, conds: list[str]) -> np.ndarray:
-    """Per model, [[condition refused, not], [baseline refused, not]] over paired prompts
-    (the condition arm pools ``conds``)."""
+def _mh_tables(s: _Study, conds: list[str], ref: str | None = None) -> np.ndarray:
+    """Per model, [[condition refused, not], [reference refused, not]] over paired prompts
+    (the condition arm pools ``conds``; the reference is the baseline unless given)."""
+    ref = ref or s.baseline
     tables = []
-    for model in s.models if s.base_present else []:
+    for model in s.models if ref in s.wide.columns else []:
         sub = s.wide.loc[model]
         present = [c for c in conds if c in sub.columns]
         if not present:
             continue
-        base = sub[s.baseline]
+        base = sub[ref]
         arm, paired_any = [], pd.Series(False, index=sub.index)
         for cond in present:
             ok = sub[cond].notna() & base.notna()
@@ -268,18 +305,21 @@ def _mh_tables(s: _Study, conds: list[str]) -> np.ndarray:
     return np.asarray(tables, dtype=np.int64).reshape(-1, 2, 2)
 
 
-def _mh_records(s: _Study, conds: list[str], pre: str, label: str, meta: dict[str, Any]
-                ) -> dict[str, Record]:
-    """Mantel-Haenszel pooled odds ratio and CMH p of ``conds`` vs the baseline."""
-    keys = [(m, c) for m in s.models for c in conds]
+def _mh_records(s: _Study, conds: list[str], pre: str, label: str, meta: dict[str, Any],
+                ref: str | None = None) -> dict[str, Record]:
+    """Mantel-Haenszel pooled odds ratio and CMH p of ``conds`` vs ``ref`` (default: the
+    baseline)."""
+    ref = ref or s.baseline
+    keys = [(m, c) for m in s.models for c in [*conds, ref]]
     ins, sts = s.ins(keys), s.sts(keys)
-    definition = (f"Mantel-Haenszel pooled odds ratio of refusal, {label} vs {s.baseline}, "
+    arm = "baseline" if ref == s.baseline else "reference"
+    definition = (f"Mantel-Haenszel pooled odds ratio of refusal, {label} vs {ref}, "
                   "strata = models; per stratum [[condition refused, condition not], "
-                  "[baseline refused, baseline not]] over paired prompts (OR > 1: more "
-                  "refusal with fillers); arms treated as independent although paired, "
-                  "as in the paper; Robins-Breslow-Greenland 95% interval in low/high")
-    p_def = f"Cochran-Mantel-Haenszel test p (no continuity correction), {label}"
-    tables = _mh_tables(s, conds)
+                  f"[{arm} refused, {arm} not]] over paired prompts (OR > 1: more "
+                  f"refusal than under {ref}); arms treated as independent although "
+                  "paired, as in the paper; Robins-Breslow-Greenland 95% interval in low/high")
+    p_def = f"Cochran-Mantel-Haenszel test p (no continuity correction), {label} vs {ref}"
+    tables = _mh_tables(s, conds, ref)
     extra = {"tables": tables.tolist(), **meta}
     reason = ("no non-baseline composition" if not conds else
               "no model has both the baseline and the condition" if tables.shape[0] == 0
@@ -349,22 +389,24 @@ def _direction_numbers(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, floa
     """Direction of the discordant pairs: every pair, and the significant ones."""
     every = [k for k in pairs if k in s.stacks and pairs[k][2] > 0]
     significant = [k for k in every if raw.get(f"{s.study}/{k[0]}/{k[1]}", 1.0) < alpha]
-    return (_direction_records(s, pairs, every, "", "pooled over every (model, condition) "
-                               "pair", "no (model, condition) pair has paired rows")
-            | _direction_records(s, pairs, significant, "_significant", "pooled over the "
-                                 f"(model, condition) pairs with unadjusted McNemar p < {alpha}",
-                                 "no (model, condition) pair has unadjusted McNemar p < "
-                                 f"{alpha}"))
+    return (_direction_records(s, pairs, every, f"{s.study}/all/direction",
+                               "pooled over every (model, condition) pair",
+                               "no (model, condition) pair has paired rows")
+            | _direction_records(s, pairs, significant, f"{s.study}/all/direction_significant",
+                                 "pooled over the (model, condition) pairs with unadjusted "
+                                 f"McNemar p < {alpha}", "no (model, condition) pair has "
+                                 f"unadjusted McNemar p < {alpha}"))
 
 
-def _direction_records(s: _Study, pairs: dict[Pair, Counts], selected: list[Pair], tag: str,
-                       label: str, no_pairs: str) -> dict[str, Record]:
-    """Counts to unsafe / to safe, the to-unsafe share and its binomial test."""
+def _direction_records(s: _Study, pairs: dict[Pair, Counts], selected: list[Pair], pre: str,
+                       label: str, no_pairs: str, **extra: Any) -> dict[str, Record]:
+    """Counts to unsafe / to safe (``<pre>_to_unsafe``, ``_to_safe``), the to-unsafe share
+    (Wilson 95% in ci_low/ci_high, Clopper-Pearson 95% in cp_low/cp_high) and its exact
+    two-sided binomial test against 0.5."""
     b = sum(pairs[k][0] for k in selected)
     c = sum(pairs[k][1] for k in selected)
     ins, sts = s.ins(selected), s.sts(selected)
-    meta = s.meta("all", None) | {"pairs": [f"{m}/{k}" for m, k in selected]}
-    pre = f"{s.study}/all/direction{tag}"
+    meta = s.meta("all", None) | {"pairs": [f"{m}/{k}" for m, k in selected]} | extra
     out = {
         f"{pre}_to_unsafe": scalar(
             b, f"discordant pairs to unsafe (refused under {s.baseline}, complied under the "
@@ -372,14 +414,17 @@ def _direction_records(s: _Study, pairs: dict[Pair, Counts], selected: list[Pair
         f"{pre}_to_safe": scalar(
             c, f"discordant pairs to safe (complied under {s.baseline}, refused under the "
             f"condition), {label}", ins, sts, **meta)}
-    share_def = f"share of discordant pairs that go to unsafe, {label} (Wilson 95%)"
+    share_def = (f"share of discordant pairs that go to unsafe, {label} (Wilson 95%; "
+                 "Clopper-Pearson 95% in cp_low/cp_high)")
     test_def = f"exact two-sided binomial test of the to-unsafe share = 0.5, {label}"
     if b + c == 0:
         why = "no discordant pairs" if selected else no_pairs
         out[f"{pre}_unsafe_share"] = not_estimable(why, share_def, ins, sts, **meta)
         out[f"{pre}_binom_p"] = not_estimable(why, test_def, ins, sts, **meta)
         return out
-    out[f"{pre}_unsafe_share"] = proportion(b, b + c, share_def, ins, sts, **meta)
+    cp = clopper_pearson_interval(b, b + c)
+    out[f"{pre}_unsafe_share"] = proportion(b, b + c, share_def, ins, sts, cp_low=cp.low,
+                                            cp_high=cp.high, **meta)
     out[f"{pre}_binom_p"] = scalar(binomial_test(b, b + c).p_value, test_def, ins, sts,
                                    to_unsafe=b, discordant=b + c, **meta)
     return out

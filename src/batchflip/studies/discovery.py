@@ -2,10 +2,17 @@
 
 Numbers, for each model and pooled over models ("all"): per condition (and so per batch
 size) the safety and capability flip rates, their ratio, flip directions with counts, and
-the byte-identical output share; pooled over the non-baseline synchronized conditions the
-same; where a study has both ``list_b{n}`` and ``sync_b{n}``, the share of rows whose flip
-flag agrees between them; for composition conditions the refusal rate of the targets. Ids
-look like ``a/<model>/<condition>/safety_flip_rate``.
+the byte-identical output share, each against the baseline the row was paired with (the
+flips' ``baseline_condition``: the study's, or ``dispatch_baselines[dispatch]``). The same
+pooled over a phase's batch sizes > 1: ``sync_pooled`` (synchronized dispatch, the paper's
+0.51% vs 0.14%) and ``list_pooled`` (true batching vs its list baseline, the paper's 0.8%),
+each with the direction test of its safety flips (``safety_direction_unsafe_share``: to
+unsafe / directional flips, Wilson and Clopper-Pearson intervals; ``safety_direction_binom_p``:
+exact two-sided binomial test against 0.5; not estimable without a directional flip).
+Where a study has both ``list_b{n}`` and ``sync_b{n}``, the share of rows whose flip flag
+agrees between them (``flip_agreement_b{n}``, and ``_bpooled``); for composition
+conditions the refusal rate of the targets. Ids look like
+``a/<model>/<condition>/safety_flip_rate``.
 
 Failed requests (``batchflip.failures``) are no answers: flips already leave them out, and
 refusal rates here do too; ``<study>/<model>/<condition>/error_count`` and ``/error_share``
@@ -16,7 +23,9 @@ Figures (drawn from the numbers file only):
 
 - ``flip_rates``: safety vs capability flip rate by batch size (pooled over models) for
   each batch-size dispatch mode (sync, list), with Wilson 95% intervals;
-- ``identity``: share of outputs byte-identical to the baseline by batch size.
+- ``identity``: share of outputs byte-identical to the baseline by batch size;
+- ``flip_agreement``: share of rows whose flip flag agrees between ``list_b{n}`` and
+  ``sync_b{n}`` by batch size, per model and pooled (the paper's Figure 4).
 
 CLI: ``batchflip discovery numbers|figure`` (rules: ``workflow/rules/study_discovery.smk``).
 """
@@ -30,9 +39,17 @@ import pandas as pd
 
 from batchflip.cli import figure_arguments
 from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
+from batchflip.flips import read_flips
 from batchflip.io import write_json
-from batchflip.numbers import REFUSED_AT, load, proportion, ratio, scalar
-from batchflip.records import FLIP_COLUMNS, SCORED_COLUMNS, read_records
+from batchflip.numbers import REFUSED_AT, load, not_estimable, proportion, ratio, scalar
+from batchflip.records import SCORED_COLUMNS, read_records
+from batchflip.stats import binomial_test, clopper_pearson_interval
+
+
+def _vs(df: pd.DataFrame) -> str:
+    """The baseline condition(s) the rows of ``df`` were paired with (flips'
+    ``baseline_condition``), e.g. ``list_b1`` or ``sync_b1/list_b1``."""
+    return "/".join(sorted(set(df["baseline_condition"].astype(str))))
 
 
 def _flip_block(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
@@ -69,12 +86,49 @@ def _flip_block(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
     return out
 
 
+def direction_test(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
+                   meta: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Direction of the safety flips of one slice: the share that go to unsafe among the
+    directional ones (to_unsafe + to_safe; a flip between two safe-side scores has no
+    direction), with Wilson and Clopper-Pearson 95% intervals, and the exact two-sided
+    binomial test of that share = 0.5. Not estimable when there is no directional flip."""
+    part = df[df["domain"] == "safety"]
+    if part.empty:
+        return {}
+    up = int((part["direction"] == "to_unsafe").sum())
+    n = up + int((part["direction"] == "to_safe").sum())
+    stacks = sorted(set(part["stack_id"]) | set(part["baseline_stack_id"]))
+    meta = {**meta, "domain": "safety"}
+    share_def = (f"share of the directional safety flips that go to unsafe (to_unsafe / "
+                 f"(to_unsafe + to_safe)), {label}; Wilson 95% interval (ci_low, ci_high) and "
+                 "Clopper-Pearson 95% interval (cp_low, cp_high)")
+    test_def = (f"exact two-sided binomial test of the to-unsafe share of the directional "
+                f"safety flips = 0.5, {label}")
+    if n == 0:
+        why = "no safety flip with a direction"
+        return {f"{prefix}/safety_direction_unsafe_share": not_estimable(
+                    why, share_def, inputs, stacks, n=0, **meta),
+                f"{prefix}/safety_direction_binom_p": not_estimable(
+                    why, test_def, inputs, stacks, n=0, **meta)}
+    cp = clopper_pearson_interval(up, n)
+    return {f"{prefix}/safety_direction_unsafe_share": proportion(
+                up, n, share_def, inputs, stacks, cp_low=cp.low, cp_high=cp.high, **meta),
+            f"{prefix}/safety_direction_binom_p": scalar(
+                binomial_test(up, n).p_value, test_def, inputs, stacks, to_unsafe=up, n=n,
+                **meta)}
+
+
+# pooled phases: id part, dispatch and what the label says
+PHASES = (("sync_pooled", "sync", "synchronized"), ("list_pooled", "list", "true-batching (list)"))
+
+
 def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
                    ) -> dict[str, dict[str, Any]]:
     """Share of rows whose flip flag agrees between true batching and synchronized dispatch.
 
     For each batch size with both ``list_b{n}`` and ``sync_b{n}``, rows are paired on
-    (model, prompt id); each flip flag is against its own baseline. Per model and pooled.
+    (model, prompt id); each flip flag is against its own baseline. Per model and pooled
+    (records of one batch size carry ``batch_size``; the pooled ones do not).
     """
     out: dict[str, dict[str, Any]] = {}
     sync = flips[flips["dispatch"] == "sync"]
@@ -89,11 +143,17 @@ def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
                 continue
             agree = int((grp["flip_s"] == grp["flip_l"]).sum())
             stacks = sorted(set(grp["stack_id_s"]) | set(grp["stack_id_l"]))
+            pooled = bs == "pooled"
+            pair = ("list_b{n} and sync_b{n}, pooled over the batch sizes n with both"
+                    if pooled else f"list_b{bs} and sync_b{bs}")
+            bases = "/".join(sorted(set(grp["baseline_condition_l"].astype(str))
+                                    | set(grp["baseline_condition_s"].astype(str))))
             out[f"{study}/{model}/flip_agreement_b{bs}"] = proportion(
-                agree, len(grp), f"share of rows whose flip flag agrees between list_b{bs} "
-                f"(vs its list baseline) and sync_b{bs} (vs its sync baseline), "
+                agree, len(grp), f"share of rows whose flip flag agrees between {pair} (each "
+                f"vs its own baseline: {bases}), "
                 f"{'pooled over models' if model == 'all' else 'model ' + model}",
-                inputs, stacks, model=model, condition=f"agreement_b{bs}")
+                inputs, stacks, model=model, condition=f"agreement_b{bs}",
+                **({} if pooled else {"batch_size": int(bs)}))
     return out
 
 
@@ -103,6 +163,8 @@ def discovery_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataF
     """All Study A numbers from per-model flip frames and per-model scored frames.
 
     ``flips`` and ``scored`` map an input path to its frame (paths become ``inputs``).
+    Labels name the baseline each row was paired with (flips' ``baseline_condition``);
+    ``baseline`` is the study's, for the composition targets' baseline refusal rate.
     Raises BatchflipError when a scored file's failed share is above ``max_error_share``.
     """
     numbers: dict[str, dict[str, Any]] = error_numbers(scored, study, max_error_share)
@@ -115,13 +177,16 @@ def discovery_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataF
         for cond, part in mf.groupby("condition", sort=True):
             meta = {"condition": cond, "batch_size": int(part["batch_size"].iloc[0]),
                     "dispatch": part["dispatch"].iloc[0], "model": model}
-            numbers |= _flip_block(part, f"{study}/{model}/{cond}", f"{cond} vs {baseline}, "
+            numbers |= _flip_block(part, f"{study}/{model}/{cond}", f"{cond} vs {_vs(part)}, "
                                    f"{who}", flip_paths, meta)
-        sync = mf[(mf["dispatch"] == "sync")]
-        if not sync.empty:
-            numbers |= _flip_block(sync, f"{study}/{model}/sync_pooled", "all synchronized "
-                                   f"batch sizes > 1 vs {baseline}, {who}", flip_paths,
-                                   {"condition": "sync_pooled", "model": model})
+        for name, dispatch, what in PHASES:
+            part = mf[(mf["dispatch"] == dispatch) & (mf["batch_size"] > 1)]
+            if part.empty:
+                continue
+            label = f"all {what} batch sizes > 1 vs {_vs(part)}, {who}"
+            meta = {"condition": name, "model": model}
+            numbers |= _flip_block(part, f"{study}/{model}/{name}", label, flip_paths, meta)
+            numbers |= direction_test(part, f"{study}/{model}/{name}", label, flip_paths, meta)
     numbers |= flip_agreement(all_flips, study, flip_paths)
     all_scored = answered(pd.concat(scored.values(), ignore_index=True))
     comp = all_scored[all_scored["dispatch"].isin(["cobatch", "stagger"])]
@@ -199,7 +264,41 @@ def identity_figure(numbers: dict[str, dict[str, Any]], png: str, pdf: str) -> N
     save(fig, png, pdf)
 
 
-FIGURES = {"flip_rates": flip_rate_figure, "identity": identity_figure}
+def flip_agreement_figure(numbers: dict[str, dict[str, Any]], png: str, pdf: str) -> None:
+    """Share (%) of rows whose flip flag agrees between list_b{n} and sync_b{n}, by batch
+    size, one series per model and one pooled over models (the paper's Figure 4). A study
+    without such pairs gets a figure that says so."""
+    from batchflip.plotting import plt, save
+
+    series: dict[str, list[dict[str, Any]]] = {}
+    for key, rec in numbers.items():
+        if "/flip_agreement_b" in key and "batch_size" in rec and rec.get("value") is not None:
+            series.setdefault(rec["model"], []).append(rec)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    models = sorted(m for m in series if m != "all")
+    if len(models) > 1:  # with one model the pooled series is that model's
+        models.append("all")
+    for model in models:
+        recs = sorted(series[model], key=lambda r: r["batch_size"])
+        _errorbar(ax, recs, 100, label="pooled over models" if model == "all" else model,
+                  **({"color": "black", "linestyle": "--"} if model == "all" else {}))
+    if models:
+        sizes = sorted({r["batch_size"] for m in models for r in series[m]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.legend(frameon=False, fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no batch size has both list_b{n} and sync_b{n}",
+                ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylim(0, 105)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("flip agreement, list vs sync (%)")
+    ax.set_title("True batching vs synchronized dispatch (Wilson 95% CI)")
+    save(fig, png, pdf)
+
+
+FIGURES = {"flip_rates": flip_rate_figure, "identity": identity_figure,
+           "flip_agreement": flip_agreement_figure}
 
 
 # --- CLI ----------------------------------------------------------------------------------
@@ -208,7 +307,7 @@ FIGURES = {"flip_rates": flip_rate_figure, "identity": identity_figure}
 def configure(parser: argparse.ArgumentParser) -> None:
     """CLI: ``batchflip discovery numbers --study a --baseline sync_b1 --flips F...
     --scored S... [--max-error-share 0.01] --out O`` and ``batchflip discovery figure
-    --numbers N --name flip_rates|identity --png P --pdf Q``."""
+    --numbers N --name flip_rates|identity|flip_agreement --png P --pdf Q``."""
     sub = parser.add_subparsers(dest="action", required=True)
     n = sub.add_parser("numbers", help="Study A numbers from flip and scored files")
     n.add_argument("--study", required=True)
@@ -227,7 +326,7 @@ def main(args: argparse.Namespace) -> int:
     if args.action == "figure":
         FIGURES[args.name](load(args.numbers), args.png, args.pdf)
         return 0
-    flips = {p: read_records(p, FLIP_COLUMNS) for p in args.flips}
+    flips = {p: read_flips(p) for p in args.flips}
     scored = {p: read_records(p, SCORED_COLUMNS) for p in args.scored}
     numbers = discovery_numbers(flips, scored, args.study, args.baseline, args.max_error_share)
     write_json({"study": args.study, "numbers": numbers}, args.out)
