@@ -273,6 +273,67 @@ def _oracle(provenance: Mapping[str, Mapping[str, Any]], printed: Mapping[str, A
     return "independent", note
 
 
+def _recompute(entry: Mapping[str, Any], where: Any, tables: Mapping[str, Any],
+               source: str) -> tuple[float, dict[str, Any], dict[str, Any], Mapping[str, Any]]:
+    """Check one entry's recipe, inputs and selectors and recompute its scaled value.
+    Returns ``(value, inputs, provenance, select)``."""
+    for field in ("id", "recipe", "inputs", "output", "definition"):
+        if field not in entry:
+            raise InputError(source, "missing", row=where, field=field)
+    recipe_name = entry["recipe"]
+    if recipe_name not in RECIPES:
+        raise InputError(
+            source, f"unknown recipe (known: {sorted(RECIPES)})", row=where, field="recipe"
+        )
+    recipe = RECIPES[recipe_name][0]
+    raw_inputs = entry["inputs"]
+    if not isinstance(raw_inputs, Mapping) or not raw_inputs:
+        raise InputError(source, "must be a non-empty mapping", row=where, field="inputs")
+    provenance = {str(key): _mark(item, source, where, f"inputs.{key}", is_input=True)
+                  for key, item in raw_inputs.items()}
+    inputs = {str(key): item["value"] for key, item in raw_inputs.items()}
+    select = entry.get("select") or {}
+    if not isinstance(select, Mapping) or any(
+            k not in SELECTORS or not isinstance(v, str) for k, v in select.items()):
+        raise InputError(source, f"must map {list(SELECTORS)} to column names",
+                         row=where, field="select")
+    if set(select) & set(inputs):
+        raise InputError(source, f"names {sorted(set(select) & set(inputs))} that "
+                         "inputs also name", row=where, field="select")
+    try:
+        outputs = recipe({**inputs, **select}, tables)
+    except BatchflipError as exc:
+        raise InputError(source, str(exc), row=where, field="inputs") from None
+    if entry["output"] not in outputs:
+        raise InputError(source, f"recipe gives {sorted(outputs)}", row=where, field="output")
+    value = float(outputs[entry["output"]]) * float(entry.get("scale", 1)) + 0.0
+    if not math.isfinite(value):
+        raise InputError(source, f"recomputed value is {value}", row=where)
+    return value, inputs, provenance, select
+
+
+def _comparison(entry: Mapping[str, Any], value: float, printed_mark: dict[str, Any] | None,
+                oracle: str) -> dict[str, Any]:
+    """The printed value at its precision beside the recomputed one; ``match`` only for an
+    independent oracle."""
+    raw_printed = entry.get("printed")
+    if raw_printed is None:
+        decimals = int(entry.get("decimals", 3))
+        return {"published": None, "printed": None, "precision": f"{decimals} decimals",
+                "formatted": format_at(value, ("decimals", decimals)), "match": None}
+    printed = str(raw_printed["value"])
+    precision = parse_printed(printed)
+    formatted = format_at(value, precision)
+    published_text = format_at(float(printed), precision)
+    return {
+        "published": float(printed) if printed_mark["mark"] == "published" else None,
+        "printed": printed,
+        "precision": _describe_precision(precision),
+        "formatted": formatted,
+        "match": formatted == published_text if oracle == "independent" else None,
+    }
+
+
 def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISHED) -> dict:
     """Recompute every entry of a loaded ``published.yaml`` and return the JSON document."""
     if not isinstance(published, Mapping) or "numbers" not in published:
@@ -290,81 +351,27 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
             raise InputError(source, "entry must be a mapping", row=i)
         ident = entry.get("id")
         where = ident if ident else i
-        for field in ("id", "recipe", "inputs", "output", "definition"):
-            if field not in entry:
-                raise InputError(source, "missing", row=where, field=field)
-        if ident in numbers:
+        if ident is not None and ident in numbers:
             raise InputError(source, "duplicate id", row=where, field="id")
-        recipe_name = entry["recipe"]
-        if recipe_name not in RECIPES:
-            raise InputError(
-                source, f"unknown recipe (known: {sorted(RECIPES)})", row=where, field="recipe"
-            )
-        recipe, recipe_doc = RECIPES[recipe_name]
-        raw_inputs = entry["inputs"]
-        if not isinstance(raw_inputs, Mapping) or not raw_inputs:
-            raise InputError(source, "must be a non-empty mapping", row=where, field="inputs")
-        provenance = {str(key): _mark(item, source, where, f"inputs.{key}", is_input=True)
-                      for key, item in raw_inputs.items()}
-        inputs = {str(key): item["value"] for key, item in raw_inputs.items()}
-        select = entry.get("select") or {}
-        if not isinstance(select, Mapping) or any(
-                k not in SELECTORS or not isinstance(v, str) for k, v in select.items()):
-            raise InputError(source, f"must map {list(SELECTORS)} to column names",
-                             row=where, field="select")
-        if set(select) & set(inputs):
-            raise InputError(source, f"names {sorted(set(select) & set(inputs))} that "
-                             "inputs also name", row=where, field="select")
-        try:
-            outputs = recipe({**inputs, **select}, tables)
-        except BatchflipError as exc:
-            raise InputError(source, str(exc), row=where, field="inputs") from None
-        if entry["output"] not in outputs:
-            raise InputError(source, f"recipe gives {sorted(outputs)}", row=where, field="output")
-        scale = float(entry.get("scale", 1))
-        value = float(outputs[entry["output"]]) * scale + 0.0
-        if not math.isfinite(value):
-            raise InputError(source, f"recomputed value is {value}", row=where)
-
+        value, inputs, provenance, select = _recompute(entry, where, tables, source)
         raw_printed = entry.get("printed")
         printed_mark = (None if raw_printed is None
                         else _mark(raw_printed, source, where, "printed", is_input=False))
         oracle, oracle_note = _oracle(provenance, printed_mark)
-        record: dict[str, Any] = {
+        numbers[str(ident)] = {
             "id": ident,
             "value": value,
             "definition": str(entry["definition"]).strip(),
             "inputs": _input_strings(inputs, provenance, select, tables, source),
             "provenance": {"inputs": provenance, "printed": printed_mark},
-            "recipe": f"{recipe_name}: {recipe_doc} -> {entry['output']}",
-            "scale": scale,
+            "recipe": f"{entry['recipe']}: {RECIPES[entry['recipe']][1]} -> {entry['output']}",
+            "scale": float(entry.get("scale", 1)),
             "unit": entry.get("unit", ""),
             "source": printed_mark["source"] if printed_mark else "",
             "oracle": oracle,
             "oracle_note": oracle_note,
+            **_comparison(entry, value, printed_mark, oracle),
         }
-        if raw_printed is not None:
-            printed = str(raw_printed["value"])
-            precision = parse_printed(printed)
-            formatted = format_at(value, precision)
-            published_text = format_at(float(printed), precision)
-            record.update(
-                published=float(printed) if printed_mark["mark"] == "published" else None,
-                printed=printed,
-                precision=_describe_precision(precision),
-                formatted=formatted,
-                match=formatted == published_text if oracle == "independent" else None,
-            )
-        else:
-            decimals = int(entry.get("decimals", 3))
-            record.update(
-                published=None,
-                printed=None,
-                precision=f"{decimals} decimals",
-                formatted=format_at(value, ("decimals", decimals)),
-                match=None,
-            )
-        numbers[str(ident)] = record
 
     checked = [k for k, r in numbers.items() if r["oracle"] == "independent"]
     mismatched = [k for k in checked if not numbers[k]["match"]]
