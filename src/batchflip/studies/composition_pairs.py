@@ -79,15 +79,22 @@ def _counts(s: _Study, model: str, cond: str, ref: str) -> Counts | None:
     return int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum()), len(both)
 
 
-def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str, Record]:
-    """McNemar + Holm per (model, pair), MH per pair, and the per-condition directions."""
-    run, skipped = paper_pairs(s)
+def _mcnemar_family(s: _Study, run: list[Pair]) -> tuple[dict, dict, list, dict]:
+    """Discordant counts per (model, a, b) of the pairs run, their exact McNemar p (pairs
+    with discordant pairs only), the sorted test family and its Holm-adjusted p."""
     tests = {(m, a, b): k for a, b in run for m in s.models
              if (k := _counts(s, m, a, b)) is not None}
     raw = {t: mcnemar_exact(b, c).p_value for t, (b, c, n) in tests.items() if n > 0}
     family = sorted(raw)
     adjusted = dict(zip(family, holm([raw[t] for t in family]).tolist(), strict=True)
                     ) if family else {}
+    return tests, raw, family, adjusted
+
+
+def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str, Record]:
+    """McNemar + Holm per (model, pair), MH per pair, and the per-condition directions."""
+    run, skipped = paper_pairs(s)
+    tests, raw, family, adjusted = _mcnemar_family(s, run)
     out = _family_record(s, run, skipped, family)
     out |= _pair_mcnemar_records(s, tests, raw, adjusted, alpha)
     for a, b in run:
@@ -150,12 +157,7 @@ def phase_numbers(s: _Study, alpha: float) -> dict[str, Record]:
     phases, skipped = phase_pairs(list(s.wide.columns))
     out: dict[str, Record] = {}
     for phase, run in sorted(phases.items()):
-        tests = {(m, a, b): k for a, b in run for m in s.models
-                 if (k := _counts(s, m, a, b)) is not None}
-        raw = {t: mcnemar_exact(b, c).p_value for t, (b, c, n) in tests.items() if n > 0}
-        family = sorted(raw)
-        adjusted = dict(zip(family, holm([raw[t] for t in family]).tolist(), strict=True)
-                        ) if family else {}
+        tests, raw, family, adjusted = _mcnemar_family(s, run)
         what = f"the {len(family)} (model, pair) tests of the {phase} phase"
         keys = [(m, c) for m, a, b in family for c in (a, b)]
         out[f"{s.study}/all/{phase}/pair_tests"] = scalar(
