@@ -36,6 +36,7 @@ from batchflip.failures import answered
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.records import LOGPROB_COLUMNS, read_records
+from batchflip.screen import margins, screen_numbers
 
 PAIR_COLUMNS = [
     "model", "condition", "baseline_condition", "batch_size", "dispatch", "prompt_id",
@@ -45,15 +46,6 @@ PAIR_COLUMNS = [
 ]
 GEN_READ = ["model", "condition", "prompt_id", "role", "token_ids", "stack_id", "error",
             "finish_reason", "text"]
-
-
-def margins(top_logprobs: Sequence[Sequence[float]]) -> np.ndarray:
-    """Top-1 minus top-2 log-probability per token (NaN where fewer than two are known)."""
-    out = np.full(len(top_logprobs), np.nan)
-    for i, top in enumerate(top_logprobs):
-        if top is not None and len(top) >= 2:
-            out[i] = float(top[0]) - float(top[1])
-    return out
 
 
 def first_divergence(base_ids: Sequence[int], cond_ids: Sequence[int]) -> int | None:
@@ -275,8 +267,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.out}: {len(pairs)} pairs, {int(pairs['tokens_changed'].sum())} with "
               "different tokens")
         return 0
-    from batchflip import screen
-
     pairs = pd.concat([pd.read_parquet(p) for p in args.pairs], ignore_index=True)
     base = read_generations(args.generations)
     ranked = pd.concat([pd.read_csv(p, dtype={"prompt_id": str}) for p in args.screens],
@@ -285,7 +275,7 @@ def main(args: argparse.Namespace) -> int:
     all_m = {str(m): baseline_margins(g, sorted(set(g["condition"])))
              for m, g in base.groupby("model")}
     out = numbers(pairs, all_m, args.study, inputs)
-    out |= screen.screen_numbers(pairs, ranked, base, args.study, inputs, args.bootstrap,
+    out |= screen_numbers(pairs, ranked, base, args.study, inputs, args.bootstrap,
                                  args.seed)
     write_json({"study": f"divergence_{args.study}", "numbers": out}, args.out)
     pooled = np.concatenate(list(all_m.values())) if all_m else np.array([])

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from batchflip.divergence import margins
 from batchflip.errors import BatchflipError
 from batchflip.failures import answered
 from batchflip.io import write_text
@@ -41,6 +41,15 @@ from batchflip.records import LOGPROB_COLUMNS, read_records
 
 RANK_COLUMNS = ["rank", "prompt_id", "min_margin", "min_index", "n_tokens", "condition",
                 "model", "stack_id"]
+
+
+def margins(top_logprobs: Sequence[Sequence[float]]) -> np.ndarray:
+    """Top-1 minus top-2 log-probability per token (NaN where fewer than two are known)."""
+    out = np.full(len(top_logprobs), np.nan)
+    for i, top in enumerate(top_logprobs):
+        if top is not None and len(top) >= 2:
+            out[i] = float(top[0]) - float(top[1])
+    return out
 
 
 def min_margins(gens: pd.DataFrame) -> pd.DataFrame:
