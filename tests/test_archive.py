@@ -316,7 +316,7 @@ def test_reviewer_round_trip_reproduces_numbers_byte_for_byte(packed, tmp_path):
         numbers.append((ws / "results/paper/numbers.json").read_bytes())
         assert not (ws / "resources/models").exists()
     assert numbers[0] == numbers[1]
-    rec = json.loads(numbers[0])["a/smol/sync_b4/safety_flip_rate"]
+    rec = json.loads(numbers[0])["reproduced"]["a/smol/sync_b4/safety_flip_rate"]
     assert rec["n"] == 3 and rec["stack_ids"] == ["stackA"]
 
     # a reviewer's fresh generations with one altered row: the verify target names it
