@@ -16,6 +16,7 @@ from batchflip.screen import (
     capture,
     change_probability,
     min_margins,
+    path_margins,
     rank,
     screen_numbers,
 )
@@ -147,7 +148,7 @@ def test_capture_and_change_probability() -> None:
 def test_screen_numbers() -> None:
     pairs = pair_table(GENS, FLIPS, "sync_b1").assign(baseline_condition="sync_b1")
     base = GENS[GENS["condition"] == "sync_b1"]
-    out = screen_numbers(pairs, rank(base), base, "a", ["x"], 200, 0)
+    out = screen_numbers(pairs, rank(base), path_margins(base), "a", ["x"], 200, 0)
     assert out["a/m/sync_b2/screen_auroc_flip"]["value"] == 1.0  # p1 has the lowest margin
     assert out["a/m/sync_b2/screen_auroc_text"]["value"] == 1.0
     assert out["a/m/sync_b2/screen_expected_text_changes"]["observed"] == 2

@@ -36,7 +36,7 @@ from batchflip.failures import answered
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.records import LOGPROB_COLUMNS, read_records
-from batchflip.screen import margins, screen_numbers
+from batchflip.screen import margins, path_margins, screen_numbers
 
 PAIR_COLUMNS = [
     "model", "condition", "baseline_condition", "batch_size", "dispatch", "prompt_id",
@@ -110,13 +110,6 @@ def pair_table(gens: pd.DataFrame, flips: pd.DataFrame, baseline: str,
                     **pair_row(base.loc[rec.prompt_id], cond.loc[rec.prompt_id]),
                     "stack_id": rec.stack_id, "baseline_stack_id": rec.baseline_stack_id})
     return pd.DataFrame(out, columns=PAIR_COLUMNS)
-
-
-def baseline_margins(gens: pd.DataFrame, conditions: Sequence[str]) -> np.ndarray:
-    """The margins of every generated token of the baseline conditions' answered targets."""
-    rows = answered(gens[(gens["role"] == "target") & gens["condition"].isin(conditions)])
-    parts = [margins(list(t)) for t in rows["top_logprobs"]]
-    return np.concatenate(parts) if parts else np.array([])
 
 
 def quartiles(values: np.ndarray) -> dict[str, float] | None:
@@ -272,11 +265,13 @@ def main(args: argparse.Namespace) -> int:
     ranked = pd.concat([pd.read_csv(p, dtype={"prompt_id": str}) for p in args.screens],
                        ignore_index=True)
     inputs = sorted(args.pairs) + sorted(args.screens) + sorted(args.generations)
-    all_m = {str(m): baseline_margins(g, sorted(set(g["condition"])))
-             for m, g in base.groupby("model")}
+    paths = path_margins(base)
+    all_m: dict[str, list[np.ndarray]] = {}
+    for (model, _, _), m in paths.items():
+        all_m.setdefault(str(model), []).append(m)
+    all_m = {k: np.concatenate(v) for k, v in all_m.items()}
     out = numbers(pairs, all_m, args.study, inputs)
-    out |= screen_numbers(pairs, ranked, base, args.study, inputs, args.bootstrap,
-                                 args.seed)
+    out |= screen_numbers(pairs, ranked, paths, args.study, inputs, args.bootstrap, args.seed)
     write_json({"study": f"divergence_{args.study}", "numbers": out}, args.out)
     pooled = np.concatenate(list(all_m.values())) if all_m else np.array([])
     figure(pairs, pooled, f"Study {args.study}: where greedy paths diverge", args.png,

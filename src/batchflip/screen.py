@@ -126,16 +126,21 @@ def change_probability(path_margins: np.ndarray, noise: np.ndarray) -> float:
     return float(1.0 - np.prod(keep))
 
 
-def screen_numbers(pairs: pd.DataFrame, ranked: pd.DataFrame, base: pd.DataFrame,
-                   study: str, inputs: list[str], n_boot: int, seed: int
-                   ) -> dict[str, Record]:
-    """AUROCs, capture shares and expected counts per (model, condition): ``ranked`` are
-    the baseline runs' screens (:func:`rank`), ``base`` their generation rows."""
-    mm = ranked.set_index(["model", "condition", "prompt_id"])
-    rows = answered(base[base["role"] == "target"])
-    paths = {(m, c, p): margins(list(t)) for m, c, p, t in zip(
+def path_margins(gens: pd.DataFrame) -> dict[tuple[str, str, str], np.ndarray]:
+    """Every answered target's margins along its greedy path, by (model, condition,
+    prompt id)."""
+    rows = answered(gens[gens["role"] == "target"])
+    return {(m, c, p): margins(list(t)) for m, c, p, t in zip(
         rows["model"], rows["condition"], rows["prompt_id"], rows["top_logprobs"],
         strict=True)}
+
+
+def screen_numbers(pairs: pd.DataFrame, ranked: pd.DataFrame,
+                   paths: dict[tuple[str, str, str], np.ndarray], study: str,
+                   inputs: list[str], n_boot: int, seed: int) -> dict[str, Record]:
+    """AUROCs, capture shares and expected counts per (model, condition): ``ranked`` are
+    the baseline runs' screens (:func:`rank`), ``paths`` their :func:`path_margins`."""
+    mm = ranked.set_index(["model", "condition", "prompt_id"])
     out: dict[str, Record] = {}
     for model, part in pairs.groupby("model", sort=True):
         changed = part["text_changed"].sum()
