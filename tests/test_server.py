@@ -416,21 +416,43 @@ def test_client_sync_and_list_dispatch():
     client.close()
 
 
-def test_client_stagger_sends_fillers_before_or_after():
-    sent: dict[str, float] = {}
-
+def _stamping_client(sent: dict[str, float]) -> CompletionClient:
+    """A client whose fake server records when each prompt arrived."""
     def handler(request: httpx.Request) -> httpx.Response:
         prompt = json.loads(request.content)["prompt"]
         sent[prompt] = time.time()
         return httpx.Response(200, content=_sse(_echo_chunks([prompt])))
 
-    client = _client(handler)
-    group = _group(["f0", "t", "f2"], ["filler", "target", "filler"])
+    return _client(handler)
+
+
+FILLER_TARGET_FILLER = (["f0", "t", "f2"], ["filler", "target", "filler"])
+
+
+def test_client_stagger_sends_fillers_before_or_after():
+    sent: dict[str, float] = {}
+    client = _stamping_client(sent)
+    group = _group(*FILLER_TARGET_FILLER)
     client.run_group(group, parse_condition("stagger_b3_benign_m300"))
     assert sent["t"] - max(sent["f0"], sent["f2"]) >= 0.25
     client.run_group(group, parse_condition("stagger_b3_benign_p300"))
     assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.25
     client.close()
+
+
+def test_client_temporal_simultaneous_and_minimal_overlap():
+    # simultaneous sends all 8 at once; minimal_overlap sends the fillers
+    # MINIMAL_OVERLAP_MS = 50 ms after the target
+    sent: dict[str, float] = {}
+    client = _stamping_client(sent)
+    group = _group(*FILLER_TARGET_FILLER)
+    try:
+        client.run_group(group, parse_condition("stagger_b3_jailbreak_simultaneous"))
+        assert max(sent.values()) - min(sent.values()) < 0.04
+        client.run_group(group, parse_condition("stagger_b3_jailbreak_minimal_overlap"))
+        assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.045
+    finally:
+        client.close()
 
 
 def test_client_retries_then_records_error_rows():
