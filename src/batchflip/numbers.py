@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from batchflip.errors import InputError
-from batchflip.stats import wilson_interval
+from batchflip.stats import binomial_test, clopper_pearson_interval, wilson_interval
 
 Record = dict[str, Any]
 
@@ -66,6 +66,23 @@ def proportion_or_none(k: int, n: int, definition: str, inputs: list[str],
         return not_estimable(reason, definition, inputs, stack_ids,
                              **({"n": 0} if zero_n else {}), **extra)
     return proportion(int(k), int(n), definition, inputs, stack_ids, **extra)
+
+
+def unsafe_share(up: int, total: int, share_def: str, test_def: str, inputs: list[str],
+                 stacks: list[str], reason: str, test_fields: dict[str, Any],
+                 **extra: Any) -> tuple[Record, Record]:
+    """The share ``up / total`` of directional flips that go to unsafe (Wilson 95% in
+    ci_low/ci_high, Clopper-Pearson 95% in cp_low/cp_high) and its exact two-sided binomial
+    test against 0.5 (with ``test_fields``); both not estimable for ``reason`` when ``total``
+    is 0."""
+    if total == 0:
+        return (not_estimable(reason, share_def, inputs, stacks, **extra),
+                not_estimable(reason, test_def, inputs, stacks, **extra))
+    cp = clopper_pearson_interval(up, total)
+    return (proportion(up, total, share_def, inputs, stacks, cp_low=cp.low, cp_high=cp.high,
+                       **extra),
+            scalar(binomial_test(up, total).p_value, test_def, inputs, stacks, **test_fields,
+                   **extra))
 
 
 def ratio(numerator: float, denominator: float, definition: str, inputs: list[str],

@@ -12,10 +12,8 @@ import numpy as np
 import pandas as pd
 
 from batchflip.errors import BatchflipError
-from batchflip.numbers import REFUSED_AT, Record, not_estimable, proportion, scalar
+from batchflip.numbers import REFUSED_AT, Record, not_estimable, proportion, scalar, unsafe_share
 from batchflip.stats import (
-    binomial_test,
-    clopper_pearson_interval,
     cochrans_q,
     holm,
     mantel_haenszel,
@@ -417,14 +415,8 @@ def _direction_records(s: _Study, pairs: dict[Pair, Counts], selected: list[Pair
     share_def = (f"share of discordant pairs that go to unsafe, {label} (Wilson 95%; "
                  "Clopper-Pearson 95% in cp_low/cp_high)")
     test_def = f"exact two-sided binomial test of the to-unsafe share = 0.5, {label}"
-    if b + c == 0:
-        why = "no discordant pairs" if selected else no_pairs
-        out[f"{pre}_unsafe_share"] = not_estimable(why, share_def, ins, sts, **meta)
-        out[f"{pre}_binom_p"] = not_estimable(why, test_def, ins, sts, **meta)
-        return out
-    cp = clopper_pearson_interval(b, b + c)
-    out[f"{pre}_unsafe_share"] = proportion(b, b + c, share_def, ins, sts, cp_low=cp.low,
-                                            cp_high=cp.high, **meta)
-    out[f"{pre}_binom_p"] = scalar(binomial_test(b, b + c).p_value, test_def, ins, sts,
-                                   to_unsafe=b, discordant=b + c, **meta)
+    out[f"{pre}_unsafe_share"], out[f"{pre}_binom_p"] = unsafe_share(
+        b, b + c, share_def, test_def, ins, sts,
+        "no discordant pairs" if selected else no_pairs,
+        {"to_unsafe": b, "discordant": b + c}, **meta)
     return out

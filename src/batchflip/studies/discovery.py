@@ -41,9 +41,8 @@ from batchflip.cli import figure_arguments
 from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
 from batchflip.flips import read_flips
 from batchflip.io import write_json
-from batchflip.numbers import REFUSED_AT, load, not_estimable, proportion, ratio, scalar
+from batchflip.numbers import REFUSED_AT, load, proportion, ratio, scalar, unsafe_share
 from batchflip.records import SCORED_COLUMNS, read_records
-from batchflip.stats import binomial_test, clopper_pearson_interval
 
 
 def _vs(df: pd.DataFrame) -> str:
@@ -104,18 +103,11 @@ def direction_test(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
                  "Clopper-Pearson 95% interval (cp_low, cp_high)")
     test_def = (f"exact two-sided binomial test of the to-unsafe share of the directional "
                 f"safety flips = 0.5, {label}")
-    if n == 0:
-        why = "no safety flip with a direction"
-        return {f"{prefix}/safety_direction_unsafe_share": not_estimable(
-                    why, share_def, inputs, stacks, n=0, **meta),
-                f"{prefix}/safety_direction_binom_p": not_estimable(
-                    why, test_def, inputs, stacks, n=0, **meta)}
-    cp = clopper_pearson_interval(up, n)
-    return {f"{prefix}/safety_direction_unsafe_share": proportion(
-                up, n, share_def, inputs, stacks, cp_low=cp.low, cp_high=cp.high, **meta),
-            f"{prefix}/safety_direction_binom_p": scalar(
-                binomial_test(up, n).p_value, test_def, inputs, stacks, to_unsafe=up, n=n,
-                **meta)}
+    share, test = unsafe_share(up, n, share_def, test_def, inputs, stacks,
+                               "no safety flip with a direction", {"to_unsafe": up, "n": n},
+                               **({"n": 0} if n == 0 else {}), **meta)
+    return {f"{prefix}/safety_direction_unsafe_share": share,
+            f"{prefix}/safety_direction_binom_p": test}
 
 
 # pooled phases: id part, dispatch and what the label says
