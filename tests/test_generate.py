@@ -110,3 +110,90 @@ def test_checkpoint_of_other_settings_is_not_reused(tmp_path, monkeypatch):
     run_job(battery, {**PARAMS, "max_new_tokens": 8}, "sync_b2", "x", out, stack,
             engine=again, progress=False)
     assert again.calls == [0, 1, 2, 3, 4, 5]  # a changed knob starts over
+
+
+def _shared_engine(bodies: list[dict], made: list[int]):
+    """A ServerEngine over an httpx.MockTransport that answers every prompt with two
+    tokens and keeps the request bodies (a test double for a launched vLLM server)."""
+    import httpx
+
+    from batchflip.engines.openai_client import ClientSettings, CompletionClient
+    from batchflip.engines.server import ServerEngine
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        bodies.append(body)
+        chunks = [{"choices": [{"index": 0, "text": f"{body['prompt']}#{step}",
+                                "token_ids": [step],
+                                "finish_reason": "stop" if step else None}]}
+                  for step in range(2)]
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, content=sse.encode())
+
+    def make(params, model_dir):
+        made.append(1)
+        client = CompletionClient(ClientSettings(
+            base_url="http://fake", model="m", max_tokens=int(params["max_new_tokens"]),
+            seed=int(params["seed"])), transport=httpx.MockTransport(handler))
+        return ServerEngine("openai", client, {"engine": "openai", "launched": False})
+
+    return make
+
+
+def test_one_job_serves_several_studies_with_their_own_request_settings(tmp_path,
+                                                                        monkeypatch):
+    import argparse
+
+    from batchflip import generate
+
+    bodies: list[dict] = []
+    made: list[int] = []
+    monkeypatch.setattr(generate, "make_engine", _shared_engine(bodies, made))
+    monkeypatch.setattr(generate, "model_fingerprint", lambda d: {"id": d})
+    _battery(2, 1).drop(columns="sent").to_parquet(tmp_path / "a.parquet")
+    _battery(1, 2).drop(columns="sent").to_parquet(tmp_path / "c.parquet")
+    base = {"model": "m", "engine": "openai", "seed": 42, "dtype": "bfloat16",
+            "prompt_format": "raw", "server": {"base_url": "http://fake"}}
+    a = {**base, "study": "a", "max_new_tokens": 8}
+    c = {**base, "study": "c", "max_new_tokens": 3}
+    argv = ["--model-dir", "m", "--battery", str(tmp_path / "a.parquet"),
+            "--params", json.dumps(a)]
+    for cond in ("sync_b1", "sync_b2"):
+        argv += ["--condition", cond, "--out", str(tmp_path / f"a_{cond}.parquet"),
+                 "--stack-out", str(tmp_path / f"a_{cond}.stack.json")]
+    argv += ["--battery", str(tmp_path / "c.parquet"), "--params", json.dumps(c),
+             "--condition", "sync_b1", "--out", str(tmp_path / "c_sync_b1.parquet"),
+             "--stack-out", str(tmp_path / "c_sync_b1.stack.json"), "--no-progress"]
+    parser = argparse.ArgumentParser()
+    generate.configure(parser)
+    assert generate.main(parser.parse_args(argv)) == 0
+    assert made == [1]  # one engine (one server start) for both studies
+    # each study's prompts went out with its own max_tokens (a: 3 + 4 padded, c: 3)
+    by_study = {p: pd.read_parquet(tmp_path / f"{p}.parquet") for p in
+                ("a_sync_b1", "a_sync_b2", "c_sync_b1")}
+    assert by_study["a_sync_b1"]["prompt_id"].tolist() == ["h0", "h1", "m0"]
+    assert set(by_study["c_sync_b1"]["study"]) == {"c"}
+    assert by_study["c_sync_b1"]["prompt_id"].tolist() == ["h0", "m0", "m1"]
+    a_tokens = {b["max_tokens"] for b in bodies[: len(bodies) - 3]}
+    c_tokens = {b["max_tokens"] for b in bodies[len(bodies) - 3:]}
+    assert a_tokens == {8} and c_tokens == {3}
+
+
+def test_parts_with_other_launch_settings_cannot_share_a_job(tmp_path):
+    import argparse
+
+    from batchflip import generate
+    from batchflip.errors import BatchflipError
+
+    a = {"study": "a", "model": "m", "engine": "vllm", "seed": 42, "dtype": "bfloat16",
+         "max_new_tokens": 8, "prompt_format": "raw"}
+    parser = argparse.ArgumentParser()
+    generate.configure(parser)
+    argv = ["--model-dir", "m"]
+    for i, params in enumerate((a, {**a, "study": "c", "dtype": "float32"})):
+        argv += ["--battery", "b.parquet", "--params", json.dumps(params), "--condition",
+                 "sync_b1", "--out", f"{i}.parquet", "--stack-out", f"{i}.stack.json"]
+    with pytest.raises(BatchflipError, match="'c' cannot share the server of study 'a'"):
+        generate.main(parser.parse_args(argv))
+    with pytest.raises(SystemExit):  # a condition before any --params
+        parser.parse_args(["--model-dir", "m", "--condition", "sync_b1"])

@@ -168,12 +168,45 @@ def test_server_jobs_group_models_by_their_conditions():
     cfg = tiny(("m1", "m2", "m3"), engine="vllm", models=["m1", "m2", "m3"],
                scopes=[{"conditions": ["cobatch_b4_benign"], "models": ["m2"]}])
     assert layout.server_jobs(cfg) == [
-        ("generate_server_a_0", "a", ["m1", "m3"], ["sync_b1", "sync_b4"]),
-        ("generate_server_a_1", "a", ["m2"], ["sync_b1", "sync_b4", "cobatch_b4_benign"])]
+        ("generate_server_a_0", ["m1", "m3"], [("a", ["sync_b1", "sync_b4"])]),
+        ("generate_server_a_1", ["m2"], [("a", ["sync_b1", "sync_b4", "cobatch_b4_benign"])])]
     assert layout.server_jobs({**cfg, "restore": {"archive": "x.tar.gz"}}) == []
     assert layout.server_jobs(tiny()) == []  # hf: one job per condition (generate)
 
 
+A_CONDS = ["sync_b1", "sync_b4", "cobatch_b4_benign"]  # the tiny config's study a
+
+
+def _two_server_studies(**c_settings) -> dict:
+    cfg = tiny(engine="vllm", server={"max_model_len": 512})
+    cfg["studies"]["c"] = {**cfg["studies"]["a"], "conditions": ["sync_b1", "sync_b2"],
+                           **c_settings}
+    return cfg
+
+
+def test_studies_with_the_same_launch_settings_share_one_server_job():
+    # request settings (new tokens, logprobs, prompts) may differ: one server serves both
+    cfg = _two_server_studies(max_new_tokens=5, logprobs=2, system_prompt="Be brief.")
+    assert layout.server_jobs(cfg) == [
+        ("generate_server_a__c", ["smollm2-135m"],
+         [("a", A_CONDS), ("c", ["sync_b1", "sync_b2"])])]
+
+
+@pytest.mark.parametrize("launch", [{"dtype": "float32"}, {"seed": 7}, {"threads": 1},
+                                    {"kernel_mode": "batch_invariant"},
+                                    {"server": {"max_model_len": 256}}])
+def test_studies_with_other_launch_settings_get_their_own_server(launch):
+    jobs = layout.server_jobs(_two_server_studies(**launch))
+    assert [(j.name, j.parts) for j in jobs] == [
+        ("generate_server_a", [("a", A_CONDS)]),
+        ("generate_server_c", [("c", ["sync_b1", "sync_b2"])])]
+
+
+def test_an_unset_kernel_mode_shares_with_standard():
+    cfg = _two_server_studies()
+    cfg["studies"]["a"]["kernel_mode"] = "standard"
+    cfg["studies"]["c"].pop("kernel_mode", None)
+    assert [j.name for j in layout.server_jobs(cfg)] == ["generate_server_a__c"]
 def test_paths_and_patterns():
     assert layout.generation_path("a", "m", "sync_b1") == "results/generations/a/m/sync_b1.parquet"
     assert layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")) == \
@@ -266,3 +299,10 @@ def test_logprob_studies_add_divergence_inputs():
     assert "results/numbers/divergence_a.json" in layout.paper_numbers(cfg)
     assert "results/figures/a_divergence.png" in layout.paper_figures(cfg)
     assert layout.screen_paths(cfg, "a") == ["results/screen/a/smollm2-135m/sync_b1.csv"]
+
+
+def test_an_enriched_study_never_shares_its_sources_server():
+    # its battery is made from the source's results: one job for both would be a cycle
+    cfg = _two_server_studies(subset_from={"study": "a", "rule": "boundary"})
+    assert [j.name for j in layout.server_jobs(cfg)] == ["generate_server_a",
+                                                         "generate_server_c"]

@@ -212,29 +212,69 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     return df
 
 
+class _PartOf(argparse.Action):
+    """Appends the value with the index of the ``--params`` given before it, so a job's
+    conditions say which study's settings (and battery) they belong to."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        owner = len(getattr(namespace, "params", None) or []) - 1
+        if owner < 0:
+            parser.error(f"{option_string} must follow a --params")
+        items = getattr(namespace, self.dest, None) or []
+        setattr(namespace, self.dest, [*items, (values, owner)])
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
-    """CLI arguments of ``batchflip generate`` (conditions, outs and stack-outs pair up)."""
-    parser.add_argument("--battery", required=True, help="battery parquet")
-    parser.add_argument("--params", required=True, help="study settings as JSON")
+    """CLI arguments of ``batchflip generate``: one or more parts, each ``--battery`` and
+    ``--params`` followed by its conditions (each with its ``--out`` and ``--stack-out``).
+    Several parts share one engine: the studies of a shared server job (layout.server_jobs)."""
+    parser.add_argument("--battery", required=True, action="append", help="battery parquet")
+    parser.add_argument("--params", required=True, action="append",
+                        help="study settings as JSON")
     parser.add_argument("--model-dir", required=True, help="model directory or hub id")
-    parser.add_argument("--condition", required=True, action="append")
+    parser.add_argument("--condition", required=True, action=_PartOf)
     parser.add_argument("--out", required=True, type=Path, action="append")
     parser.add_argument("--stack-out", required=True, type=Path, action="append")
     parser.add_argument("--no-progress", action="store_true")
 
 
+def _check_parts(parts: list[dict[str, Any]]) -> None:
+    """Parts share one engine only on a server engine and with the same launch settings."""
+    from batchflip.layout import SERVER_ENGINES, launch_key
+
+    if len(parts) < 2:
+        return
+    first = parts[0]
+    if first["engine"] not in SERVER_ENGINES:
+        raise BatchflipError(f"engine '{first['engine']}': only server engines (vllm, openai) "
+                             "run several studies in one job")
+    for p in parts[1:]:
+        if launch_key(p) != launch_key(first):
+            raise BatchflipError(f"study '{p.get('study')}' cannot share the server of study "
+                                 f"'{first.get('study')}': their launch settings differ")
+
+
 def main(args: argparse.Namespace) -> int:
-    """Run generation jobs; several conditions share one engine (one server start)."""
+    """Run generation jobs; several conditions (of one or more studies) share one engine
+    (one server start)."""
     if not len(args.condition) == len(args.out) == len(args.stack_out):
         raise BatchflipError("give one --out and one --stack-out per --condition")
-    battery = pd.read_parquet(args.battery)
-    params = json.loads(args.params)
-    with lease_for(params):  # a GPU job holds its own device (batchflip.gpu_lease)
-        engine = make_engine(params, args.model_dir)
+    if len(args.battery) != len(args.params):
+        raise BatchflipError("give one --battery per --params")
+    parts = [json.loads(p) for p in args.params]
+    _check_parts(parts)
+    batteries = [pd.read_parquet(b) for b in args.battery]
+    from batchflip.engines.server import ServerEngine
+
+    with lease_for(parts[0]):  # a GPU job holds its own device (batchflip.gpu_lease)
+        engine = make_engine(parts[0], args.model_dir)
         try:
-            for cond, out, stack_out in zip(args.condition, args.out, args.stack_out,
-                                            strict=True):
-                df = run_job(battery, params, cond, args.model_dir, out, stack_out,
+            for (cond, i), out, stack_out in zip(args.condition, args.out, args.stack_out,
+                                                 strict=True):
+                if isinstance(engine, ServerEngine):
+                    engine.use_request_settings(parts[i])
+                df = run_job(batteries[i], parts[i], cond, args.model_dir, out, stack_out,
                              engine=engine, progress=not args.no_progress, keep_checkpoint=True)
                 print(f"{out}: {len(df)} rows ({int((df['role'] == 'target').sum())} targets)")
         finally:

@@ -36,7 +36,8 @@ ablation keys, ``candidates``, ``dispatches``, ``models.*``, ``adjudication``, `
 CPU threads, which can change reduction order. ``server.request_timeout_s``,
 ``max_retries`` and ``retry_backoff_s`` count: they decide which requests end as error
 rows and the ``attempts`` column; ``warmup_requests`` counts (server state before the
-first measured request). A server job runs several conditions: its params cover them all.
+first measured request). A server job runs several conditions, of one study or of several
+studies sharing the server (:func:`server_jobs`): its params cover them all.
 
 A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt).
 Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
@@ -45,6 +46,7 @@ settings; what they rerun comes from the candidates file.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -146,30 +148,70 @@ def job_threads(study: Mapping[str, Any]) -> int:
     return int(study.get("threads", 1))
 
 
+# what a launched server (or the endpoint a client keeps) depends on: studies whose
+# settings agree on these for a model share one server job
+LAUNCH_KEYS = ("engine", "dtype", "seed", "kernel_mode", "threads", "server")
+
+
 class ServerJob(NamedTuple):
-    """One server generate rule: its name, study, models and their shared conditions."""
+    """One server generate rule: its name, its models, and the (study, conditions) parts
+    it runs against one server per model."""
 
     name: str
-    study: str
     models: list[str]
-    conditions: list[str]
+    parts: list[tuple[str, list[str]]]
+
+
+def launch_key(settings: Mapping[str, Any]) -> str:
+    """The launch-relevant part of a job's generation settings, as canonical JSON
+    (``kernel_mode`` defaults to standard, as the engines read it)."""
+    key = {k: settings.get(k) for k in LAUNCH_KEYS}
+    key["kernel_mode"] = key["kernel_mode"] or "standard"
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _stage(config: Config, study: str) -> int:
+    """0 for a study with its own battery; 1 + its source's for an enriched study (its
+    battery comes from the source's results, so the two can never share a job)."""
+    source = config["studies"][study].get("subset_from")
+    return 0 if not source else 1 + _stage(config, source["study"])
 
 
 def server_jobs(config: Config) -> list[ServerJob]:
-    """One job kind per (server study, condition list): the models of a study that run the
-    same conditions (scopes may differ per model) share one rule. None when restoring."""
+    """The server generate rules (None when restoring).
+
+    For each model, the server studies (not ablations) whose settings agree on
+    :data:`LAUNCH_KEYS` share one job: one server start serves all their conditions, in
+    config order; an enriched study (``subset_from``) never shares with its source. Models
+    with the same parts and launch settings (scopes may give models different condition
+    lists) share one rule. A rule is named ``generate_server_`` plus its studies joined by
+    ``__``, with ``_<i>`` when several rules would get that name.
+    """
     if config.get("restore"):
         return []
-    out = []
+    per_model: dict[str, dict[str, list[tuple[str, list[str]]]]] = {}
     for study, s in config["studies"].items():
         if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
             continue  # ablation reruns have rules of their own (study_ablation.smk)
-        groups: dict[tuple[str, ...], list[str]] = {}
         for m in s["models"]:
-            groups.setdefault(tuple(conditions_of(config, study, m)), []).append(m)
-        for i, (conds, models) in enumerate(groups.items()):
-            name = f"generate_server_{study}" + (f"_{i}" if len(groups) > 1 else "")
-            out.append(ServerJob(name, study, models, list(conds)))
+            conds = conditions_of(config, study, m)
+            key = launch_key(generation_settings(config, study, m, conds))
+            key += f"|stage {_stage(config, study)}"  # never share with a study it needs
+            per_model.setdefault(m, {}).setdefault(key, []).append((study, conds))
+    signatures: dict[str, list[str]] = {}
+    for m, by_key in per_model.items():
+        for key, parts in by_key.items():
+            sig = json.dumps([key, parts])
+            signatures.setdefault(sig, []).append(m)
+    named: dict[str, list[tuple[list[str], list[tuple[str, list[str]]]]]] = {}
+    for sig, models in signatures.items():
+        parts = [(st, list(c)) for st, c in json.loads(sig)[1]]
+        base = "generate_server_" + "__".join(st for st, _ in parts)
+        named.setdefault(base, []).append((models, parts))
+    out = []
+    for base, jobs in named.items():
+        for i, (models, parts) in enumerate(jobs):
+            out.append(ServerJob(base + (f"_{i}" if len(jobs) > 1 else ""), models, parts))
     return out
 
 

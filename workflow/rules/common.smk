@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import re
+import shlex
 
 from batchflip import layout
 from batchflip.records import FLIPS_FORMAT, SCORED_FORMAT
@@ -85,17 +86,28 @@ def lp_studies():
 
 
 def server_jobs():
-    """(name, study, models, conditions) for each server generate rule (layout.server_jobs)."""
+    """The server generate rules: name, models and (study, conditions) parts
+    (layout.server_jobs)."""
     return layout.server_jobs(config)
 
 
-def server_job_args(study, output):
-    """--condition/--out/--stack-out triples for a server job's outputs."""
-    conds = [Path(g).name[: -len(".parquet")] for g in output.gen]
-    return " ".join(
-        f"--condition {c} --out {g} --stack-out {s}"
-        for c, g, s in zip(conds, output.gen, output.stack)
-    )
+def server_job_settings(job, model):
+    """The generation settings of every part of a server job, as one JSON params value
+    (a change in any part reruns the job: its studies share the server)."""
+    return json.dumps([layout.generation_settings(config, study, model, conds)
+                       for study, conds in job.parts], sort_keys=True)
+
+
+def server_job_args(job, model, output):
+    """Per part: --battery and --params, then its --condition/--out/--stack-out triples."""
+    args, i = [], 0
+    for study, conds in job.parts:
+        settings = gen_settings(study, model, conds)
+        args += ["--battery", battery_of(study), "--params", settings]
+        for c in conds:
+            args += ["--condition", c, "--out", output.gen[i], "--stack-out", output.stack[i]]
+            i += 1
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def study_gen_paths(wildcards):

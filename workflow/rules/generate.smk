@@ -26,41 +26,45 @@ rule generate:
         "--out {output.gen:q} --stack-out {output.stack:q} 2> {log:q}"
 
 
-# Server engines (vllm, openai): one job per (study, model) runs every condition of the
-# study against one server start (start-up takes minutes on CPU); the job still writes
-# one parquet + stack fingerprint per condition. One rule per such study and set of
-# conditions (scopes can give models different condition lists; server_jobs groups them),
-# because its outputs depend on the condition list. A profile's settings for the family
-# name `generate_server` apply to every such rule of a GPU study (profiles/slurm).
-for _name, _study, _models, _conds in server_jobs():
-    if study_gpu(_study):
-        inherit_profile_settings(_name, "generate_server")
+# Server engines (vllm, openai): one job per model and launch settings runs every
+# condition of every study that shares them against one server start (start-up takes
+# about 40 s on this CPU and minutes on a GPU); the job still writes one parquet + stack
+# fingerprint per (study, condition). Studies share a server when their settings agree on
+# layout.LAUNCH_KEYS (engine, dtype, seed, kernel_mode, threads, server); their request
+# settings (max_new_tokens, logprobs, prompts) stay their own. One rule per such group of
+# studies and condition lists (layout.server_jobs), because its outputs depend on them. A
+# profile's settings for the family name `generate_server` apply to every such rule of a
+# GPU study (profiles/slurm).
+for _job in server_jobs():
+    if any(study_gpu(_study) for _study, _ in _job.parts):
+        inherit_profile_settings(_job.name, "generate_server")
 
     rule:
         name:
-            _name
+            _job.name
         input:
-            battery=battery_of(_study),
+            battery=[battery_of(_study) for _study, _ in _job.parts],
             model=model_input,
         output:
-            gen=[layout.generation_path(_study, "{model}", c) for c in _conds],
+            gen=[layout.generation_path(_study, "{model}", c)
+                 for _study, _conds in _job.parts for c in _conds],
             stack=[layout.stack_path(layout.generation_path(_study, "{model}", c))
-                   for c in _conds],
+                   for _study, _conds in _job.parts for c in _conds],
         wildcard_constraints:
-            model="|".join(re.escape(m) for m in _models),
+            model="|".join(re.escape(m) for m in _job.models),
         params:
-            settings=lambda w, _s=_study, _c=_conds: gen_settings(_s, w.model, _c),
+            settings=lambda w, _j=_job: server_job_settings(_j, w.model),
             model_dir=lambda w: model_dir(w.model),
-            jobs=lambda w, output, _s=_study: server_job_args(_s, output),
-        threads: study_threads(_study)
+            jobs=lambda w, output, _j=_job: server_job_args(_j, w.model, output),
+        threads: max(study_threads(_study) for _study, _ in _job.parts)
         resources:
-            gpu=study_gpu(_study),
+            gpu=max(study_gpu(_study) for _study, _ in _job.parts),
         conda:
             "../../envs/generation.yaml"
         log:
-            f"results/logs/generate/{_study}/{{model}}/server_job.log",
+            f"results/logs/generate/server/{_job.name}/{{model}}.log",
         benchmark:
-            f"results/benchmarks/generate/{_study}/{{model}}/server_job.tsv"
+            f"results/benchmarks/generate/server/{_job.name}/{{model}}.tsv"
         shell:
-            "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
-            "--model-dir {params.model_dir:q} {params.jobs} 2> {log:q}"
+            "python -m batchflip generate --model-dir {params.model_dir:q} {params.jobs} "
+            "2> {log:q}"

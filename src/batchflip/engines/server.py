@@ -89,6 +89,13 @@ class ServerEngine:
                            **({"logprobs": self.client.s.logprobs}
                               if self.client.s.logprobs else {})}}
 
+    def use_request_settings(self, params: dict[str, Any]) -> None:
+        """Switch to a study's request settings (new tokens, logprobs) between the studies
+        of a shared server job; the launch settings are the same by construction
+        (batchflip.layout.LAUNCH_KEYS)."""
+        self.client.s.max_tokens = int(params["max_new_tokens"])
+        self.client.s.logprobs = int(params.get("logprobs", 0))
+
     def run_group(self, group: Group, condition: Condition) -> list[Result]:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
         self._check_server()
