@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchflip.conditions import parse_condition
+from batchflip.conditions import CONC, parse_condition
 from batchflip.design import models_for
 from batchflip.errors import BatchflipError
 from batchflip.hub import check_revision
@@ -130,6 +130,11 @@ def check_references(config: dict[str, Any]) -> None:
             if c.dispatch == "stagger" and study["engine"] == "hf":
                 raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
                                      "needs a continuous-batching server; engine hf has none")
+            if c.dispatch == CONC and study["engine"] == "hf":
+                raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
+                                     "is a stream of single-prompt requests with a "
+                                     "concurrency cap; engine hf serves no requests (use "
+                                     "vllm or openai)")
         check_design(config, name)
     for s in config.get("paper", {}).get("studies", []):
         if s not in config["studies"]:

@@ -39,6 +39,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,28 @@ class ServerEngine:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
         self._check_server()
         results = self.client.run_group(group, condition)
+        self._check_results(group, results)
+        return results
+
+    def run_stream(self, groups: Sequence[Group], condition: Condition,
+                   on_group: Callable[[Group, list[Result]], None]) -> None:
+        """``conc`` dispatch: the groups as one request stream (at most n in flight);
+        ``on_group`` gets each group's results as it finishes. A dead launched server or
+        an unreachable endpoint stops the stream with an error, as in :meth:`run_group`."""
+        self._check_server()
+
+        def done(group: Group, results: list[Result]) -> None:
+            self._check_results(group, results)
+            on_group(group, results)
+
+        self.client.run_stream(groups, condition, done)
+
+    def _check_results(self, group: Group, results: list[Result]) -> None:
         if any(r.error for r in results):
             self._check_server()
             if all(r.extra.get("connect_error") for r in results):
                 raise BatchflipError(f"{self.client.base_url} refused every connection for "
                                      f"group {group.group_id}: {results[0].error}")
-        return results
 
     def _check_server(self) -> None:
         if self.server is not None and not self.server.alive():
