@@ -360,6 +360,18 @@ def test_startup_timeout_stops_the_whole_group(monkeypatch, tmp_path):
     assert srv.process_tree(seen["pid"]) == set()
 
 
+def test_requests_name_the_models_served_name_and_endpoint_models_load_no_tokenizer():
+    params = {**_params(base_url="http://h:1", model="study-wide"), "engine": "openai"}
+    cfg = vllm_launch.server_settings(params)
+    client = srv._client_for(params, cfg, "http://h:1", "resources/models/m")
+    assert client.s.model == "study-wide" and client._tokenizer_loader is not None
+    client.close()
+    params["served_model"] = "llama3.2:1b-instruct-q8_0"
+    client = srv._client_for(params, cfg, "http://h:1", "endpoint:llama3.2:1b-instruct-q8_0")
+    assert client.s.model == "llama3.2:1b-instruct-q8_0" and client._tokenizer_loader is None
+    client.close()
+
+
 def test_openai_engine_needs_base_url():
     with pytest.raises(BatchflipError, match="base_url"):
         srv.make_server_engine({**_params(), "engine": "openai"}, "m")

@@ -38,7 +38,9 @@ CPU threads, which can change reduction order. ``server.request_timeout_s``,
 rows and the ``attempts`` column; ``warmup_requests`` counts (server state before the
 first measured request). A server job runs several conditions: its params cover them all.
 
-A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt).
+A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt),
+and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
+jobs; its ``quant`` and ``base`` describe the weights and change no row.
 Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
 settings; what they rerun comes from the candidates file.
 """
@@ -98,6 +100,9 @@ def generation_settings(config: Config, study: str, model: str,
     server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
     if server and s["engine"] in SERVER_ENGINES:
         out["server"] = server
+    served = config["models"][model].get("served_model")
+    if served:  # the name an endpoint serves the model under: which weights answer
+        out["served_model"] = served
     fmt = config["models"][model].get("prompt_format")
     if fmt and fmt != out["prompt_format"]:
         out["prompt_format"] = fmt

@@ -31,10 +31,15 @@ BUILT_SOURCES = ("pypi_gguf", "hub")
 
 def model_dir(model):
     """Directory a model is loaded from: resources/models/<name> when the model rule builds
-    it (a PyPI GGUF, a hub snapshot), else the configured path."""
+    it (a PyPI GGUF, a hub snapshot), endpoint:<served name> for an endpoint's model
+    (batchflip.model.endpoint_dir), else the configured path."""
     spec = config["models"][model]
     if spec["source"] in BUILT_SOURCES:
         return f"resources/models/{model}"
+    if spec["source"] == "endpoint":
+        from batchflip.model import endpoint_dir
+
+        return endpoint_dir(spec["served_model"])
     return spec["path"]
 
 
