@@ -169,6 +169,15 @@ def builder_files(wildcards):
     return local_inputs(config["batteries"][wildcards.battery].get("builder"))
 
 
+def study_quants(study):
+    """JSON {model: {base, quant}} of a study's models that record a quantization
+    (batchflip.config.model_quant; a params value of the discovery numbers rule)."""
+    from batchflip.config import model_quant
+
+    quants = {m: q for m in study_cfg(study)["models"] if (q := model_quant(config, m))}
+    return json.dumps(quants, sort_keys=True)
+
+
 def studies_of(kind):
     """Regex of the configured studies of one kind (never matches when there are none)."""
     names = [s for s, v in config["studies"].items() if v["kind"] == kind]
