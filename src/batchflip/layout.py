@@ -13,7 +13,8 @@ when, its rows could change). It is an *inclusion* list:
 class              keys                                                         jobs
 =================  ===========================================================  ==========
 serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   every job
-                   prompt_format, system_prompt; server less the keys in
+                   prompt_format, system_prompt, the model's served_model
+                   (when it has one); server less the keys in
                    :data:`SERVER_NOT_ROWS` (vllm and openai engines only; left
                    out when nothing is left)
 prompts            battery, subset; scope settings as condition_overrides       every job
@@ -60,7 +61,8 @@ Config = Mapping[str, Any]
 
 # how each prompt is served: every generation job, and Study D's reruns
 SERVING_KEYS = ("engine", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
-                "prompt_format", "system_prompt", "server")
+                "prompt_format", "system_prompt", "server",
+                "served_model")  # the last from the model entry (generation_settings)
 # which prompts a job sends: every generation job
 PROMPT_KEYS = ("battery", "subset")
 # which targets and fillers a composition condition (cobatch_*, stagger_*) groups
