@@ -528,3 +528,12 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
     assert stack["kernel_mode"] == "batch_invariant"
     assert stack["kernel_flags"]["method"] == "per_sequence_fixed_shape"
     print(f"\nstandard text changes {int(std_rows['text_change'].sum())}/{len(std_rows)}")
+
+
+def test_a_candidate_is_rerun_alone_at_batch_one_of_its_dispatch():
+    from batchflip.studies.ablation_runs import alone_condition
+
+    assert alone_condition("sync").name == "sync_b1"
+    assert alone_condition("list").name == "list_b1"
+    assert alone_condition("stagger").name == "cobatch_b1_solo"
+    assert alone_condition("conc").name == "conc_c1"  # a stream's flip: one request at a time

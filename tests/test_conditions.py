@@ -34,6 +34,11 @@ def test_parse_valid_names():
     ("cobatch_b8", "needs a filler pool"),
     ("cobatch_b8_solo_ph", "expected"),
     ("cobatch_b8_solo_ph3A", "expected"),
+    ("conc_c0", "conc_c<n>"),
+    ("conc_b4", "conc_c<n>"),
+    ("conc_c4_benign", "conc_c<n>"),
+    ("conc_c4_ph3", "conc_c<n>"),
+    ("sync_c4", "expected"),
 ])
 def test_parse_rejects(name, fragment):
     with pytest.raises(BatchflipError, match=fragment) as err:
@@ -62,3 +67,11 @@ def test_phase_tags_and_static_batching():
     assert not parse_condition("list_b8").composition  # Study A's true batching
     c = parse_condition("stagger_b8_jailbreak_m250_phx1")
     assert (c.stagger_ms, c.phase) == (-250, "x1")
+
+
+def test_concurrency_stream_names():
+    c = parse_condition("conc_c8")
+    assert (c.dispatch, c.batch_size, c.concurrency, c.pool, c.composition) == (
+        "conc", 8, 8, None, False)
+    assert parse_condition("conc_c1").concurrency == 1
+    assert parse_condition("sync_b8").concurrency is None

@@ -115,6 +115,19 @@ def test_config_checks_subset_from():
     check_config(cfg, SCHEMA)
 
 
+def test_config_checks_conc_conditions_need_a_server_engine():
+    cfg = default_config()
+    cfg["studies"]["a"]["conditions"].append("conc_c4")
+    with pytest.raises(BatchflipError, match=r"studies\.a\.conditions.*'conc_c4'.*engine hf"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    cfg["studies"]["a"]["conditions"].remove("conc_c4")
+    cfg["studies"]["a_vllm"]["conditions"] += ["conc_c1", "conc_c4"]  # a server study
+    check_config(copy.deepcopy(cfg), SCHEMA)
+    cfg["studies"]["a_vllm"]["conditions"].append("conc_b4")
+    with pytest.raises(BatchflipError, match=r"studies\.a_vllm\.conditions\.\d+.*pattern"):
+        check_config(cfg, SCHEMA)
+
+
 # --------------------------------------------------------------- Study C's phases (issue 13)
 
 PHASE_POOLS = {"benign": {"tasks": ["z"]}, "refusal": {"tasks": ["y"]},

@@ -331,3 +331,143 @@ def test_flip_agreement_figure_per_model_and_batch_size(tmp_path, tb_frames):
                      "--png", str(png), "--pdf", str(pdf)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
     assert pdf.read_bytes()[:5] == b"%PDF-" and pdf.stat().st_size > 1000
+
+
+# --------------------------------------------------------------- Study A phase 3: quant x conc
+#
+# Base model "tiny" at two quantizations (models tiny-q8: Q8_0, tiny-q4: Q4_0) under conc_c1
+# and conc_c4, prompts h0..h3 (refusal scores written out by hand); tiny-q4 also has h4,
+# answered under conc_c1 and failed under conc_c4 (a failed request is no answer).
+QC = {("tiny-q8", "conc_c1"): [1, 1, 0, 1], ("tiny-q8", "conc_c4"): [1, 0, 0, 1],
+      ("tiny-q4", "conc_c1"): [0, 1, 0, 0, 0], ("tiny-q4", "conc_c4"): [0, 1, 1, 0, None]}
+QUANTS = {"tiny-q8": {"base": "tiny", "quant": "Q8_0"},
+          "tiny-q4": {"base": "tiny", "quant": "Q4_0"}}
+PRE = "a3/tiny/quant_x_conc"
+
+
+def _conc_scored(model: str, cond: str, scores: list) -> pd.DataFrame:
+    n = len(scores)
+    failed = [s is None for s in scores]
+    return pd.DataFrame({
+        "study": "a3", "model": model, "condition": cond, "batch_size": int(cond[6:]),
+        "dispatch": "conc", "kernel_mode": "standard", "group_id": range(n), "position": 0,
+        "prompt_id": [f"h{i}" for i in range(n)], "task": "t_safety", "domain": "safety",
+        "text": [f"{model}-{cond}-{s}" for s in scores],
+        "score": [float("nan") if f else float(s) for s, f in zip(scores, failed, strict=True)],
+        "label": "l", "scorer": "refusal", "scorer_version": 2, "stack_id": f"s-{model}",
+        "error": ["timeout" if f else "" for f in failed],
+        "finish_reason": ["error" if f else "length" for f in failed]})
+
+
+def _qc_numbers(table: dict, quants: dict = QUANTS) -> dict:
+    from batchflip.flips import pair_flips
+
+    scored = {f"s/{m}/{c}.parquet": _conc_scored(m, c, v) for (m, c), v in table.items()}
+    models = sorted({m for m, _ in table})
+    both = pd.concat(scored.values(), ignore_index=True)
+    flips = {f"f/{m}.parquet": pair_flips(both[both["model"] == m], "conc_c1")
+             for m in models if (m, "conc_c1") in table}
+    if not flips:  # no baseline: the flips stage would not run; give an empty frame
+        flips = {"f/none.parquet": pair_flips(_conc_scored("x", "conc_c1", [1]), "conc_c1")}
+    return discovery_numbers(flips, scored, "a3", "conc_c1", 0.5, quants)
+
+
+def test_quant_x_conc_cells_and_flip_rates_by_hand():
+    num = _qc_numbers(QC)
+    _check(num[f"{PRE}/Q8_0/c1/refusal_rate"], 3, 4)
+    _check(num[f"{PRE}/Q8_0/c4/refusal_rate"], 2, 4)
+    _check(num[f"{PRE}/Q4_0/c1/refusal_rate"], 1, 5)
+    _check(num[f"{PRE}/Q4_0/c4/refusal_rate"], 2, 4)  # h4 failed: not a row
+    assert num[f"{PRE}/Q4_0/c4/refusal_rate"]["mean_score"] == 0.5
+    assert num[f"{PRE}/Q8_0/c4/refusal_rate"]["concurrency"] == 4
+    # conc_c4 vs conc_c1, same quantization: Q8_0 h1 1 -> 0; Q4_0 h2 0 -> 1 (h4 unpaired)
+    q8, q4 = num[f"{PRE}/Q8_0/c4/flip_rate"], num[f"{PRE}/Q4_0/c4/flip_rate"]
+    _check(q8, 1, 4)
+    _check(q4, 1, 4)
+    assert (q8["to_unsafe"], q8["to_safe"], q4["to_unsafe"], q4["to_safe"]) == (1, 0, 0, 1)
+    assert f"{PRE}/Q8_0/c1/flip_rate" not in num  # the baseline is not paired with itself
+    # the pooled conc phase: conc_c4 of both models vs conc_c1
+    _check(num["a3/all/conc_pooled/safety_flip_rate"], 2, 8)
+
+
+def test_quant_x_conc_anova_matches_statsmodels():
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    rows = [{"q": QUANTS[m]["quant"], "c": c, "y": float(s)}
+            for (m, c), v in QC.items() for s in v if s is not None]
+    df = pd.DataFrame(rows)
+    sm = anova_lm(smf.ols("y ~ C(q) * C(c)", data=df).fit(), typ=2)
+    total = float(((df["y"] - df["y"].mean()) ** 2).sum())
+    num = _qc_numbers(QC)
+    for name, row in (("quant", "C(q)"), ("concurrency", "C(c)"),
+                      ("interaction", "C(q):C(c)")):
+        rec = num[f"{PRE}/anova_{name}"]
+        assert rec["value"] == pytest.approx(sm.loc[row, "F"], rel=1e-9)
+        assert rec["p_value"] == pytest.approx(sm.loc[row, "PR(>F)"], rel=1e-9)
+        assert rec["eta_squared"] == pytest.approx(sm.loc[row, "sum_sq"] / total, rel=1e-9)
+        assert (rec["df"], rec["df_residual"], rec["n"]) == (1, 13, 17)
+        assert rec["quant_levels"] == ["Q4_0", "Q8_0"] and rec["concurrency_levels"] == [1, 4]
+
+
+@pytest.mark.parametrize(("table", "quants", "reason"), [
+    ({k: [0] * len(v) for k, v in QC.items()}, QUANTS, "all values are equal"),
+    (QC, {"tiny-q8": QUANTS["tiny-q8"]}, "factor quantization has only 1 level"),
+    ({k: v for k, v in QC.items() if k[1] == "conc_c1"}, QUANTS,
+     "factor concurrency has only 1 level"),
+])
+def test_quant_x_conc_degenerate_tables_are_not_estimable(table, quants, reason):
+    from batchflip.io import dumps_json
+
+    num = _qc_numbers(table, quants)
+    for name in ("quant", "concurrency", "interaction"):
+        rec = num[f"{PRE}/anova_{name}"]
+        assert rec["value"] is None and rec["note"] == f"not estimable: {reason}" + (
+            "; ANOVA is undefined" if reason == "all values are equal" else
+            "; a two-way ANOVA needs 2 or more of each factor")
+        assert "p_value" not in rec and rec["n"] > 0
+    json.loads(dumps_json({"numbers": num}))  # no NaN or infinity anywhere
+
+
+def test_quant_x_conc_without_conc_c1_has_no_flip_rate():
+    table = {("tiny-q8", "conc_c4"): [1, 0], ("tiny-q8", "conc_c8"): [1, 1],
+             ("tiny-q4", "conc_c4"): [0, 0], ("tiny-q4", "conc_c8"): [1, 0]}
+    num = _qc_numbers(table)
+    rec = num[f"{PRE}/Q8_0/c4/flip_rate"]
+    assert rec["value"] is None and rec["note"] == "not estimable: no conc_c1 rows to pair with"
+    assert num[f"{PRE}/anova_quant"]["value"] is not None  # the ANOVA needs no baseline
+
+
+def test_quant_x_conc_only_for_models_that_record_a_quantization():
+    assert not any("quant_x_conc" in k for k in _qc_numbers(QC, {}))
+    assert not any("quant_x_conc" in k for k in discovery_numbers(*_sync_frames(), "a",
+                                                                  "sync_b1", 0.5, QUANTS))
+
+
+def _sync_frames():
+    flips = pd.DataFrame(ROWS)
+    scored = {"s/m1/sync_b1.parquet": _scored("m1", "sync_b1", [1.0, 1.0, 0.0, 0.0])}
+    return {"f/m1.parquet": flips[flips["model"] == "m1"]}, scored
+
+
+def test_cli_passes_the_quantizations(tmp_path):
+    from batchflip.flips import pair_flips
+
+    paths = []
+    for (m, c), v in QC.items():
+        p = tmp_path / f"s_{m}_{c}.parquet"
+        _conc_scored(m, c, v).to_parquet(p)
+        paths.append(str(p))
+    flips = []
+    for m in QUANTS:
+        p = tmp_path / f"f_{m}.parquet"
+        both = pd.concat([_conc_scored(mm, c, v) for (mm, c), v in QC.items() if mm == m])
+        pair_flips(both, "conc_c1").to_parquet(p)
+        flips.append(str(p))
+    out = tmp_path / "a3.json"
+    assert cli_main(["discovery", "numbers", "--study", "a3", "--baseline", "conc_c1",
+                     "--flips", *flips, "--scored", *paths, "--max-error-share", "0.5",
+                     "--quants", json.dumps(QUANTS), "--out", str(out)]) == 0
+    numbers = json.loads(out.read_text())["numbers"]
+    assert numbers[f"{PRE}/Q8_0/c4/flip_rate"]["k"] == 1
+    assert numbers[f"{PRE}/anova_quant"]["value"] > 0

@@ -8,6 +8,7 @@ import pytest
 
 from batchflip.conditions import parse_condition
 from batchflip.engines import Result
+from batchflip.errors import BatchflipError
 from batchflip.generate import build_groups, run_job
 
 
@@ -197,3 +198,54 @@ def test_parts_with_other_launch_settings_cannot_share_a_job(tmp_path):
         generate.main(parser.parse_args(argv))
     with pytest.raises(SystemExit):  # a condition before any --params
         parser.parse_args(["--model-dir", "m", "--condition", "sync_b1"])
+
+class FakeStreamEngine(FakeEngine):
+    """Test double of a server engine's request stream: answers the groups in order and can
+    crash after a number of them (a 'kill' mid-stream)."""
+
+    def run_stream(self, groups, condition, on_group):
+        self.streams = getattr(self, "streams", []) + [[g.group_id for g in groups]]
+        for group in groups:
+            on_group(group, self.run_group(group, condition))
+
+
+def test_conc_stream_is_one_group_per_prompt_in_battery_order():
+    groups = build_groups(_battery(), parse_condition("conc_c4"), PARAMS)
+    assert [g.group_id for g in groups] == list(range(12))
+    assert [[(m.position, m.role) for m in g.members] for g in groups] == [[(0, "target")]] * 12
+    assert [g.members[0].prompt_id for g in groups] == _battery()["prompt_id"].tolist()
+
+
+def test_conc_records_carry_the_cap_and_resume_per_prompt(tmp_path, monkeypatch):
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    battery = _battery().drop(columns="sent")
+    first = FakeStreamEngine(crash_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(battery, PARAMS, "conc_c4", "x", out, stack, engine=first, progress=False)
+    assert not out.exists()
+    second = FakeStreamEngine()
+    df = run_job(battery, PARAMS, "conc_c4", "x", out, stack, engine=second, progress=False)
+    assert first.calls == [0, 1, 2, 3, 4] and second.streams == [list(range(5, 12))]
+    assert df["prompt_id"].tolist() == battery["prompt_id"].tolist()  # each once, in order
+    assert df["group_id"].tolist() == list(range(12)) and set(df["position"]) == {0}
+    assert set(df["dispatch"]) == {"conc"} and set(df["batch_size"]) == {4}
+    assert set(df["role"]) == {"target"}
+
+
+def test_conc_needs_an_engine_that_streams_requests(tmp_path, monkeypatch):
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    battery = _battery().drop(columns="sent")
+    with pytest.raises(BatchflipError, match=r"conc_c2.*engine 'fake' serves no requests"):
+        run_job(battery, PARAMS, "conc_c2", "x", tmp_path / "g.parquet",
+                tmp_path / "g.stack.json", engine=FakeEngine(), progress=False)
+
+
+def test_hf_engine_refuses_conc_conditions():
+    from batchflip.engines import Group, Member
+    from batchflip.engines.hf import HFEngine
+
+    engine = object.__new__(HFEngine)  # the refusal comes before any model is touched
+    group = Group(0, (Member(0, "target", "p", "text"),))
+    with pytest.raises(BatchflipError, match=r"conc_c4.*engine 'hf' serves no requests"):
+        engine.run_group(group, parse_condition("conc_c4"))

@@ -58,6 +58,8 @@ NOT_GENERATION = {
     "errors": lambda c: c["errors"].update(max_share=0.5),
     "scorers": lambda c: c["scorers"].update(refusal=1),
     "model alignment": lambda c: c["models"]["smollm2-135m"].update(alignment="RLHF"),
+    "model quant": lambda c: c["models"]["smollm2-135m"].update(quant="Q8_0"),
+    "model base": lambda c: c["models"]["smollm2-135m"].update(base="smollm2"),
     "server on an hf study": lambda c: c["studies"]["a"].update(server={"max_model_len": 8}),
 }
 # edits that change every job's rows: how prompts are served, and which prompts
@@ -71,6 +73,8 @@ SERVING = {
     "prompt_format": lambda c: c["studies"]["a"].update(prompt_format="raw"),
     "system_prompt": lambda c: c["studies"]["a"].update(system_prompt="Be brief."),
     "model prompt_format": lambda c: c["models"]["smollm2-135m"].update(prompt_format="raw"),
+    "model served_model": lambda c: c["models"]["smollm2-135m"].update(
+        served_model="smollm2:135m-instruct-q8_0"),
     "battery": lambda c: c["studies"]["a"].update(battery="other"),
     "subset": lambda c: c["studies"]["a"].update(subset={"per_task": {"tiny_mc": 1}}),
 }

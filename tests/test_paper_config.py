@@ -118,7 +118,7 @@ def _study_rows(plan, study: str) -> dict[str, int]:
 
 # PAPER.md's row counts, typed from it (not computed by the code):
 # Study A: 17,154 synchronized + 5,616 co-batching + 5,940 quantization x concurrency + 2,700
-# true batching; Study B: 15 models x (953 x 6 synchronized + 450 x 3 prompt-list) =
+# true batching = 31,410; Study B: 15 models x (953 x 6 synchronized + 450 x 3 prompt-list) =
 # 15 x 7,068 = 106,020; Study C: 9,930 composition + 3,200 temporal + 720 phase 3A + 400
 # phase 3B = 14,250.
 STUDY_A_PHASES = {"sync": 17154, "cobatch": 5616, "quant_concurrency": 5940, "list": 2700}
@@ -126,12 +126,37 @@ STUDY_B_ROWS = 106020
 STUDY_C_PHASES = {"composition": 9930, "temporal": 3200, "phase_3a": 720, "phase_3b": 400}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Study A phase 3 (quantization x concurrency on a second engine: 3 quantizations x "
-    "concurrency 1/4/8 x 220 refusal prompts = 5,940 rows) is not planned yet (issue 13, "
-    "item 5): the plan gives 17,154 + 5,616 + 2,700 = 25,470 of the paper's 31,410"))
+# Study A's phase 3 ran on a second engine (an Ollama endpoint), so it is a study of its
+# own in config/paper.yaml (a_quant: engine openai); Study A is studies a + a_quant
+STUDY_A = ("a", "a_quant")
+
+
 def test_study_a_total_rows_equal_the_papers(plan):
-    assert sum(_study_rows(plan, "a").values()) == sum(STUDY_A_PHASES.values()) == 31410
+    rows = {s: sum(_study_rows(plan, s).values()) for s in STUDY_A}
+    assert rows["a_quant"] == STUDY_A_PHASES["quant_concurrency"]
+    assert rows["a"] == sum(n for k, n in STUDY_A_PHASES.items() if k != "quant_concurrency")
+    assert sum(rows.values()) == sum(STUDY_A_PHASES.values()) == 31410
+
+
+def test_study_a_phase_3_is_three_models_by_three_quantizations_by_three_concurrencies(plan):
+    # PAPER.md: three quantizations x concurrency 1, 4, 8 x 220 refusal prompts; the harness
+    # (tr138 config.yaml phase3): Study A's three models at Q8_0, Q4_K_M, Q2_K through
+    # Ollama, the AdvBench and jailbreak-amplification prompts (PHASE3_SAFETY_TASKS)
+    cfg, stdout, battery = plan
+    rows = {k: n for k, n in planned_rows(cfg, stdout, battery).items() if k[0] == "a_quant"}
+    study = cfg["studies"]["a_quant"]
+    cells = {(cfg["models"][m]["base"], cfg["models"][m]["quant"], c): n
+             for (_, m, c), n in rows.items()}
+    assert set(cells.values()) == {220} and len(cells) == 27
+    assert {b for b, _, _ in cells} == set(cfg["studies"]["a"]["models"])
+    assert {q for _, q, _ in cells} == {"Q8_0", "Q4_K_M", "Q2_K"}
+    assert {parse_condition(c).concurrency for _, _, c in cells} == {1, 4, 8}
+    assert {parse_condition(c).dispatch for _, _, c in cells} == {"conc"}
+    assert study["engine"] == "openai" and study["baseline"] == "conc_c1"
+    subset = select_subset(battery, study["subset"])
+    assert subset.groupby("task").size().to_dict() == {"advbench_refusal": 100,
+                                                        "jailbreak_amplification": 120}
+    assert all(cfg["models"][m]["source"] == "endpoint" for m in study["models"])
 
 
 def test_study_b_total_rows_equal_the_papers(plan):

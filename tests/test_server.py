@@ -9,6 +9,7 @@ retry tests, plus one start per kill test and a fast-failing bad-model start.
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
@@ -359,6 +360,18 @@ def test_startup_timeout_stops_the_whole_group(monkeypatch, tmp_path):
     assert srv.process_tree(seen["pid"]) == set()
 
 
+def test_requests_name_the_models_served_name_and_endpoint_models_load_no_tokenizer():
+    params = {**_params(base_url="http://h:1", model="study-wide"), "engine": "openai"}
+    cfg = vllm_launch.server_settings(params)
+    client = srv._client_for(params, cfg, "http://h:1", "resources/models/m")
+    assert client.s.model == "study-wide" and client._tokenizer_loader is not None
+    client.close()
+    params["served_model"] = "llama3.2:1b-instruct-q8_0"
+    client = srv._client_for(params, cfg, "http://h:1", "endpoint:llama3.2:1b-instruct-q8_0")
+    assert client.s.model == "llama3.2:1b-instruct-q8_0" and client._tokenizer_loader is None
+    client.close()
+
+
 def test_openai_engine_needs_base_url():
     with pytest.raises(BatchflipError, match="base_url"):
         srv.make_server_engine({**_params(), "engine": "openai"}, "m")
@@ -416,11 +429,23 @@ def test_client_sync_and_list_dispatch():
     client.close()
 
 
-def _stamping_client(sent: dict[str, float]) -> CompletionClient:
-    """A client whose fake server records when each prompt arrived."""
-    def handler(request: httpx.Request) -> httpx.Response:
+def _stamping_client(sent: dict[str, float], hold: dict[str, float] | None = None,
+                     flight: dict | None = None) -> CompletionClient:
+    """A client whose fake server records when each prompt arrived. With ``hold`` (prompt ->
+    seconds) it takes that long to answer; ``flight`` (``{"now": 0, "max": 0, "order":
+    []}``) tracks the requests it is answering at once and the order they arrived in."""
+    async def handler(request: httpx.Request) -> httpx.Response:
         prompt = json.loads(request.content)["prompt"]
         sent[prompt] = time.time()
+        if flight is not None:
+            flight["now"] += 1
+            flight["max"] = max(flight["max"], flight["now"])
+            flight["order"].append(prompt)
+        try:
+            await asyncio.sleep((hold or {}).get(prompt, 0.0))
+        finally:
+            if flight is not None:
+                flight["now"] -= 1
         return httpx.Response(200, content=_sse(_echo_chunks([prompt])))
 
     return _client(handler)
@@ -453,6 +478,99 @@ def test_client_temporal_simultaneous_and_minimal_overlap():
         assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.045
     finally:
         client.close()
+
+
+def _stream(prompts: list[str]) -> list[Group]:
+    """One group per prompt, as the generate stage builds a conc_c<n> stream."""
+    return [Group(i, (Member(0, "target", p, p),)) for i, p in enumerate(prompts)]
+
+
+def _max_overlap(spans: list[tuple[float, float]]) -> int:
+    """Most [start, end) intervals open at any start."""
+    return max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_client_conc_stream_caps_requests_in_flight(n):
+    # 12 prompts answered in 10-60 ms each (uneven, so slots free out of order); the fake
+    # server counts the requests it is answering at once
+    prompts = [f"q{i:02d}" for i in range(12)]
+    hold = {p: 0.01 + 0.05 * ((7 * i) % 5) / 4 for i, p in enumerate(prompts)}
+    sent: dict[str, float] = {}
+    flight = {"now": 0, "max": 0, "order": []}
+    client = _stamping_client(sent, hold, flight)
+    answered: list[tuple[int, list]] = []
+    try:
+        client.run_stream(_stream(prompts), parse_condition(f"conc_c{n}"),
+                          lambda g, res: answered.append((g.group_id, res)))
+    finally:
+        client.close()
+    assert flight["max"] == n and flight["now"] == 0  # the cap is reached, never passed
+    assert flight["order"] == prompts  # started in stream (battery) order
+    assert sorted(g for g, _ in answered) == list(range(12))  # each prompt answered once
+    results = {g: res for g, res in answered}
+    assert all(len(res) == 1 and res[0].error == "" for res in results.values())
+    assert [results[i][0].text for i in range(12)] == [f"{p}#0 {p}#1 " for p in prompts]
+    # the records say the same: submits in stream order, at most n requests open at once
+    spans = [(results[i][0].t_submit, results[i][0].t_done) for i in range(12)]
+    assert [s for s, _ in spans] == sorted(s for s, _ in spans)
+    assert _max_overlap(spans) == n
+
+
+def test_client_conc_stream_does_not_wait_for_a_group_barrier():
+    # c2 over [slow, fast, fast, fast]: the fast ones follow each other in the free slot
+    # while the slow one is still running (sync_b2 would wait for it)
+    sent: dict[str, float] = {}
+    client = _stamping_client(sent, {"slow": 0.3})
+    try:
+        client.run_stream(_stream(["slow", "f1", "f2", "f3"]), parse_condition("conc_c2"),
+                          lambda g, res: None)
+    finally:
+        client.close()
+    assert sent["f3"] - sent["slow"] < 0.2
+
+
+def test_client_conc_stream_stops_when_a_callback_fails():
+    sent: dict[str, float] = {}
+    client = _stamping_client(sent, {f"q{i}": 0.02 for i in range(20)})
+
+    def boom(group, results):
+        if group.group_id == 2:
+            raise BatchflipError("checkpoint full")
+
+    try:
+        with pytest.raises(BatchflipError, match="checkpoint full"):
+            client.run_stream(_stream([f"q{i}" for i in range(20)]),
+                              parse_condition("conc_c2"), boom)
+    finally:
+        client.close()
+    assert len(sent) < 20  # nothing more was sent after the failure
+
+
+def test_client_run_group_streams_a_conc_group_and_refuses_other_streams():
+    flight = {"now": 0, "max": 0, "order": []}
+    client = _stamping_client({}, {p: 0.02 for p in "abcde"}, flight)
+    try:
+        res = client.run_group(_group(list("abcde")), parse_condition("conc_c2"))
+        assert [r.text for r in res] == [f"{p}#0 {p}#1 " for p in "abcde"]
+        assert flight["max"] == 2
+        with pytest.raises(BatchflipError, match="conc_c<n>"):
+            client.run_stream(_stream(["a"]), parse_condition("sync_b2"), lambda g, r: None)
+    finally:
+        client.close()
+
+
+def test_server_engine_stream_stops_on_refused_connections():
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    engine = srv.ServerEngine("openai", _client(refuse, max_retries=0), {})
+    try:
+        with pytest.raises(BatchflipError, match="refused every connection for group 0"):
+            engine.run_stream(_stream(["a", "b"]), parse_condition("conc_c1"),
+                              lambda g, r: None)
+    finally:
+        engine.close()
 
 
 def test_client_retries_then_records_error_rows():

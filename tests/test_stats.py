@@ -523,6 +523,74 @@ def test_anova_vs_formula(rng):
         assert res.eta_squared == pytest.approx(f * dfb / (f * dfb + dfw))
 
 
+# Study A phase 3's table: 3 quantizations x concurrency 1, 4, 8, 4 rows a cell (refusal
+# scores 0 / 0.5 / 1, as the harness's per-row score), written by hand; balanced
+QC_TABLE = {
+    ("Q8_0", "1"): [1, 1, 0, 1], ("Q8_0", "4"): [1, 0, 1, 1], ("Q8_0", "8"): [1, 1, 1, 0.5],
+    ("Q4_K_M", "1"): [1, 0, 0, 1], ("Q4_K_M", "4"): [0, 0, 1, 0.5], ("Q4_K_M", "8"): [1, 0, 0, 0],
+    ("Q2_K", "1"): [0, 0, 1, 0], ("Q2_K", "4"): [0, 0, 0, 0.5], ("Q2_K", "8"): [0, 1, 0, 0],
+}
+
+
+def _qc_frame(table: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"quant": q, "conc": c, "score": float(v)}
+                         for (q, c), vs in table.items() for v in vs])
+
+
+def _statsmodels_typ2(df: pd.DataFrame) -> pd.DataFrame:
+    import statsmodels.formula.api as smf
+    from statsmodels.stats.anova import anova_lm
+
+    return anova_lm(smf.ols("score ~ C(quant) * C(conc)", data=df).fit(), typ=2)
+
+
+@pytest.mark.parametrize("drop", [[], [0, 5, 9, 20, 30]])  # balanced; then unbalanced
+def test_two_way_anova_matches_statsmodels_type_2(drop):
+    df = _qc_frame(QC_TABLE).drop(index=drop).reset_index(drop=True)
+    res = stats.two_way_anova(df["score"], df["quant"], df["conc"])
+    sm = _statsmodels_typ2(df)
+    total = float(((df["score"] - df["score"].mean()) ** 2).sum())
+    for effect, row in ((res.a, "C(quant)"), (res.b, "C(conc)"),
+                        (res.interaction, "C(quant):C(conc)")):
+        assert effect.ss == pytest.approx(sm.loc[row, "sum_sq"], rel=1e-9, abs=1e-12)
+        assert effect.df == sm.loc[row, "df"]
+        assert effect.statistic == pytest.approx(sm.loc[row, "F"], rel=1e-9)
+        assert effect.p_value == pytest.approx(sm.loc[row, "PR(>F)"], rel=1e-9)
+        assert effect.eta_squared == pytest.approx(sm.loc[row, "sum_sq"] / total, rel=1e-9)
+    assert res.ss_residual == pytest.approx(sm.loc["Residual", "sum_sq"], rel=1e-9)
+    assert res.df_residual == sm.loc["Residual", "df"] == len(df) - 9 == 27 - len(drop)
+    assert (res.ss_total, res.n) == (pytest.approx(total), len(df))
+
+
+def test_two_way_anova_balanced_by_hand():
+    # balanced: the Type II sums of squares are the marginal-means ones (the harness's)
+    df = _qc_frame(QC_TABLE)
+    grand = df["score"].mean()
+    ss = {f: float(sum(len(g) * (g.mean() - grand) ** 2 for _, g in df.groupby(f)["score"]))
+          for f in ("quant", "conc")}
+    cells = df.groupby(["quant", "conc"])["score"]
+    ss_cells = float(sum(len(g) * (g.mean() - grand) ** 2 for _, g in cells))
+    ss_within = float(sum(((g - g.mean()) ** 2).sum() for _, g in cells))
+    res = stats.two_way_anova(df["score"], df["quant"], df["conc"])
+    assert res.a.ss == pytest.approx(ss["quant"]) and res.b.ss == pytest.approx(ss["conc"])
+    assert res.interaction.ss == pytest.approx(ss_cells - ss["quant"] - ss["conc"])
+    assert res.a.statistic == pytest.approx((ss["quant"] / 2) / (ss_within / 27))
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    ({k: [1.0] * 4 for k in QC_TABLE}, "all values are equal"),
+    ({k: [float(k[0] == "Q8_0")] * 4 for k in QC_TABLE}, "every cell is constant"),
+    ({k: v for k, v in QC_TABLE.items() if k[0] == "Q8_0"}, "factor a has only 1 level"),
+    ({k: v for k, v in QC_TABLE.items() if k[1] == "1"}, "factor b has only 1 level"),
+    ({k: v[:1] for k, v in QC_TABLE.items()}, "no residual degree of freedom"),
+    ({k: v for k, v in QC_TABLE.items() if k != ("Q2_K", "8")}, r"cell \('Q2_K', '8'\)"),
+])
+def test_two_way_anova_degenerate_tables_raise(table, message):
+    df = _qc_frame(table)
+    with pytest.raises(BatchflipError, match=message):
+        stats.two_way_anova(df["score"], df["quant"], df["conc"])
+
+
 # --------------------------------------------------------------------------- correlation
 
 

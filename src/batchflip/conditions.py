@@ -9,6 +9,18 @@ how prompts are dispatched:
   concurrent single-prompt requests.
 - ``list_b{n}``: true batching: one request whose ``prompt`` is the list of n prompts (hf:
   identical to ``sync_b{n}``, one padded generate).
+- ``conc_c{n}``: a concurrency-capped stream (Study A's phase 3, the harness's
+  ``asyncio.Semaphore(n)``): the study's prompts, in battery order, as one stream of
+  single-prompt requests with at most n in flight; the next request starts as soon as any
+  one returns (no group barrier, unlike ``sync_b{n}``). Server engines only (vllm, openai;
+  hf refuses it). Records: ``dispatch`` ``conc``, ``batch_size`` n (the concurrency cap,
+  not a group size). Groups: every prompt is a group of its own (``group_id`` = its place in
+  the stream, ``position`` 0), and the whole stream of groups still to do is dispatched
+  at once (``batchflip.generate.run_job``), so the checkpoint keeps each answered prompt: a
+  killed job resumes with the prompts not yet answered, streamed again at most n in
+  flight (the resumed stream is shorter, so the load around its first requests is not the
+  uninterrupted run's; ``t_submit`` shows it). ``conc_c1`` (one request at a time) is the
+  phase's baseline.
 - ``cobatch_b{n}_{pool}``: composition: each safety prompt is a target, sent with n-1
   fillers from ``pool`` (``solo`` sends the target alone) at a seeded target position.
 - ``stagger_b{n}_{pool}_{m|p}{ms}``: composition with the fillers sent ``ms`` milliseconds
@@ -41,9 +53,11 @@ from dataclasses import dataclass
 
 from batchflip.errors import BatchflipError
 
+CONC = "conc"  # the dispatch of conc_c{n} (a concurrency-capped stream)
 POOLS = ("solo", "benign", "adversarial", "safety", "jailbreak", "mixed", "refusal")
 TIMINGS = ("simultaneous", "minimal_overlap")  # named stagger timings (besides m/p offsets)
 MINIMAL_OVERLAP_MS = 50  # fillers this many ms after the target (see the module docstring)
+_CONC = re.compile(r"^conc_c(?P<size>[1-9][0-9]*)$")
 _PATTERN = re.compile(
     r"^(?P<dispatch>sync|list|cobatch|stagger)_b(?P<size>[1-9][0-9]*)"
     r"(?:_(?P<pool>[a-z]+))?"
@@ -58,7 +72,7 @@ class Condition:
 
     name: str
     dispatch: str
-    batch_size: int
+    batch_size: int  # conc: the concurrency cap n
     pool: str | None = None
     stagger_ms: int = 0  # negative: fillers before the target; positive: after
     timing: str | None = None  # stagger only: "offset", "simultaneous" or "minimal_overlap"
@@ -70,15 +84,22 @@ class Condition:
         return self.dispatch in ("cobatch", "stagger") or (self.dispatch == "list"
                                                            and self.pool is not None)
 
+    @property
+    def concurrency(self) -> int | None:
+        """conc: the most requests in flight at once (None for every other dispatch)."""
+        return self.batch_size if self.dispatch == CONC else None
+
 
 def parse_condition(name: str) -> Condition:
     """Parse a condition name; raise BatchflipError naming the part that is wrong."""
+    if c := _CONC.match(name):
+        return Condition(name, CONC, int(c["size"]))
     m = _PATTERN.match(name)
     if not m:
         raise BatchflipError(
-            f"condition '{name}': expected sync_b<n>, list_b<n>[_<pool>], cobatch_b<n>_<pool> "
-            f"or stagger_b<n>_<pool>_<m|p><ms|simultaneous|minimal_overlap>, a composition "
-            f"optionally ending in _ph<tag>"
+            f"condition '{name}': expected sync_b<n>, list_b<n>[_<pool>], cobatch_b<n>_<pool>, "
+            f"stagger_b<n>_<pool>_<m|p><ms|simultaneous|minimal_overlap> (a composition "
+            f"optionally ending in _ph<tag>) or conc_c<n>"
         )
     dispatch, size, pool, phase = m["dispatch"], int(m["size"]), m["pool"], m["phase"]
     timed = bool(m["ms"] or m["timing"])

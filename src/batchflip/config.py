@@ -20,7 +20,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchflip.conditions import parse_condition
+from batchflip.conditions import CONC, parse_condition
 from batchflip.design import models_for
 from batchflip.errors import BatchflipError
 from batchflip.hub import check_revision
@@ -85,15 +85,75 @@ def fill_defaults(instance: Any, schema: dict[str, Any],
 
 def check_models(config: dict[str, Any]) -> None:
     """A hub model pins its revision (batchflip.hub.check_revision); only hub models take
-    ``revision`` and ``allow_patterns``. Raise naming the key at fault."""
+    ``revision`` and ``allow_patterns``; only a GGUF (``pypi_gguf``) can be requantized,
+    and a requantized model's ``quant``, if given, is the type it is requantized to. Raise
+    naming the key at fault."""
     for name, spec in config["models"].items():
-        if spec.get("source") == "hub":
+        source = spec.get("source")
+        if spec.get("requantize"):
+            if source != "pypi_gguf":
+                raise BatchflipError(f"invalid config: key 'models.{name}.requantize': only a "
+                                     f"GGUF can be requantized (source pypi_gguf; source is "
+                                     f"'{source}')")
+            if spec.get("quant", spec["requantize"]) != spec["requantize"]:
+                raise BatchflipError(
+                    f"invalid config: key 'models.{name}.quant': '{spec['quant']}' but "
+                    f"requantize makes the weights '{spec['requantize']}' (leave quant out "
+                    "or give the same type)")
+        if source == "hub":
             check_revision(name, spec)
             continue
         for key in ("revision", "allow_patterns"):
             if key in spec:
                 raise BatchflipError(f"invalid config: key 'models.{name}.{key}': only hub "
-                                     f"models take it (source is '{spec.get('source')}')")
+                                     f"models take it (source is '{source}')")
+
+
+def model_quant(config: dict[str, Any], model: str) -> dict[str, str] | None:
+    """``{"base": ..., "quant": ...}`` of a model that records its quantization (``quant``,
+    or the ``requantize`` type), else None; ``base`` defaults to the model's own name."""
+    spec = config["models"][model]
+    quant = spec.get("quant") or spec.get("requantize")
+    return {"base": spec.get("base", model), "quant": quant} if quant else None
+
+
+def check_quant_axis(config: dict[str, Any], name: str) -> None:
+    """In a study with ``conc`` conditions (Study A phase 3) no two models may be the same
+    quantization of one base model: their rows would fall into one ANOVA cell."""
+    study = config["studies"][name]
+    if not any(parse_condition(c).dispatch == CONC for c in study["conditions"]):
+        return
+    seen: dict[tuple[str, str], str] = {}
+    for m in study["models"]:
+        q = model_quant(config, m)
+        if q is None:
+            continue
+        key = (q["base"], q["quant"])
+        if key in seen:
+            raise BatchflipError(f"invalid config: key 'studies.{name}.models': models "
+                                 f"'{seen[key]}' and '{m}' are both quant {q['quant']} of "
+                                 f"base '{q['base']}' (set models.{m}.base or .quant)")
+        seen[key] = m
+
+
+def check_endpoint_models(config: dict[str, Any], name: str) -> None:
+    """A ``source: endpoint`` model runs only where a running endpoint serves it (engine
+    openai, or vllm with server.base_url) and with raw prompts (no tokenizer here)."""
+    study = config["studies"][name]
+    for m in study["models"]:
+        spec = config["models"][m]
+        if spec.get("source") != "endpoint":
+            continue
+        served = study["engine"] == "openai" or (
+            study["engine"] == "vllm" and (study.get("server") or {}).get("base_url"))
+        if not served:
+            raise BatchflipError(f"invalid config: key 'studies.{name}.engine': model '{m}' "
+                                 "is served by an endpoint (source endpoint); the study needs "
+                                 "engine openai (or vllm with server.base_url)")
+        if spec.get("prompt_format", study["prompt_format"]) != "raw":
+            raise BatchflipError(f"invalid config: key 'models.{m}.prompt_format': an endpoint "
+                                 "model has no tokenizer here to apply a chat template; set "
+                                 "prompt_format: raw")
 
 
 def check_references(config: dict[str, Any]) -> None:
@@ -130,7 +190,14 @@ def check_references(config: dict[str, Any]) -> None:
             if c.dispatch == "stagger" and study["engine"] == "hf":
                 raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
                                      "needs a continuous-batching server; engine hf has none")
+            if c.dispatch == CONC and study["engine"] == "hf":
+                raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
+                                     "is a stream of single-prompt requests with a "
+                                     "concurrency cap; engine hf serves no requests (use "
+                                     "vllm or openai)")
         check_design(config, name)
+        check_quant_axis(config, name)
+        check_endpoint_models(config, name)
     for s in config.get("paper", {}).get("studies", []):
         if s not in config["studies"]:
             raise BatchflipError(f"invalid config: key 'paper.studies': unknown study '{s}'")

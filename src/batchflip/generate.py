@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 
 from batchflip.checkpoint import Checkpoint, checkpoint_path
-from batchflip.conditions import Condition, parse_condition
+from batchflip.conditions import CONC, Condition, parse_condition
 from batchflip.design import condition_params, select_subset
-from batchflip.engines import Engine, Group, Member, Result
+from batchflip.engines import Engine, Group, Member, Result, StreamEngine
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
@@ -55,6 +55,9 @@ def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any])
     ids = battery["prompt_id"].tolist()
     seed = int(params["seed"])
     groups: list[Group] = []
+    if cond.dispatch == CONC:  # one group per prompt, streamed by the engine (conditions)
+        return [Group(gid, (Member(0, "target", pid, sent[pid]),))
+                for gid, pid in enumerate(ids)]
     if not cond.composition:
         b = cond.batch_size
         for gid, start in enumerate(range(0, len(ids), b)):
@@ -135,6 +138,15 @@ def make_engine(params: dict[str, Any], model_dir: str) -> Engine:
     raise BatchflipError(f"engine '{name}': must be one of hf, vllm, openai")
 
 
+def stream_engine(engine: Engine, condition: str) -> StreamEngine:
+    """The engine, if it serves request streams (``conc`` conditions); else an error."""
+    if not isinstance(engine, StreamEngine):
+        raise BatchflipError(f"condition '{condition}' is a stream of single-prompt requests "
+                             f"with a concurrency cap; engine '{engine.name}' serves no "
+                             "requests (use engine vllm or openai)")
+    return engine
+
+
 def _rows(group: Group, results: list[Result], base: dict[str, Any],
           logprobs: bool = False) -> list[dict[str, Any]]:
     if len(results) != len(group.members):
@@ -195,11 +207,19 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
             print(f"resuming {out}: {len(done)} of {len(groups)} groups already done",
                   file=sys.stderr)
         with ckpt:
-            bar = tqdm(todo, desc=f"{params['model']}/{condition}", unit="group",
+            bar = tqdm(total=len(todo), desc=f"{params['model']}/{condition}", unit="group",
                        disable=not progress, file=sys.stderr)
-            for group in bar:
-                ckpt.add(group.group_id, _rows(group, engine.run_group(group, cond), base,
-                                               bool(logprobs)))
+
+            def finished(group: Group, results: list[Result]) -> None:
+                ckpt.add(group.group_id, _rows(group, results, base, bool(logprobs)))
+                bar.update()
+
+            if cond.dispatch == CONC:
+                stream_engine(engine, condition).run_stream(todo, cond, finished)
+            else:
+                for group in todo:
+                    finished(group, engine.run_group(group, cond))
+            bar.close()
     finally:
         if own_engine:
             engine.close()

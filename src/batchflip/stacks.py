@@ -53,13 +53,20 @@ def load_stacks(paths: Iterable[str | Path]) -> list[Stack]:
 
 
 def model_source(model: dict[str, Any] | None) -> str:
-    """The model's weights as a reviewer can fetch them: package and GGUF, hub id at its
-    revision, or the local path."""
+    """The model's weights as a reviewer can fetch them: package and GGUF (and the type a
+    GGUF was requantized to), hub id at its revision, the local path, or the name an
+    endpoint serves them under."""
     if not isinstance(model, dict):
         return NOT_REPORTED
     src = model.get("source")
     if src == "pypi_gguf":
-        return f"{model.get('package')} ({Path(str(model.get('gguf', ''))).name})"
+        text = f"{model.get('package')} ({Path(str(model.get('gguf', ''))).name})"
+        if model.get("requantized_from"):
+            text += (f", requantized {model['requantized_from']} -> {model.get('quant')} "
+                     "(fake quantization in weight space)")
+        return text
+    if src == "endpoint":
+        return f"served by the endpoint as {model.get('served_model')}"
     if src == "hub":
         rev = str(model.get("commit") or model.get("revision") or "")
         return f"{model.get('id')}@{rev[:12]}" if rev else str(model.get("id"))

@@ -41,6 +41,7 @@ from batchflip.errors import BatchflipError
 
 __all__ = [
     "AlphaResult",
+    "AnovaEffect",
     "AnovaResult",
     "CorrelationResult",
     "Interval",
@@ -50,6 +51,7 @@ __all__ = [
     "OddsRatio",
     "PairedCounts",
     "TOSTResult",
+    "TwoWayAnovaResult",
     "TestResult",
     "anova_by_group",
     "binomial_test",
@@ -77,6 +79,7 @@ __all__ = [
     "tost_paired",
     "tost_paired_from_pairs",
     "tost_two_proportions",
+    "two_way_anova",
     "wilson_interval",
     "wilson_interval_array",
 ]
@@ -181,6 +184,32 @@ class AnovaResult:
     df_between: int
     df_within: int
     eta_squared: float
+
+
+@dataclass(frozen=True, slots=True)
+class AnovaEffect:
+    """One effect of a two-way ANOVA: Type II sum of squares, its degrees of freedom, F
+    against the residual mean square, p, and eta^2 = SS_effect / SS_total."""
+
+    ss: float
+    df: int
+    statistic: float
+    p_value: float
+    eta_squared: float
+
+
+@dataclass(frozen=True, slots=True)
+class TwoWayAnovaResult:
+    """Two-way ANOVA with interaction: the effects of factors a and b and of a x b, the
+    residual sum of squares and degrees of freedom, the total sum of squares, n."""
+
+    a: AnovaEffect
+    b: AnovaEffect
+    interaction: AnovaEffect
+    ss_residual: float
+    df_residual: int
+    ss_total: float
+    n: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -893,6 +922,80 @@ def anova_by_group(values: npt.ArrayLike, labels: Sequence[Hashable]) -> AnovaRe
     for value, label in zip(v.tolist(), lab, strict=True):
         order.setdefault(label, []).append(value)
     return one_way_anova([np.asarray(g) for g in order.values()])
+
+
+def _rss(y: np.ndarray, columns: list[np.ndarray]) -> float:
+    """Residual sum of squares of the least-squares fit of ``y`` on the columns."""
+    x = np.column_stack(columns)
+    beta = np.linalg.lstsq(x, y, rcond=None)[0]
+    return float(((y - x @ beta) ** 2).sum())
+
+
+def two_way_anova(values: npt.ArrayLike, a: Sequence[Hashable], b: Sequence[Hashable],
+                  names: tuple[str, str] = ("a", "b")) -> TwoWayAnovaResult:
+    """Two-way ANOVA of ``values`` by factors ``a`` and ``b`` with their interaction, Type II
+    sums of squares, and eta^2 = SS_effect / SS_total for each effect.
+
+    Input: finite values with one level of each factor per value (``names`` name the
+    factors in error messages). Output:
+    :class:`TwoWayAnovaResult`. Method: least squares on treatment-coded dummies (numpy);
+    SS(a) = RSS(b) - RSS(a + b), SS(b) = RSS(a) - RSS(a + b), SS(a x b) = RSS(a + b) -
+    RSS(a x b), the residual is the within-cell sum of squares with n - cells degrees of
+    freedom, F = MS_effect / MS_residual, p from the F distribution (``scipy.stats.f.sf``).
+    This is what ``statsmodels.formula.api.ols("y ~ C(a) * C(b)")`` with
+    ``anova_lm(typ=2)`` reports (the tests check it); for a balanced table Type I, II and III
+    agree, and they are the harness's marginal-means sums of squares (analyze.py, pass 10).
+    Not estimable (raises :class:`BatchflipError`, never returns inf or NaN) when a factor
+    has one level, a level pair (cell) has no value, there is no residual degree of freedom
+    (one value per cell), all values are equal, or every cell is constant (residual
+    variance 0: F undefined); constancy is tested exactly on the values, as in
+    :func:`one_way_anova`.
+    """
+    y = _finite_float_array(values, "values").ravel()
+    fa, fb = list(a), list(b)
+    if not len(fa) == len(fb) == y.size:
+        raise _fail(f"values ({y.size}), factor {names[0]} ({len(fa)}) and factor "
+                    f"{names[1]} ({len(fb)}) differ in length")
+    levels_a, levels_b = list(dict.fromkeys(fa)), list(dict.fromkeys(fb))
+    for name, levels in zip(names, (levels_a, levels_b), strict=True):
+        if len(levels) < 2:
+            raise _fail(f"factor {name} has only {len(levels)} level; a two-way ANOVA needs 2 "
+                        "or more of each factor")
+    cells: dict[tuple[Hashable, Hashable], list[float]] = {}
+    for v, la, lb in zip(y.tolist(), fa, fb, strict=True):
+        cells.setdefault((la, lb), []).append(v)
+    missing = [(la, lb) for la in levels_a for lb in levels_b if (la, lb) not in cells]
+    if missing:
+        raise _fail(f"cell {missing[0]} has no value; every level pair needs values")
+    n, k = y.size, len(cells)
+    if n <= k:
+        raise _fail(f"{n} values in {k} cells: no residual degree of freedom")
+    if np.ptp(y) == 0:
+        raise _fail("all values are equal; ANOVA is undefined")
+    if all(np.ptp(np.asarray(v)) == 0 for v in cells.values()):
+        raise _fail("every cell is constant (residual variance 0); F is undefined")
+    da = [np.array([x == la for x in fa], float) for la in levels_a[1:]]
+    db = [np.array([x == lb for x in fb], float) for lb in levels_b[1:]]
+    ones = [np.ones(n)]
+    rss_a, rss_b = _rss(y, ones + da), _rss(y, ones + db)
+    rss_ab = _rss(y, ones + da + db)
+    ss_res = float(sum(((np.asarray(v) - np.mean(v)) ** 2).sum() for v in cells.values()))
+    ss_total = float(((y - y.mean()) ** 2).sum())
+    df_res = n - k
+    ms_res = ss_res / df_res
+
+    def effect(ss: float, df: int) -> AnovaEffect:
+        ss = max(ss, 0.0)  # rounding can leave -1e-17 for an effect of size 0
+        f = (ss / df) / ms_res
+        p = float(sps.f.sf(f, df, df_res))
+        if not (math.isfinite(f) and math.isfinite(p)):
+            raise _fail(f"F = {f}, p = {p} is not finite (degenerate cells)")
+        return AnovaEffect(ss, df, f, p, ss / ss_total)
+
+    ka, kb = len(levels_a), len(levels_b)
+    return TwoWayAnovaResult(
+        effect(rss_b - rss_ab, ka - 1), effect(rss_a - rss_ab, kb - 1),
+        effect(rss_ab - ss_res, (ka - 1) * (kb - 1)), ss_res, df_res, ss_total, n)
 
 
 def pearson_bootstrap(

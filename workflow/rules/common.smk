@@ -32,10 +32,15 @@ BUILT_SOURCES = ("pypi_gguf", "hub")
 
 def model_dir(model):
     """Directory a model is loaded from: resources/models/<name> when the model rule builds
-    it (a PyPI GGUF, a hub snapshot), else the configured path."""
+    it (a PyPI GGUF, a hub snapshot), endpoint:<served name> for an endpoint's model
+    (batchflip.model.endpoint_dir), else the configured path."""
     spec = config["models"][model]
     if spec["source"] in BUILT_SOURCES:
         return f"resources/models/{model}"
+    if spec["source"] == "endpoint":
+        from batchflip.model import endpoint_dir
+
+        return endpoint_dir(spec["served_model"])
     return spec["path"]
 
 
@@ -174,6 +179,15 @@ def builder_files(wildcards):
     from batchflip.builders import local_inputs
 
     return local_inputs(config["batteries"][wildcards.battery].get("builder"))
+
+
+def study_quants(study):
+    """JSON {model: {base, quant}} of a study's models that record a quantization
+    (batchflip.config.model_quant; a params value of the discovery numbers rule)."""
+    from batchflip.config import model_quant
+
+    quants = {m: q for m in study_cfg(study)["models"] if (q := model_quant(config, m))}
+    return json.dumps(quants, sort_keys=True)
 
 
 def studies_of(kind):

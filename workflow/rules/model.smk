@@ -15,11 +15,13 @@ rule model:
     output:
         "resources/models/{model}/model.json",
     params:
-        # what the weights are made from; alignment, chat and prompt_format describe how a
-        # study uses the model and change no weights
+        # what the weights are made from (requantize included); alignment, chat,
+        # prompt_format, quant, base and served_model describe the weights or how a study
+        # uses them and change none
         spec=lambda w: json.dumps(
             {k: v for k, v in config["models"][w.model].items()
-             if k not in ("alignment", "chat", "prompt_format")},
+             if k not in ("alignment", "chat", "prompt_format", "quant", "base",
+                          "served_model")},
             sort_keys=True,
         ),
         out=lambda w: f"resources/models/{w.model}",

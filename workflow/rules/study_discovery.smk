@@ -17,6 +17,9 @@ rule discovery_numbers:
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
         max_error_share=max_error_share(),
+        # the models' quantizations (models.<m>.quant / requantize, base): Study A phase
+        # 3's quantization x concurrency section (batchflip.studies.quantization)
+        quants=lambda w: study_quants(w.study),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -24,7 +27,8 @@ rule discovery_numbers:
     shell:
         "python -m batchflip discovery numbers --study {wildcards.study} "
         "--baseline {params.baseline} --flips {input.flips:q} --scored {input.scored:q} "
-        "--max-error-share {params.max_error_share} --out {output:q} > {log:q} 2>&1"
+        "--max-error-share {params.max_error_share} --quants {params.quants:q} "
+        "--out {output:q} > {log:q} 2>&1"
 
 
 rule discovery_figure:

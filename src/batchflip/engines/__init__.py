@@ -7,8 +7,9 @@ engines only generate.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from batchflip.conditions import Condition
 
@@ -70,4 +71,15 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Release resources (stop a server this engine started)."""
+        ...
+
+
+@runtime_checkable
+class StreamEngine(Protocol):
+    """An engine that also serves ``conc`` conditions (the server engines): a stream of
+    single-prompt requests with a concurrency cap (:mod:`batchflip.conditions`)."""
+
+    def run_stream(self, groups: Sequence[Group], condition: Condition,
+                   on_group: Callable[[Group, list[Result]], None]) -> None:
+        """Send every group's members as one stream; ``on_group`` as each group is done."""
         ...

@@ -2,7 +2,8 @@
 
 Synchronized and true batching are the same thing here: one left-padded greedy
 ``generate`` call per group. Composition puts target and fillers in one padded batch.
-There is no continuous-batching scheduler, so ``stagger`` conditions are refused.
+There is no continuous-batching scheduler and no request stream, so ``stagger`` and
+``conc`` conditions are refused.
 
 Kernel modes: ``standard`` (whatever transformers/torch pick) and ``batch_invariant``
 (``batchflip.engines.invariant``: a fixed-order forward whose result for a sequence does
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-from batchflip.conditions import Condition
+from batchflip.conditions import CONC, Condition
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 from batchflip.platform_facts import host_facts
@@ -103,6 +104,10 @@ class HFEngine:
         if condition.dispatch == "stagger":
             raise BatchflipError(f"condition '{condition.name}' needs a continuous-batching "
                                  "server; engine 'hf' has none (use engine vllm or openai)")
+        if condition.dispatch == CONC:
+            raise BatchflipError(f"condition '{condition.name}' is a stream of single-prompt "
+                                 "requests with a concurrency cap, which needs a server; "
+                                 "engine 'hf' serves no requests (use engine vllm or openai)")
         texts = [m.prompt for m in group.members]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True).to(self.device)
         clock = _FirstTokenClock()

@@ -26,6 +26,10 @@ Dispatch (``Condition.dispatch``)
   requests, started in member (position) order.
 - ``stagger``: like ``cobatch`` but the fillers start ``|stagger_ms|`` ms before the target
   (negative ``stagger_ms``) or after it (positive).
+- ``conc``: a stream of single-prompt requests with at most n (``batch_size``) in flight
+  (:meth:`CompletionClient.run_stream`): requests start in stream order, each as soon as a
+  slot is free (a semaphore of n slots, held for the whole request, retries included).
+  ``run_group`` of a conc group streams its members the same way.
 
 Failures
 --------
@@ -63,13 +67,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from batchflip.conditions import Condition
+from batchflip.conditions import CONC, Condition
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 
@@ -333,9 +337,67 @@ class CompletionClient:
             await asyncio.sleep(delay_s)
         return (await self._request(prompt, 1))[0]
 
+    async def run_stream_async(self, groups: Sequence[Group], condition: Condition,
+                               on_group: Callable[[Group, list[Result]], None]) -> None:
+        """``conc`` dispatch: every member of ``groups``, in order, as one stream of
+        single-prompt requests with at most ``condition.batch_size`` in flight.
+
+        A request starts only once it holds one of the n slots (taken in stream order by
+        this one loop, so the start order is the stream order whatever the semaphore's
+        fairness) and frees it when its response, retries included, is complete.
+        ``on_group(group, results)`` runs in the loop as soon as every member of a group is
+        answered (results in member order); if it raises, nothing more is sent, the
+        requests in flight are cancelled and the error propagates.
+        """
+        if condition.dispatch != CONC:
+            raise BatchflipError(f"condition '{condition.name}': a request stream needs a "
+                                 "conc_c<n> condition")
+        slots = asyncio.Semaphore(condition.batch_size)
+        started: list[asyncio.Future[Any]] = []
+        groups_done: list[asyncio.Future[Any]] = []
+
+        async def member(prompt: str) -> Result:
+            try:
+                return (await self._request(prompt, 1))[0]
+            finally:
+                slots.release()
+
+        async def finish(group: Group, futures: list[asyncio.Future[Any]]) -> None:
+            on_group(group, list(await asyncio.gather(*futures)))
+
+        def raise_failed() -> None:
+            for fut in groups_done:
+                if fut.done() and not fut.cancelled() and fut.exception() is not None:
+                    raise fut.exception()  # type: ignore[misc]
+
+        try:
+            for group in groups:
+                futures = []
+                for m in group.members:
+                    await slots.acquire()
+                    raise_failed()
+                    futures.append(asyncio.ensure_future(member(m.prompt)))
+                started += futures
+                groups_done.append(asyncio.ensure_future(finish(group, futures)))
+            await asyncio.gather(*groups_done)
+        except BaseException:
+            for fut in started + groups_done:
+                fut.cancel()
+            await asyncio.gather(*started, *groups_done, return_exceptions=True)
+            raise
+
+    def run_stream(self, groups: Sequence[Group], condition: Condition,
+                   on_group: Callable[[Group, list[Result]], None]) -> None:
+        """Synchronous wrapper around :meth:`run_stream_async`."""
+        self._run(self.run_stream_async(groups, condition, on_group))
+
     async def run_group_async(self, group: Group, condition: Condition) -> list[Result]:
         """Dispatch one group as the condition says; results in member order."""
         prompts = [m.prompt for m in group.members]
+        if condition.dispatch == CONC:
+            out: list[Result] = []
+            await self.run_stream_async([group], condition, lambda _g, res: out.extend(res))
+            return out
         if condition.dispatch == "list":
             return await self._request(prompts, len(prompts))
         if condition.dispatch in ("sync", "cobatch"):

@@ -11,6 +11,11 @@
   endpoint (vLLM, SGLang, TGI, llama.cpp, Ollama) and records what ``/v1/models`` and
   ``/version`` say about it.
 
+Requests carry ``model``: the model entry's ``served_model`` (the name an endpoint serves
+that model under, e.g. an Ollama tag), else ``server.model``, else the first id
+``/v1/models`` lists. A ``source: endpoint`` model has no files here, so its token ids are
+the server's or ``unavailable`` (no client-side tokenizer).
+
 Launch settings (``params["server"]``), the kernel-mode checks and why prefix caching is off:
 :mod:`batchflip.engines.vllm_launch`; the launched process's lifecycle:
 :mod:`batchflip.engines.supervise`.
@@ -39,6 +44,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +69,7 @@ from batchflip.engines.vllm_launch import (
     server_settings,
 )
 from batchflip.errors import BatchflipError
+from batchflip.model import ENDPOINT_PREFIX
 
 # re-exported for callers of this module (tests, the generate stage)
 __all__ = ["BATCH_INVARIANT_SIGNS", "KERNEL_MODES", "SERVER_DEFAULTS", "ServerEngine",
@@ -100,12 +107,28 @@ class ServerEngine:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
         self._check_server()
         results = self.client.run_group(group, condition)
+        self._check_results(group, results)
+        return results
+
+    def run_stream(self, groups: Sequence[Group], condition: Condition,
+                   on_group: Callable[[Group, list[Result]], None]) -> None:
+        """``conc`` dispatch: the groups as one request stream (at most n in flight);
+        ``on_group`` gets each group's results as it finishes. A dead launched server or
+        an unreachable endpoint stops the stream with an error, as in :meth:`run_group`."""
+        self._check_server()
+
+        def done(group: Group, results: list[Result]) -> None:
+            self._check_results(group, results)
+            on_group(group, results)
+
+        self.client.run_stream(groups, condition, done)
+
+    def _check_results(self, group: Group, results: list[Result]) -> None:
         if any(r.error for r in results):
             self._check_server()
             if all(r.extra.get("connect_error") for r in results):
                 raise BatchflipError(f"{self.client.base_url} refused every connection for "
                                      f"group {group.group_id}: {results[0].error}")
-        return results
 
     def _check_server(self) -> None:
         if self.server is not None and not self.server.alive():
@@ -137,11 +160,13 @@ def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
 
     key = os.environ.get(cfg["api_key_env"]) if cfg["api_key_env"] else None
     settings = ClientSettings(
-        base_url=base_url, model=cfg["model"], max_tokens=int(params["max_new_tokens"]),
+        base_url=base_url, model=params.get("served_model") or cfg["model"],
+        max_tokens=int(params["max_new_tokens"]),
         seed=int(params["seed"]), request_timeout_s=float(cfg["request_timeout_s"]),
         max_retries=int(cfg["max_retries"]), retry_backoff_s=float(cfg["retry_backoff_s"]),
         api_key=key or None, logprobs=int(params.get("logprobs", 0)))
-    return CompletionClient(settings, tokenizer_loader=load_tokenizer)
+    endpoint_only = model_dir.startswith(ENDPOINT_PREFIX)  # no tokenizer files here
+    return CompletionClient(settings, tokenizer_loader=None if endpoint_only else load_tokenizer)
 
 
 def _models_summary(models: Any) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 ========  ===========  =====================================  =====================
 study     kind         module (``batchflip.studies.``)        rule file
 ========  ===========  =====================================  =====================
-A         discovery    discovery                              study_discovery.smk
+A         discovery    discovery (+ quantization: phase 3's   study_discovery.smk
+                       quantization x concurrency section)
 B         models       models                                 study_models.smk
 C         composition  composition (+ composition_base,       study_composition.smk
                        composition_stats, composition_verify)

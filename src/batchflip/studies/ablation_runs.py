@@ -188,6 +188,8 @@ def alone_condition(dispatch: str) -> Condition:
     """The batch-of-one condition a candidate is re-run alone under."""
     if dispatch in ("cobatch", "stagger"):
         return parse_condition("cobatch_b1_solo")
+    if dispatch == "conc":
+        return parse_condition("conc_c1")
     return parse_condition(f"{dispatch}_b1")
 
 

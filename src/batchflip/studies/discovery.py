@@ -9,6 +9,11 @@ pooled over a phase's batch sizes > 1: ``sync_pooled`` (synchronized dispatch, t
 each with the direction test of its safety flips (``safety_direction_unsafe_share``: to
 unsafe / directional flips, Wilson and Clopper-Pearson intervals; ``safety_direction_binom_p``:
 exact two-sided binomial test against 0.5; not estimable without a directional flip).
+A concurrency-capped stream (``conc_c{n}``) is pooled the same way (``conc_pooled``: n > 1
+vs its baseline), and a study with conc conditions whose models record a quantization
+gets Study A phase 3's quantization x concurrency section (two-way ANOVA, cell refusal
+rates, flip rate of each conc_c{n} vs conc_c1 per quantization:
+:mod:`batchflip.studies.quantization`, ids ``<study>/<base model>/quant_x_conc/...``).
 Where a study has both ``list_b{n}`` and ``sync_b{n}``, the share of rows whose flip flag
 agrees between them (``flip_agreement_b{n}``, and ``_bpooled``); for composition
 conditions the refusal rate of the targets. Ids look like
@@ -22,7 +27,8 @@ count them per scored file, and a condition whose share is above ``--max-error-s
 Figures (drawn from the numbers file only):
 
 - ``flip_rates``: safety vs capability flip rate by batch size (pooled over models) for
-  each batch-size dispatch mode (sync, list), with Wilson 95% intervals;
+  each batch-size dispatch mode (sync, list; conc by its concurrency cap), with Wilson 95%
+  intervals;
 - ``identity``: share of outputs byte-identical to the baseline by batch size;
 - ``flip_agreement``: share of rows whose flip flag agrees between ``list_b{n}`` and
   ``sync_b{n}`` by batch size, per model and pooled (the paper's Figure 4).
@@ -33,6 +39,7 @@ CLI: ``batchflip discovery numbers|figure`` (rules: ``workflow/rules/study_disco
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import pandas as pd
@@ -43,6 +50,7 @@ from batchflip.flips import read_flips
 from batchflip.io import write_json
 from batchflip.numbers import REFUSED_AT, load, proportion, ratio, scalar, unsafe_share
 from batchflip.records import SCORED_COLUMNS, read_records
+from batchflip.studies.quantization import quant_concurrency_numbers, quant_meta
 
 
 def _vs(df: pd.DataFrame) -> str:
@@ -111,7 +119,8 @@ def direction_test(df: pd.DataFrame, prefix: str, label: str, inputs: list[str],
 
 
 # pooled phases: id part, dispatch and what the label says
-PHASES = (("sync_pooled", "sync", "synchronized"), ("list_pooled", "list", "true-batching (list)"))
+PHASES = (("sync_pooled", "sync", "synchronized"), ("list_pooled", "list", "true-batching (list)"),
+          ("conc_pooled", "conc", "concurrency-capped stream (conc)"))
 
 
 def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
@@ -151,12 +160,15 @@ def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
 
 def discovery_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataFrame],
                     study: str, baseline: str, max_error_share: float = DEFAULT_MAX_SHARE,
+                    quants: dict[str, dict[str, str]] | None = None,
                     ) -> dict[str, dict[str, Any]]:
     """All Study A numbers from per-model flip frames and per-model scored frames.
 
     ``flips`` and ``scored`` map an input path to its frame (paths become ``inputs``).
     Labels name the baseline each row was paired with (flips' ``baseline_condition``);
     ``baseline`` is the study's, for the composition targets' baseline refusal rate.
+    ``quants`` (model -> ``{base, quant}``) gives the quantization x concurrency section
+    (:mod:`batchflip.studies.quantization`) where the study has conc conditions.
     Raises BatchflipError when a scored file's failed share is above ``max_error_share``.
     """
     numbers: dict[str, dict[str, Any]] = error_numbers(scored, study, max_error_share)
@@ -181,6 +193,7 @@ def discovery_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataF
             numbers |= direction_test(part, f"{study}/{model}/{name}", label, flip_paths, meta)
     numbers |= flip_agreement(all_flips, study, flip_paths)
     all_scored = answered(pd.concat(scored.values(), ignore_index=True))
+    numbers |= quant_concurrency_numbers(all_scored, quants or {}, study, sorted(scored))
     comp = all_scored[all_scored["dispatch"].isin(["cobatch", "stagger"])]
     for (model, cond), part in comp.groupby(["model", "condition"], sort=True):
         refused = int((part["score"] >= REFUSED_AT).sum())
@@ -209,7 +222,7 @@ def _series(numbers: dict[str, dict[str, Any]], suffix: str, model: str = "all",
     out: dict[str, list[dict[str, Any]]] = {}
     for key, rec in numbers.items():
         if key.endswith("/" + suffix) and rec.get("model") == model and "batch_size" in rec:
-            if rec.get("dispatch") in ("sync", "list"):
+            if rec.get("dispatch") in ("sync", "list", "conc"):
                 out.setdefault(rec["dispatch"], []).append(rec)
     return {d: sorted(v, key=lambda r: r["batch_size"]) for d, v in sorted(out.items())}
 
@@ -227,13 +240,13 @@ def flip_rate_figure(numbers: dict[str, dict[str, Any]], png: str, pdf: str) -> 
     from batchflip.plotting import COLORS, plt, save
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    styles = {"sync": "-", "list": "--"}
+    styles = {"sync": "-", "list": "--", "conc": ":"}
     for domain in ("safety", "capability"):
         for dispatch, recs in _series(numbers, f"{domain}_flip_rate").items():
             _errorbar(ax, recs, 100, color=COLORS[domain], linestyle=styles[dispatch],
                       label=f"{domain} ({dispatch})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size")
+    ax.set_xlabel("batch size (conc: requests in flight)")
     ax.set_ylabel("flip rate vs batch size 1 (%)")
     ax.set_title("Label flips by batch size (Wilson 95% CI)")
     ax.legend(frameon=False, fontsize=8)
@@ -249,7 +262,7 @@ def identity_figure(numbers: dict[str, dict[str, Any]], png: str, pdf: str) -> N
         _errorbar(ax, recs, 100, label=dispatch)
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 105)
-    ax.set_xlabel("batch size")
+    ax.set_xlabel("batch size (conc: requests in flight)")
     ax.set_ylabel("byte-identical outputs (%)")
     ax.set_title("Output identity with batch size 1 (Wilson 95% CI)")
     ax.legend(frameon=False, fontsize=8)
@@ -308,6 +321,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--scored", nargs="+", required=True)
     n.add_argument("--max-error-share", type=float, default=DEFAULT_MAX_SHARE,
                    help="fail when a condition's share of failed requests is above this")
+    n.add_argument("--quants", default="{}",
+                   help='JSON {model: {"base": ..., "quant": ...}} of the models that record '
+                        "a quantization (the quantization x concurrency section)")
     n.add_argument("--out", required=True)
     f = figure_arguments(sub.add_parser("figure", help="one Study A figure"))
     f.add_argument("--name", required=True, choices=sorted(FIGURES))
@@ -320,7 +336,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     flips = {p: read_flips(p) for p in args.flips}
     scored = {p: read_records(p, SCORED_COLUMNS) for p in args.scored}
-    numbers = discovery_numbers(flips, scored, args.study, args.baseline, args.max_error_share)
+    numbers = discovery_numbers(flips, scored, args.study, args.baseline, args.max_error_share,
+                                quant_meta(json.loads(args.quants)))
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
     return 0
