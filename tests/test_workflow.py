@@ -51,7 +51,7 @@ def test_default_config_plans_the_whole_dag(tmp_path):
     # the server studies share their launch settings: one server start per model
     served = {m for v in gen.values() if v["engine"] == "vllm" for m in v["models"]}
     assert sum(n for r, n in counts.items() if r.startswith("generate_server_")) == len(served)
-    assert counts["generate_server_a_vllm__c"] == 1
+    assert counts["generate_server_a_vllm__a_quant__c"] == 1  # a_quant's Q4_1 part too
     assert counts["score"] == sum(sum(n) for n in per_model.values())
     # composition numbers read the scored files; every other kind pairs flips per model
     assert counts["flips"] == sum(len(n) for s, n in per_model.items()

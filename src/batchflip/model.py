@@ -50,6 +50,7 @@ model.json: its weight files are hashed by each job that fingerprints it.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import subprocess
@@ -124,7 +125,7 @@ def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
     """Dequantise a GGUF into a plain HF directory (float32 safetensors + tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     for flag, value in gguf_tokenizer_flags(gguf).items():
@@ -133,7 +134,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32
     )
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = copy.deepcopy(loaded.config)  # parsing the GGUF again costs seconds (gemma: 15)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
     config.torch_dtype = "float32"
