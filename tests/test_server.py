@@ -658,6 +658,203 @@ def test_client_warmup_drops_return_token_ids_when_rejected():
     client.close()
 
 
+# ---- client: logprob token names and the return_tokens_as_token_ids fallback ---------------
+
+# id: (the vocabulary's spelling, the decoded text) of the fake servers' four tokens
+LP_VOCAB = {5: ("Hi", "Hi"), 9: ("\u0120Ho", " Ho"), 7: ("!", "!"), 3: ("?", "?")}
+NAMES_FIELD = "return_tokens_as_token_ids"
+
+
+def _lp_server(seen: list[dict], reject: tuple[str, ...] = (), names: str = "token_id",
+               status: int = 400):
+    """A fake server with logprobs. A body carrying a field in ``reject`` gets HTTP
+    ``status``. Two generated tokens, Hi (id 5) and ! (7), with top-2 maps {Hi, Ho} and
+    {!, ?}; a token is named ``token_id:<id>`` when the body asks and ``names`` is
+    "token_id", else by its decoded text (``names`` "text" or "token_id") or by its
+    vocabulary spelling (``names`` "vocab")."""
+    steps = ((5, -0.1, {5: -0.1, 9: -2.5}), (7, -1.2, {7: -1.2, 3: -0.4}))
+
+    def name(tid: int, body: dict) -> str:
+        if names == "token_id" and body.get(NAMES_FIELD):
+            return f"token_id:{tid}"
+        spelling, text = LP_VOCAB[tid]
+        return spelling if names == "vocab" else text
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        seen.append(body)
+        bad = [f for f in reject if f in body]
+        if bad:
+            return httpx.Response(status, text=f"extra fields not permitted: {bad}")
+        chunks = []
+        for step, (tid, lp, top) in enumerate(steps):
+            c: dict = {"index": 0, "text": LP_VOCAB[tid][1],
+                       "finish_reason": "stop" if step else None}
+            if body.get("return_token_ids"):
+                c["token_ids"] = [tid]
+            if body.get("logprobs"):
+                c["logprobs"] = {"tokens": [name(tid, body)], "token_logprobs": [lp],
+                                 "top_logprobs": [{name(t, body): v for t, v in top.items()}]}
+            chunks.append({"choices": [c]})
+        return httpx.Response(200, content=_sse(chunks))
+
+    return handler
+
+
+class VocabTokenizerDouble:
+    """Test double for a Hugging Face tokenizer: the fake servers' vocabulary plus <unk>
+    (id 0), which ``convert_tokens_to_ids`` answers for any other name (as slow HF
+    tokenizers and fast ones with an unknown token do)."""
+
+    unk_token, unk_token_id = "<unk>", 0
+    vocab = {"<unk>": 0, **{spelling: tid for tid, (spelling, _) in LP_VOCAB.items()}}
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.vocab.get(token, self.unk_token_id)
+
+
+def _lp_client(handler, tokenizer: bool = False, logprobs: int = 2) -> CompletionClient:
+    settings = ClientSettings(base_url="http://fake", model="m", max_tokens=8, seed=7,
+                              retry_backoff_s=0.01, logprobs=logprobs)
+    return CompletionClient(settings, tokenizer_loader=VocabTokenizerDouble if tokenizer
+                            else None, transport=httpx.MockTransport(handler))
+
+
+def _client_fingerprint(client: CompletionClient) -> dict:
+    return srv.ServerEngine("openai", client, {}).fingerprint()["client"]
+
+
+@pytest.mark.parametrize("reject, status, tries, ids, names", [
+    # only the token-id names rejected: dropped, the generated ids kept
+    ((NAMES_FIELD,), 400, 2, True, "text"),
+    # only return_token_ids rejected: names dropped first (still 400), then ids dropped
+    # with the names back on
+    (("return_token_ids",), 422, 3, False, "token_id"),
+    # both rejected: all four combinations, the last answered
+    ((NAMES_FIELD, "return_token_ids"), 400, 4, False, "text"),
+])
+def test_client_warmup_drops_rejected_vllm_fields(reject, status, tries, ids, names):
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, reject, status=status))
+    client.warmup(3)
+    assert len(seen) == tries + 2  # the negotiation, then two more warm-up requests
+    assert seen[0]["return_token_ids"] and seen[0][NAMES_FIELD]
+    assert all(b["logprobs"] == 2 for b in seen)  # logprobs are never dropped
+    assert client.return_token_ids is ids and client.logprob_token_names == names
+    (r,) = client.run_group(_group(["a"]), parse_condition("sync_b1"))
+    body = seen[-1]
+    assert body["logprobs"] == 2 and not set(reject) & set(body)
+    assert (NAMES_FIELD in body) is (names == "token_id")
+    assert r.error == "" and r.text == "Hi!"
+    assert r.token_logprobs == [-0.1, -1.2]
+    assert r.top_logprobs == [[-0.1, -2.5], [-0.4, -1.2]]
+    # without a tokenizer a text-named token has no id
+    assert r.top_ids == ([[5, 9], [3, 7]] if names == "token_id" else [[-1, -1], [-1, -1]])
+    fp = _client_fingerprint(client)
+    assert fp["logprob_token_names"] == names and fp["return_token_ids"] is ids
+    assert fp["logprobs"] == 2
+    client.close()
+
+
+def test_client_warmup_fails_when_every_fallback_is_rejected():
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, ("logprobs",)))
+    with pytest.raises(BatchflipError, match="warm-up.*HTTP 400"):
+        client.warmup(3)
+    assert len(seen) == 4 and all("logprobs" in b for b in seen)
+    client.close()
+
+
+@pytest.mark.parametrize("names, expected", [
+    ("token_id", "token_id"),  # vLLM: accepts the field and names tokens by id
+    ("text", "text"),  # accepts the field but ignores it: seen in the warm-up answers
+])
+def test_client_keeps_token_id_names_when_accepted(names, expected):
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, names=names))
+    client.warmup(3)
+    assert len(seen) == 3 and all(b[NAMES_FIELD] and b["return_token_ids"] for b in seen)
+    assert client.logprob_token_names == expected
+    assert _client_fingerprint(client)["logprob_token_names"] == expected
+    (r,) = client.run_group(_group(["a"]), parse_condition("sync_b1"))
+    assert seen[-1][NAMES_FIELD] is True and r.token_ids == [5, 7]
+    assert r.top_ids == ([[5, 9], [3, 7]] if names == "token_id" else [[-1, -1], [-1, -1]])
+    client.close()
+
+
+@pytest.mark.parametrize("names, ho_id", [
+    ("vocab", 9),  # the vocabulary's own spelling "ĠHo": exact
+    ("text", -1),  # the decoded " Ho": not in the vocabulary (the double answers <unk>)
+])
+def test_client_maps_text_named_tokens_through_the_tokenizer(names, ho_id):
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, (NAMES_FIELD,), names=names), tokenizer=True)
+    client.warmup(1)
+    assert client.logprob_token_names == "text"
+    (r,) = client.run_group(_group(["a"]), parse_condition("sync_b1"))
+    # Hi, ! and ? are spelled as their text; ? (-0.4) ranks above ! (-1.2)
+    assert r.top_ids == [[5, ho_id], [3, 7]]
+    assert r.token_ids == [5, 7] and r.top_logprobs == [[-0.1, -2.5], [-0.4, -1.2]]
+    client.close()
+
+
+def test_vocab_id_unknown_and_missing_names():
+    from batchflip.engines.openai_client import _vocab_id
+
+    tok = VocabTokenizerDouble()
+    assert _vocab_id(tok, "\u0120Ho") == 9 and _vocab_id(tok, "<unk>") == 0
+    assert _vocab_id(tok, " Ho") == -1 and _vocab_id(None, "Hi") == -1
+
+    class NoneForUnknownDouble(VocabTokenizerDouble):  # a fast tokenizer without <unk>
+        unk_token = unk_token_id = None
+
+        def convert_tokens_to_ids(self, token: str):
+            return self.vocab.get(token)
+
+    assert _vocab_id(NoneForUnknownDouble(), "nope") == -1
+    assert _vocab_id(NoneForUnknownDouble(), "!") == 7
+
+
+def test_logprobs_switched_on_after_warmup_settle_the_names():
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, (NAMES_FIELD,)), logprobs=0)
+    client.warmup(1)
+    assert len(seen) == 1 and NAMES_FIELD not in seen[0]
+    engine = srv.ServerEngine("openai", client, {})
+    engine.use_request_settings({"max_new_tokens": 8, "logprobs": 2})
+    assert len(seen) == 3 and NAMES_FIELD not in seen[-1]  # rejected, then without it
+    assert engine.fingerprint()["client"]["logprob_token_names"] == "text"
+    engine.use_request_settings({"max_new_tokens": 8, "logprobs": 2})  # settled: no probe
+    assert len(seen) == 3
+    engine.close()
+
+
+def test_text_named_logprobs_fill_the_columns_and_the_stack(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from batchflip.generate import run_job
+
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    monkeypatch.setattr("batchflip.generate.model_fingerprint", lambda d: {"m": d})
+    seen: list[dict] = []
+    client = _lp_client(_lp_server(seen, (NAMES_FIELD,)), tokenizer=True)
+    client.warmup(1)
+    battery = pd.DataFrame([{"prompt_id": "h0", "task": "harm", "domain": "safety",
+                             "scorer": "refusal", "prompt": "harm 0", "reference": "R",
+                             "meta": "{}"}])
+    params = {"study": "a", "model": "fake", "engine": "openai", "seed": 42,
+              "dtype": "bfloat16", "max_new_tokens": 8, "prompt_format": "raw",
+              "logprobs": 2}
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    run_job(battery, params, "sync_b1", "nomodel", out, stack,
+            engine=srv.ServerEngine("openai", client, {}), progress=False)
+    row = pd.read_parquet(out).iloc[0]
+    assert list(row["token_logprobs"]) == [-0.1, -1.2]
+    assert [list(x) for x in row["top_ids"]] == [[5, -1], [3, 7]]
+    assert [list(x) for x in row["top_logprobs"]] == [[-0.1, -2.5], [-0.4, -1.2]]
+    assert json.loads(stack.read_text())["client"]["logprob_token_names"] == "text"
+
+
 # ---- the real server ---------------------------------------------------------------------
 
 def _skip_without_vllm() -> None:

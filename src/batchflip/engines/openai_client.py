@@ -48,9 +48,28 @@ Log-probabilities
 With ``logprobs`` > 0 (the study key ``logprobs: k``) every request also asks for
 ``logprobs: k`` and ``return_tokens_as_token_ids: true``: each streamed chunk then carries,
 per token, the chosen token's log-probability and a ``{"token_id:<id>": logprob}`` map of
-the sampled token plus the top k (vLLM), parsed into the k highest, highest first. A server
-that names tokens by text instead (no ``token_id:`` prefix) gets id -1 for them; the
-log-probabilities, which the margins need, are kept.
+the sampled token plus the top k (vLLM), parsed into the k highest, highest first. The
+log-probabilities, which the margins need, are always kept; only the ids can be lost.
+
+``return_tokens_as_token_ids`` is a vLLM field. A server that rejects it (HTTP 400/422 at
+the first warm-up request: llama.cpp, SGLang, TGI, proxies that forbid unknown fields) is
+asked again without it, and then names tokens by text. The warm-up tries, in order: both
+vLLM fields, without ``return_tokens_as_token_ids`` (sent only with logprobs), without
+``return_token_ids`` (token-id names back on), without either; the first combination that
+is answered is kept for the run (a 400/422 after the warm-up is not retried). Dropping the
+names first keeps the generated ids (the divergence index needs them), while the top-k ids
+are only labels beside the log-probabilities. ``logprob_token_names`` (in the fingerprint's
+``client``) is ``token_id`` when the field was accepted and the warm-up answers named no
+token by text, else ``text``.
+
+A token named by text is mapped to an id with the model's tokenizer when the client has one
+(``tokenizer.convert_tokens_to_ids(name)``). This is exact when the server sends the
+vocabulary's own spelling of the token (``"ĠHello"``) and approximate otherwise: a server
+that sends the decoded text (``" Hello"``) gets no id for tokens whose spelling differs from
+their text, and a decoded text that happens to spell another vocabulary entry gets that
+entry's id. A name the vocabulary lacks stays -1 (also when the tokenizer would answer with
+its unknown-token id: that id is a real token, e.g. GPT-2's ``<|endoftext|>``, so a -1 is
+more honest), as does every text name when no tokenizer can be loaded.
 
 Token ids
 ---------
@@ -65,6 +84,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -118,20 +138,50 @@ class _Choice:
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
 
-    def add_logprobs(self, lp: dict[str, Any], k: int) -> None:
-        """Append one chunk's ``logprobs`` (token_logprobs, top_logprobs) to the choice."""
+    def add_logprobs(self, lp: dict[str, Any], k: int, token_id: Callable[[str], int]) -> None:
+        """Append one chunk's ``logprobs`` (token_logprobs, top_logprobs) to the choice;
+        ``token_id`` turns a token's name into its id (-1 when unknown)."""
         for chosen, top in zip(lp.get("token_logprobs") or [], lp.get("top_logprobs") or [],
                                strict=False):
             ranked = sorted((top or {}).items(), key=lambda kv: -kv[1])[:k]
             self.token_logprobs.append(float("nan") if chosen is None else float(chosen))
-            self.top_ids.append([_token_id(t) for t, _ in ranked])
+            self.top_ids.append([token_id(t) for t, _ in ranked])
             self.top_logprobs.append([float(v) for _, v in ranked])
+
+
+TOKEN_ID_PREFIX = "token_id:"
 
 
 def _token_id(token: str) -> int:
     """The id of a ``token_id:<id>`` name (vLLM's return_tokens_as_token_ids), else -1."""
     head, _, tail = token.partition(":")
     return int(tail) if head == "token_id" and tail.lstrip("-").isdigit() else -1
+
+
+def _vocab_id(tokenizer: Any, token: str) -> int:
+    """The id of a text-named token in the tokenizer's vocabulary, else -1.
+
+    ``convert_tokens_to_ids`` looks the name up as a vocabulary entry (exact for the
+    vocabulary's own spelling); an answer of None, a negative id or the unknown-token id for
+    a name other than the unknown token itself counts as not found.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "convert_tokens_to_ids"):
+        return -1
+    try:
+        tid = tokenizer.convert_tokens_to_ids(token)
+    except Exception:  # noqa: BLE001 - a name the tokenizer cannot look up has no id
+        return -1
+    if not isinstance(tid, int) or tid < 0:
+        return -1
+    if tid == getattr(tokenizer, "unk_token_id", None) and token != getattr(
+            tokenizer, "unk_token", None):
+        return -1
+    return tid
+
+
+def _rejected(error: str) -> bool:
+    """Whether a failed request was refused as malformed (an unknown field, say)."""
+    return "HTTP 400" in error or "HTTP 422" in error
 
 
 class CompletionClient:
@@ -144,9 +194,14 @@ class CompletionClient:
         self._transport = transport  # tests pass an httpx.MockTransport
         self.base_url = settings.base_url.rstrip("/")
         self.return_token_ids = True
+        self.token_id_names = True  # send return_tokens_as_token_ids (with logprobs)
+        self.logprob_token_names: str | None = None  # "token_id" | "text" once negotiated
+        self._saw_text_names = False
+        self._text_ids: dict[str, int] = {}
         self.token_ids_source = "server"
         self._tokenizer_loader = tokenizer_loader
         self._tokenizer: Any = None
+        self._tokenizer_tried = False
         self._loop = asyncio.new_event_loop()
         self._http: httpx.AsyncClient | None = None
         self.system_fingerprint: str | None = None
@@ -211,7 +266,8 @@ class CompletionClient:
             body["return_token_ids"] = True
         if self.s.logprobs:
             body["logprobs"] = self.s.logprobs
-            body["return_tokens_as_token_ids"] = True
+            if self.token_id_names:
+                body["return_tokens_as_token_ids"] = True
         return body
 
     async def _attempt(self, prompt: str | list[str], n: int,
@@ -253,7 +309,8 @@ class CompletionClient:
                             ch.got_ids = True
                             ch.token_ids.extend(int(t) for t in c["token_ids"])
                         if self.s.logprobs and c.get("logprobs"):
-                            ch.add_logprobs(c["logprobs"], self.s.logprobs)
+                            ch.add_logprobs(c["logprobs"], self.s.logprobs,
+                                            self._logprob_token_id)
                         if c.get("finish_reason"):
                             ch.finish_reason = c["finish_reason"]
                             ch.t_done = now
@@ -317,18 +374,34 @@ class CompletionClient:
             res.top_logprobs = ch.top_logprobs
         return res
 
-    def _retokenize(self, text: str) -> list[int]:
-        if self.token_ids_source == "server":
-            self.token_ids_source = "unavailable"
+    def _get_tokenizer(self) -> Any:
+        """The model's tokenizer, loaded on first use; None when there is none."""
+        if not self._tokenizer_tried:
+            self._tokenizer_tried = True
             if self._tokenizer_loader is not None:
                 try:
                     self._tokenizer = self._tokenizer_loader()
-                    self.token_ids_source = "client_tokenizer"
-                except Exception:  # noqa: BLE001 - recorded as 'unavailable'
+                except Exception:  # noqa: BLE001 - no tokenizer: callers fall back
                     self._tokenizer = None
+        return self._tokenizer
+
+    def _retokenize(self, text: str) -> list[int]:
+        if self.token_ids_source == "server":
+            self.token_ids_source = ("unavailable" if self._get_tokenizer() is None
+                                     else "client_tokenizer")
         if self._tokenizer is None:
             return []
         return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def _logprob_token_id(self, name: str) -> int:
+        """A logprobs token name as an id: ``token_id:<id>``, else the text looked up in
+        the tokenizer's vocabulary (see the module docstring), else -1."""
+        if name.startswith(TOKEN_ID_PREFIX):
+            return _token_id(name)
+        self._saw_text_names = True
+        if name not in self._text_ids:
+            self._text_ids[name] = _vocab_id(self._get_tokenizer(), name)
+        return self._text_ids[name]
 
     # ---- groups ---------------------------------------------------------------------------
 
@@ -418,19 +491,52 @@ class CompletionClient:
         """Synchronous wrapper around :meth:`run_group_async`."""
         return self._run(self.run_group_async(group, condition))
 
+    def _negotiate(self, max_tokens: int) -> Result:
+        """One warm-up request, asked again without the vLLM-only fields that a server
+        rejects (HTTP 400/422): first without ``return_tokens_as_token_ids``, then without
+        ``return_token_ids``, then without both. Keeps the first answered combination and,
+        with logprobs, settles ``logprob_token_names``; returns the last result."""
+        ids_options = (True, False) if self.return_token_ids else (False,)
+        names_options = ((True, False) if self.s.logprobs and self.token_id_names
+                         else (self.token_id_names,))
+        self._saw_text_names = False
+        res = None
+        for ids, names in itertools.product(ids_options, names_options):
+            self.return_token_ids, self.token_id_names = ids, names
+            res = self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0]
+            if not res.error or not _rejected(res.error):
+                break
+        assert res is not None
+        if self.s.logprobs and not res.error:
+            by_text = not self.token_id_names or self._saw_text_names
+            self.logprob_token_names = "text" if by_text else "token_id"
+            if by_text:
+                self._get_tokenizer()  # load it now, not inside a timed request
+        return res
+
+    def _warmup_failed(self, res: Result) -> BatchflipError:
+        return BatchflipError(f"warm-up request to {self.base_url}/v1/completions failed: "
+                              f"{res.error}")
+
     def warmup(self, n: int = 3, max_tokens: int = 8) -> None:
         """``n`` sequential unrecorded requests; detects whether token ids are returned.
 
-        A server that rejects ``return_token_ids`` (HTTP 400/422) is asked again without it.
-        Raises BatchflipError when the server cannot answer at all.
+        A server that rejects ``return_token_ids`` or ``return_tokens_as_token_ids`` (HTTP
+        400/422) is asked again without them (:meth:`_negotiate`). Raises BatchflipError
+        when the server cannot answer at all.
         """
         for i in range(n):
-            res = self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0]
-            if res.error and i == 0 and self.return_token_ids and (
-                    "HTTP 400" in res.error or "HTTP 422" in res.error):
-                self.return_token_ids = False
-                res = self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0]
+            res = (self._negotiate(max_tokens) if i == 0
+                   else self._run(self._request(WARMUP_PROMPT, 1, max_tokens))[0])
             if res.error:
-                raise BatchflipError(f"warm-up request to {self.base_url}/v1/completions "
-                                     f"failed: {res.error}")
+                raise self._warmup_failed(res)
         self.warmed_up = True
+
+    def negotiate_logprobs(self, max_tokens: int = 8) -> None:
+        """Settle ``logprob_token_names`` with one unrecorded request when logprobs were
+        switched on after the warm-up (a later study of a shared server job); a no-op when
+        logprobs are off or already settled."""
+        if self.s.logprobs and self.logprob_token_names is None:
+            res = self._negotiate(max_tokens)
+            if res.error:
+                raise self._warmup_failed(res)

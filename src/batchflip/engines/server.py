@@ -33,7 +33,9 @@ separately), the ``VLLM_*``, ``OMP_*`` and ISA-override environment, ``host``
 vector ISA flags, ATen's CPU capability; on GPU the card, compute capability, driver, CUDA
 runtime and cuDNN; torch, vLLM, triton and flash-attn versions), ``flash_attn`` (vLLM's
 vendored flash-attention: FA2/FA3 availability and the version vLLM picks by default),
-vLLM's ``system_fingerprint`` (a hash of its engine config) and how token ids were obtained.
+vLLM's ``system_fingerprint`` (a hash of its engine config), how token ids were obtained
+and, with logprobs, how the server named the tokens (``client.logprob_token_names``:
+``token_id`` or ``text``, :mod:`batchflip.engines.openai_client`).
 Nothing run-specific (port, pid, log path, time, free memory) is included, so a resumed job
 gets the same stack id.
 """
@@ -93,7 +95,8 @@ class ServerEngine:
                 "client": {"endpoint": "/v1/completions", "stream": True,
                            "temperature": 0.0,
                            "return_token_ids": self.client.return_token_ids,
-                           **({"logprobs": self.client.s.logprobs}
+                           **({"logprobs": self.client.s.logprobs,
+                               "logprob_token_names": self.client.logprob_token_names}
                               if self.client.s.logprobs else {})}}
 
     def use_request_settings(self, params: dict[str, Any]) -> None:
@@ -102,6 +105,8 @@ class ServerEngine:
         (batchflip.layout.LAUNCH_KEYS)."""
         self.client.s.max_tokens = int(params["max_new_tokens"])
         self.client.s.logprobs = int(params.get("logprobs", 0))
+        if self.client.warmed_up:  # logprobs switched on after the warm-up: settle names
+            self.client.negotiate_logprobs()
 
     def run_group(self, group: Group, condition: Condition) -> list[Result]:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
