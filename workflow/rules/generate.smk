@@ -57,6 +57,9 @@ for _job in server_jobs():
             model_dir=lambda w: model_dir(w.model),
             jobs=lambda w, output, _j=_job: server_job_args(_j, w.model, output),
         threads: max(study_threads(_study) for _study, _ in _job.parts)
+        # a server job is the longest job of a study: start it as soon as its model is
+        # there, so that shorter jobs fill the other cores beside it
+        priority: 1
         resources:
             gpu=max(study_gpu(_study) for _study, _ in _job.parts),
         conda:

@@ -27,6 +27,7 @@ rule model:
         out=lambda w: f"resources/models/{w.model}",
     conda:
         "../../envs/generation.yaml"
+    priority: 2  # the long poles first: every generation job waits for its model
     log:
         "results/logs/model/{model}.log",
     benchmark:
