@@ -28,11 +28,19 @@ check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.ya
 # unset, i.e. unconstrained, and GPU-less runs proceed as before. Cluster executors size
 # each job's request instead (profiles/slurm). Each job leases its own device
 # (batchflip.gpu_lease).
+#
+# A vLLM server launched on the CPU (no GPU here) takes about 1.6 cores whatever its
+# `threads` (API server, engine core, streaming client): two side by side starve each other
+# and every job beside them. Such jobs declare `vllm_cpu_server=1`, and on a machine
+# without GPUs one runs at a time (unless `--resources vllm_cpu_server=N` says otherwise),
+# while shorter jobs use the other core.
 if workflow.local_exec and "gpu" not in workflow.global_resources:
     from batchflip.gpu_lease import visible_devices  # noqa: E402
 
     if _gpus := len(visible_devices()):
         workflow.register_resource("gpu", _gpus)
+    elif "vllm_cpu_server" not in workflow.global_resources:
+        workflow.register_resource("vllm_cpu_server", 1)
 
 
 wildcard_constraints:

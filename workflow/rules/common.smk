@@ -282,6 +282,23 @@ def ablation_runs(study):
 # A job that loads a model on an accelerator declares `gpu=1` (hf generate, vllm server
 # jobs, Study D reruns); openai jobs and vllm with server.base_url launch nothing (gpu=0).
 # Locally the Snakefile caps them at the GPU count it finds; each job leases its own device.
+def _launches(engine, server):
+    return int(engine == "vllm" and not (server or {}).get("base_url"))
+
+
+def launches_server(study):
+    """1 when a study's generation job launches a vLLM server (engine vllm without
+    server.base_url; the Snakefile caps such jobs at one at a time on a machine without
+    GPUs), else 0."""
+    return _launches(study_cfg(study)["engine"], study_cfg(study).get("server"))
+
+
+def ablation_launches_server(wildcards):
+    """launches_server for Study D reruns: the ablation's engine, its source's server."""
+    src = study_cfg(ablation_source(wildcards.study))
+    return _launches(study_cfg(wildcards.study)["engine"], src.get("server"))
+
+
 def study_gpu(study):
     """1 when a generation study's jobs load a model on an accelerator, else 0."""
     from batchflip.gpu_lease import needs_gpu

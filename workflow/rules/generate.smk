@@ -62,6 +62,7 @@ for _job in server_jobs():
         priority: 1
         resources:
             gpu=max(study_gpu(_study) for _study, _ in _job.parts),
+            vllm_cpu_server=max(launches_server(_study) for _study, _ in _job.parts),
         conda:
             "../../envs/generation.yaml"
         log:

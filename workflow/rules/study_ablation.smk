@@ -55,6 +55,7 @@ rule ablation_generate:
     threads: lambda w: study_threads(ablation_source(w.study))
     resources:
         gpu=ablation_gpu,
+        vllm_cpu_server=ablation_launches_server,
     conda:
         "../../envs/generation.yaml"
     log:
