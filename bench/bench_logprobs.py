@@ -23,6 +23,7 @@ from pathlib import Path
 import yaml
 
 from batchflip.battery import build_battery
+from batchflip.design import select_subset
 from batchflip.generate import make_engine, run_job
 
 
@@ -38,7 +39,8 @@ def main() -> None:
     study = cfg["studies"]["a" if args.engine == "hf" else "a_vllm"]
     params = {k: v for k, v in study.items() if k not in ("kind", "models", "conditions")}
     params.update(study="bench", model="smollm2-135m", logprobs=0)
-    battery = build_battery(["resources/battery/default"])
+    battery = select_subset(build_battery(["resources/battery/default"]),
+                            params.pop("subset", None))  # the study's own prompts
     battery = battery.head(args.limit) if args.limit else battery
     engine = make_engine(params, args.model)
     times: dict[int, list[float]] = {0: [], 2: []}
@@ -49,7 +51,7 @@ def main() -> None:
                     if args.engine == "hf":
                         engine.logprobs = k
                     else:
-                        engine.client.s.logprobs = k
+                        engine.use_request_settings({**params, "logprobs": k})
                     out = Path(tmp) / f"{i}_{k}.parquet"
                     t0 = time.perf_counter()
                     run_job(battery, {**params, "logprobs": k}, args.condition, args.model,
