@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from batchflip import platform_facts as pf
 from batchflip.generate import stack_fingerprint
 
@@ -128,3 +130,51 @@ def test_hf_fingerprint_names_this_cpu(model_dir):
         __import__("torch").backends.cpu.get_cpu_capability()
     assert "gpu" not in fp["host"]  # a CPU run records no GPU facts
     engine.close()
+
+
+# dtype: auto. Oracles: the CPUs' published ISA (Xeon Gold 6248, Cascade Lake: AVX-512 VNNI,
+# no BF16; EPYC 9454, Zen 4: AVX512_BF16; Graviton3: ARM BF16) and NVIDIA's compute
+# capabilities (bf16 tensor cores from Ampere, 8.0; Turing 7.5 has none).
+@pytest.mark.parametrize(("cpuinfo", "machine", "env", "cc", "want"), [
+    (EPYC, "x86_64", {}, None, "bfloat16"),
+    (XEON, "x86_64", {}, None, "float32"),
+    (GRAVITON, "aarch64", {}, None, "bfloat16"),
+    # oneDNN capped below its bf16 ISA on a bf16 CPU: bf16 is emulated there too
+    (EPYC, "x86_64", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, None, "float32"),
+    (EPYC, "x86_64", {"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, None, "bfloat16"),
+    (XEON, "x86_64", {}, "9.0", "bfloat16"),   # an H100 on a Cascade Lake host
+    (EPYC, "x86_64", {}, "7.5", "float16"),    # a T4: no bf16 tensor cores
+])
+def test_dtype_auto_is_bf16_only_where_it_is_native(cpuinfo, machine, env, cc, want):
+    cpu = pf.parse_cpuinfo(cpuinfo, machine)
+    if env:
+        cpu["isa_env"] = env
+    assert pf.resolve_dtype("auto", cpu, cc) == want
+    assert pf.resolve_dtype("float16", cpu, cc) == "float16"  # an explicit dtype stays
+
+
+def test_vllm_launch_resolves_dtype_auto_from_the_servers_host():
+    from batchflip.engines.vllm_launch import build_launch
+
+    params = {"engine": "vllm", "dtype": "auto", "max_new_tokens": 4, "seed": 1,
+              "study": "t", "model": "m", "server": {}}
+    probe = {"vllm_version": "0", "device_type": "cpu", "device": "FakeCPU",
+             "compute_capability": None, "attention_backend_env": False,
+             "batch_invariant_env": True}
+    for cpuinfo, want in ((XEON, "float32"), (EPYC, "bfloat16")):
+        host = {"cpu": pf.parse_cpuinfo(cpuinfo, "x86_64")}
+        argv, _, _ = build_launch(params, "/m", 1, {**probe, "host": host})
+        assert argv[argv.index("--dtype") + 1] == want
+
+
+def test_hf_engine_records_the_resolved_dtype_of_auto(model_dir, monkeypatch):
+    from batchflip.engines import hf
+
+    monkeypatch.setattr(hf, "cpu_facts", lambda: pf.parse_cpuinfo(XEON, "x86_64"))
+    engine = hf.HFEngine(str(model_dir), "auto", 4, 42, device="cpu")
+    fp = engine.fingerprint()
+    assert fp["dtype"] == "float32" and fp["dtype_rule"] == "auto"
+    assert next(engine.model.parameters()).dtype == __import__("torch").float32
+    engine.close()
+    explicit = hf.HFEngine(str(model_dir), "bfloat16", 4, 42, device="cpu").fingerprint()
+    assert explicit["dtype"] == "bfloat16" and "dtype_rule" not in explicit

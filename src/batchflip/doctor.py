@@ -24,10 +24,8 @@ from typing import Any
 
 from batchflip import platform_facts
 from batchflip.engines.vllm_launch import MIN_BATCH_INVARIANT_CC
+from batchflip.platform_facts import native_bf16
 
-# ISA flags that give native bf16 matrix arithmetic on the CPU (x86 AVX512-BF16 / AMX,
-# ARM BF16): without them torch emulates bf16 and the default hf run is several times slower
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16", "svebf16")
 PAPER_BATTERY = "../shared/data/paper_battery"
 GPU_QUERY = "name,compute_cap,memory.total,memory.free,driver_version"
 
@@ -70,11 +68,6 @@ def gather(battery: str = PAPER_BATTERY) -> dict[str, Any]:
             "torch": _version("torch"), "snakemake": _version("snakemake"),
             "slurm_plugin": _version("snakemake-executor-plugin-slurm"),
             "paper_battery": Path(battery).is_dir()}
-
-
-def native_bf16(cpu: dict[str, Any]) -> bool:
-    """True when the CPU has bf16 matrix instructions (see :data:`NATIVE_BF16_FLAGS`)."""
-    return any(flag in cpu.get("isa", []) for flag in NATIVE_BF16_FLAGS)
 
 
 def batch_invariant_gpus(facts: dict[str, Any]) -> list[str]:

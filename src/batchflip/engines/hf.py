@@ -5,6 +5,10 @@ Synchronized and true batching are the same thing here: one left-padded greedy
 There is no continuous-batching scheduler and no request stream, so ``stagger`` and
 ``conc`` conditions are refused.
 
+``dtype: auto`` resolves on the device: bfloat16 where it is native (a CPU with AVX512-BF16,
+AMX or ARM BF16; a GPU of compute capability >= 8.0), else float32 (CPU) or float16 (GPU);
+the fingerprint records the resolved dtype and ``dtype_rule: auto``.
+
 Kernel modes: ``standard`` (whatever transformers/torch pick) and ``batch_invariant``
 (``batchflip.engines.invariant``: a fixed-order forward whose result for a sequence does
 not depend on the rest of the batch).
@@ -25,7 +29,7 @@ import torch
 from batchflip.conditions import CONC, Condition
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
-from batchflip.platform_facts import host_facts
+from batchflip.platform_facts import cpu_facts, host_facts, resolve_dtype
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -52,11 +56,15 @@ class HFEngine:
                  threads: int | None = None, logprobs: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if dtype not in DTYPES:
-            raise BatchflipError(f"dtype '{dtype}': must be one of {sorted(DTYPES)}")
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype_rule = dtype  # "auto" resolves per device (platform_facts.resolve_dtype)
+        cuda = self.device.startswith("cuda")
+        dtype = resolve_dtype(dtype, cpu_facts(), ".".join(
+            map(str, torch.cuda.get_device_capability(self.device))) if cuda else None)
+        if dtype not in DTYPES:
+            raise BatchflipError(f"dtype '{dtype}': must be one of {sorted(DTYPES)} or auto")
         self.dtype, self.max_new_tokens, self.seed = dtype, max_new_tokens, seed
         self.kernel_mode, self.logprobs = kernel_mode, int(logprobs)
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -93,6 +101,7 @@ class HFEngine:
             if cuda else None,
             "host": host,
             "dtype": self.dtype,
+            **({"dtype_rule": "auto"} if self.dtype_rule == "auto" else {}),
             "attention_backend": getattr(self.model.config, "_attn_implementation", None),
             "kernel_mode": self.kernel_mode,
             "kernel_flags": self.kernel_flags,

@@ -273,6 +273,15 @@ def launch_settings(params: dict[str, Any], probe: dict[str, Any]) -> dict[str, 
             "kv_cache_space_gib": cfg["kv_cache_space_gib"]}
 
 
+def launch_dtype(params: dict[str, Any], probe: dict[str, Any]) -> str:
+    """The study's dtype, with ``auto`` resolved from the server interpreter's host facts
+    (platform_facts.resolve_dtype: bfloat16 where native, else float32 on a CPU, float16
+    on a GPU older than compute capability 8.0)."""
+    cpu = (probe.get("host") or {}).get("cpu") or {}
+    cc = probe.get("compute_capability") if probe.get("device_type") != "cpu" else None
+    return platform_facts.resolve_dtype(str(params["dtype"]), cpu, cc)
+
+
 def server_environ(env: dict[str, str | None]) -> dict[str, str]:
     """This process's environment with ``env`` applied (a None value unsets the variable)."""
     full = dict(os.environ)
@@ -299,7 +308,8 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
     python = cfg["python"] or sys.executable
     prefix = list(cfg["command"]) if cfg["command"] else [
         python, "-m", "vllm.entrypoints.openai.api_server"]
-    flags = ["--dtype", str(params["dtype"]), "--max-model-len", str(cfg["max_model_len"]),
+    flags = ["--dtype", launch_dtype(params, probe),
+             "--max-model-len", str(cfg["max_model_len"]),
              "--seed", str(int(params["seed"]))]
     if eff["gpu_memory_utilization"] != "vLLM default":
         flags += ["--gpu-memory-utilization", str(eff["gpu_memory_utilization"])]
