@@ -295,12 +295,17 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
             assert res.get("gpu", "0") == "0", (rule, outs, res)
             assert res.get("slurm_partition") == "cpu", (rule, outs, res)
     server_rules = {r for r, _, _ in jobs if r.startswith("generate_server_")}
-    assert "generate_server_remote" in server_rules  # the openai study: planned, on the CPU
-    assert gpu_rules == {"ablation_generate"} | server_rules - {"generate_server_remote"}
+
+    def studies_of(rule: str) -> list[str]:
+        return re.sub(r"_[0-9]+$", "", rule)[len("generate_server_"):].split("__")
+
+    # openai studies (the remote one, a_quant's Ollama endpoint): planned, on the CPU
+    cpu_servers = {r for r in server_rules if not any(map(loads_model, studies_of(r)))}
+    assert {"generate_server_remote", "generate_server_a_quant"} <= cpu_servers
+    assert gpu_rules == {"ablation_generate"} | (server_rules - cpu_servers)
     # every GPU server study runs in some server rule: generate_server_<study>[__<study>...]
     # with _<i> when scopes split the models into several condition lists
-    served = {st for r in gpu_rules - {"ablation_generate"}
-              for st in re.sub(r"_[0-9]+$", "", r)[len("generate_server_"):].split("__")}
+    served = {st for r in gpu_rules - {"ablation_generate"} for st in studies_of(r)}
     assert {"a", "ae", "b", "c"} <= served, sorted(gpu_rules)
 
 
