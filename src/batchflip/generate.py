@@ -28,6 +28,7 @@ from batchflip.engines import Engine, Group, Member, Result, StreamEngine
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import lease_for
 from batchflip.io import write_json, write_parquet
+from batchflip.layout import SERVER_ENGINES, launch_key
 from batchflip.model import model_fingerprint
 from batchflip.prompts import format_prompts
 from batchflip.records import GENERATION_COLUMNS, LOGPROB_COLUMNS
@@ -261,8 +262,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def _check_parts(parts: list[dict[str, Any]]) -> None:
     """Parts share one engine only on a server engine and with the same launch settings."""
-    from batchflip.layout import SERVER_ENGINES, launch_key
-
     if len(parts) < 2:
         return
     first = parts[0]

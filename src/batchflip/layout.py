@@ -196,29 +196,27 @@ def server_jobs(config: Config) -> list[ServerJob]:
     """
     if config.get("restore"):
         return []
-    per_model: dict[str, dict[str, list[tuple[str, list[str]]]]] = {}
+    # (model, launch key, stage) -> its parts; the stage keeps a study apart from its source
+    shared: dict[tuple[str, str, int], list[tuple[str, tuple[str, ...]]]] = {}
     for study, s in config["studies"].items():
         if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
             continue  # ablation reruns have rules of their own (study_ablation.smk)
         for m in s["models"]:
-            conds = conditions_of(config, study, m)
+            conds = tuple(conditions_of(config, study, m))
             key = launch_key(generation_settings(config, study, m, conds))
-            key += f"|stage {_stage(config, study)}"  # never share with a study it needs
-            per_model.setdefault(m, {}).setdefault(key, []).append((study, conds))
-    signatures: dict[str, list[str]] = {}
-    for m, by_key in per_model.items():
-        for key, parts in by_key.items():
-            sig = json.dumps([key, parts])
-            signatures.setdefault(sig, []).append(m)
+            shared.setdefault((m, key, _stage(config, study)), []).append((study, conds))
+    # models whose launch key and parts agree share one rule
+    rules: dict[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], list[str]] = {}
+    for (m, key, _), parts in shared.items():
+        rules.setdefault((key, tuple(parts)), []).append(m)
     named: dict[str, list[tuple[list[str], list[tuple[str, list[str]]]]]] = {}
-    for sig, models in signatures.items():
-        parts = [(st, list(c)) for st, c in json.loads(sig)[1]]
+    for (_, parts), models in rules.items():
         base = "generate_server_" + "__".join(st for st, _ in parts)
-        named.setdefault(base, []).append((models, parts))
+        named.setdefault(base, []).append((models, [(st, list(c)) for st, c in parts]))
     out = []
     for base, jobs in named.items():
-        for i, (models, parts) in enumerate(jobs):
-            out.append(ServerJob(base + (f"_{i}" if len(jobs) > 1 else ""), models, parts))
+        for i, (models, job_parts) in enumerate(jobs):
+            out.append(ServerJob(base + (f"_{i}" if len(jobs) > 1 else ""), models, job_parts))
     return out
 
 

@@ -96,15 +96,10 @@ def server_jobs():
     return layout.server_jobs(config)
 
 
-def server_job_settings(job, model):
-    """The generation settings of every part of a server job, as one JSON params value
-    (a change in any part reruns the job: its studies share the server)."""
-    return json.dumps([layout.generation_settings(config, study, model, conds)
-                       for study, conds in job.parts], sort_keys=True)
-
-
 def server_job_args(job, model, output):
-    """Per part: --battery and --params, then its --condition/--out/--stack-out triples."""
+    """Per part: --battery and --params, then its --condition/--out/--stack-out triples.
+    As a params value it carries every part's generation settings, so a change in any part
+    reruns the job (its studies share the server)."""
     args, i = [], 0
     for study, conds in job.parts:
         settings = gen_settings(study, model, conds)
@@ -282,21 +277,28 @@ def ablation_runs(study):
 # A job that loads a model on an accelerator declares `gpu=1` (hf generate, vllm server
 # jobs, Study D reruns); openai jobs and vllm with server.base_url launch nothing (gpu=0).
 # Locally the Snakefile caps them at the GPU count it finds; each job leases its own device.
-def _launches(engine, server):
-    return int(engine == "vllm" and not (server or {}).get("base_url"))
-
-
 def launches_server(study):
-    """1 when a study's generation job launches a vLLM server (engine vllm without
-    server.base_url; the Snakefile caps such jobs at one at a time on a machine without
-    GPUs), else 0."""
-    return _launches(study_cfg(study)["engine"], study_cfg(study).get("server"))
+    """1 when a study's generation job launches a vLLM server (a vllm study that loads its
+    model, gpu_lease.needs_gpu; the Snakefile caps such jobs at one at a time on a machine
+    without GPUs), else 0."""
+    from batchflip.gpu_lease import needs_gpu
+
+    s = study_cfg(study)
+    return int(s["engine"] == "vllm" and needs_gpu(s))
+
+
+def _ablation_serving(wildcards):
+    """What a Study D rerun serves with: the ablation's engine, its source's server."""
+    src = study_cfg(ablation_source(wildcards.study))
+    return {"engine": study_cfg(wildcards.study)["engine"], "server": src.get("server")}
 
 
 def ablation_launches_server(wildcards):
-    """launches_server for Study D reruns: the ablation's engine, its source's server."""
-    src = study_cfg(ablation_source(wildcards.study))
-    return _launches(study_cfg(wildcards.study)["engine"], src.get("server"))
+    """launches_server for Study D reruns."""
+    from batchflip.gpu_lease import needs_gpu
+
+    serving = _ablation_serving(wildcards)
+    return int(serving["engine"] == "vllm" and needs_gpu(serving))
 
 
 def study_gpu(study):
@@ -310,9 +312,7 @@ def ablation_gpu(wildcards):
     """Study D reruns run with the ablation's engine and its source's server settings."""
     from batchflip.gpu_lease import needs_gpu
 
-    src = study_cfg(ablation_source(wildcards.study))
-    return int(needs_gpu({"engine": study_cfg(wildcards.study)["engine"],
-                          "server": src.get("server")}))
+    return int(needs_gpu(_ablation_serving(wildcards)))
 
 
 def inherit_profile_settings(name, family):

@@ -53,7 +53,6 @@ for _job in server_jobs():
         wildcard_constraints:
             model="|".join(re.escape(m) for m in _job.models),
         params:
-            settings=lambda w, _j=_job: server_job_settings(_j, w.model),
             model_dir=lambda w: model_dir(w.model),
             jobs=lambda w, output, _j=_job: server_job_args(_j, w.model, output),
         threads: max(study_threads(_study) for _study, _ in _job.parts)

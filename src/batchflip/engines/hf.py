@@ -60,9 +60,10 @@ class HFEngine:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype_rule = dtype  # "auto" resolves per device (platform_facts.resolve_dtype)
-        cuda = self.device.startswith("cuda")
-        dtype = resolve_dtype(dtype, cpu_facts(), ".".join(
-            map(str, torch.cuda.get_device_capability(self.device))) if cuda else None)
+        if dtype == "auto":  # the host facts are read only when the rule needs them
+            cuda = self.device.startswith("cuda")
+            dtype = resolve_dtype(dtype, cpu_facts(), ".".join(
+                map(str, torch.cuda.get_device_capability(self.device))) if cuda else None)
         if dtype not in DTYPES:
             raise BatchflipError(f"dtype '{dtype}': must be one of {sorted(DTYPES)} or auto")
         self.dtype, self.max_new_tokens, self.seed = dtype, max_new_tokens, seed
