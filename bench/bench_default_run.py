@@ -30,6 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# environment variables that cap the instruction set torch/oneDNN use (an emulated older CPU:
+# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI has no bf16 instructions); recorded in the summary
+ISA_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
 
 
 def cpu_model() -> str:
@@ -55,6 +58,47 @@ def job_table(results: Path) -> list[dict[str, object]]:
         rows.append({"job": job, "family": job.split("/", 1)[0], "s": round(float(last["s"]), 1),
                      "cpu_time": round(float(last.get("cpu_time") or 0.0), 1)})
     return sorted(rows, key=lambda r: -float(r["s"]))  # type: ignore[arg-type]
+
+
+def timeline(log: str) -> list[dict[str, object]]:
+    """Start and end (seconds from the first job) of every job in a Snakemake log: a
+    ``[date]`` line, then ``rule``/``localrule NAME:`` and ``jobid: N`` start a job, and a
+    ``[date]`` line, then ``Finished jobid: N`` ends it."""
+    stamp, t0 = None, None
+    starts: dict[str, tuple[str, float]] = {}
+    jobs: list[dict[str, object]] = []
+    rule = None
+    for line in log.splitlines():
+        text = line.strip()
+        if text.startswith("[") and text.endswith("]"):
+            try:
+                stamp = time.mktime(time.strptime(text[1:-1], "%a %b %d %H:%M:%S %Y"))
+            except ValueError:
+                continue
+            t0 = stamp if t0 is None else t0
+        elif text.endswith(":") and text.split(" ")[0] in ("rule", "localrule"):
+            rule = text.split(" ", 1)[1][:-1]
+        elif text.startswith("jobid:") and rule is not None and stamp is not None:
+            starts[text.split(":", 1)[1].strip()] = (rule, stamp)
+            rule = None
+        elif text.startswith("Finished jobid:") and stamp is not None and t0 is not None:
+            jobid = text.split(":", 1)[1].split("(")[0].strip()
+            if jobid in starts:
+                name, begun = starts.pop(jobid)
+                jobs.append({"rule": name, "jobid": int(jobid), "start": begun - t0,
+                             "end": stamp - t0})
+    return sorted(jobs, key=lambda j: j["start"])  # type: ignore[arg-type,return-value]
+
+
+def occupancy(jobs: list[dict[str, object]]) -> dict[str, float]:
+    """Seconds of the run with 0, 1, 2, ... jobs running (from :func:`timeline`)."""
+    edges = sorted({float(j["start"]) for j in jobs} | {float(j["end"]) for j in jobs})  # type: ignore[arg-type]
+    seconds: dict[str, float] = {}
+    for lo, hi in zip(edges, edges[1:], strict=False):
+        mid = (lo + hi) / 2
+        running = sum(1 for j in jobs if float(j["start"]) <= mid < float(j["end"]))  # type: ignore[arg-type]
+        seconds[str(running)] = seconds.get(str(running), 0.0) + hi - lo
+    return {k: round(v, 1) for k, v in sorted(seconds.items())}
 
 
 def one_run(keep: bool, cores: str) -> tuple[float, Path]:
@@ -94,7 +138,11 @@ def main() -> int:
     ap.add_argument("--from-run", type=Path, help="summarise this checkout's results/ only")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    summary: dict[str, object] = {"cpu": cpu_model(), "cpus": os.cpu_count()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip()
+    isa_env = {k: os.environ[k] for k in ISA_ENV_VARS if k in os.environ}
+    summary: dict[str, object] = {"cpu": cpu_model(), "cpus": os.cpu_count(),
+                                  "commit": commit, "isa_env": isa_env}
     if args.from_run:
         summary.update(summarise(job_table(args.from_run / "results")))
     else:
@@ -106,6 +154,8 @@ def main() -> int:
         summary.update(runs_s=walls, median_s=statistics.median(walls))
         assert clone is not None
         summary.update(summarise(job_table(clone / "results")))
+        jobs = timeline((clone.parent / "snakemake.log").read_text())
+        summary["jobs_running_s"] = occupancy(jobs)  # seconds with 0, 1, 2, ... jobs running
     print(json.dumps(summary, indent=2))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -114,6 +114,35 @@ def test_launch_flags_per_key(server, probe, present, absent):
     assert (util == "vLLM default") == ("--gpu-memory-utilization" not in flags)
 
 
+def test_cpu_default_executor_runs_the_model_in_the_engine_core_with_study_threads():
+    params = {**_params(), "threads": 3}
+    argv, env, flags = srv.build_launch(params, "m", 1, FAKE_CPU_PROBE)
+    assert "--distributed-executor-backend uni" in " ".join(flags)
+    # vLLM's CPU platform turns "uni" into "mp" unless multiprocessing is off
+    assert env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert env["OMP_NUM_THREADS"] == "3"
+    assert srv.launch_settings(params, FAKE_CPU_PROBE)["executor"] == "uni"
+    # no threads in the study: one, as the Snakemake job asks for (layout.job_threads)
+    assert srv.build_launch(_params(), "m", 1, FAKE_CPU_PROBE)[1]["OMP_NUM_THREADS"] == "1"
+
+
+def test_mp_executor_keeps_vllm_thread_binding(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # as Snakemake exports it to the job
+    argv, env, flags = srv.build_launch(_params(executor="mp"), "m", 1, FAKE_CPU_PROBE)
+    assert "--distributed-executor-backend mp" in " ".join(flags)
+    assert env["OMP_NUM_THREADS"] is None  # unset: vLLM sizes its worker's pool
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in env
+
+
+def test_gpu_executor_is_vllms_own_unless_given():
+    argv, env, flags = srv.build_launch(_params(), "m", 1, FAKE_GPU_PROBE)
+    assert "--distributed-executor-backend" not in flags
+    assert not {"OMP_NUM_THREADS", "VLLM_ENABLE_V1_MULTIPROCESSING"} & set(env)
+    assert srv.launch_settings(_params(), FAKE_GPU_PROBE)["executor"] == "vLLM default"
+    flags = srv.build_launch(_params(executor="uni"), "m", 1, FAKE_GPU_PROBE)[2]
+    assert "--distributed-executor-backend uni" in " ".join(flags)
+
+
 def test_schema_lists_every_server_key():
     import yaml
 
@@ -1056,10 +1085,15 @@ def test_cpu_launch_drops_inherited_thread_counts(monkeypatch):
     # inherit it (two spinning threads on one bound core: ~400x slower, measured)
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("MKL_NUM_THREADS", "2")
-    _, env, _ = srv.build_launch(_params(), "/models/x", 4321, FAKE_CPU_PROBE)
+    _, env, _ = srv.build_launch(_params(executor="mp"), "/models/x", 4321, FAKE_CPU_PROBE)
     full = srv.server_environ(env)
     assert "OMP_NUM_THREADS" not in full and "MKL_NUM_THREADS" not in full
     assert full["VLLM_BATCH_INVARIANT"] == "0"
+    # the default (uni) executor: the study's threads, not the inherited count
+    _, env, _ = srv.build_launch({**_params(), "threads": 1}, "/models/x", 4321,
+                                 FAKE_CPU_PROBE)
+    full = srv.server_environ(env)
+    assert full["OMP_NUM_THREADS"] == "1" and "MKL_NUM_THREADS" not in full
     # a user's own setting wins
     _, env, _ = srv.build_launch(_params(extra_env={"OMP_NUM_THREADS": "1"}), "/models/x",
                                  4321, FAKE_CPU_PROBE)

@@ -30,6 +30,12 @@ key                        default                 meaning
 ``enable_prefix_caching``  False                   False: ``--no-enable-prefix-caching``; True:
                                                    ``--enable-prefix-caching`` (vLLM's default
                                                    is on; see below why measurement is off)
+``executor``               None                    where the model runs on a CPU build:
+                                                   ``uni`` (None on CPU): inside vLLM's engine-
+                                                   core process, ``OMP_NUM_THREADS`` = the
+                                                   study's ``threads``; ``mp``: vLLM's worker
+                                                   process (see below); None on GPU: vLLM's
+                                                   own choice (nothing passed)
 ``attention_backend``      None                    e.g. FLASH_ATTN: ``--attention-backend`` on
                                                    vLLM builds whose EngineArgs have it, else
                                                    the ``VLLM_ATTENTION_BACKEND`` env var
@@ -65,6 +71,17 @@ caching (on by default) serves a prompt's prefill from KV blocks an earlier requ
 computed, e.g. the same prompt in the ``sync_b1`` baseline, so a later condition would reuse
 the baseline's prefill instead of computing its own in the new batch shape, hiding exactly
 the batch effects being measured (and making results depend on condition order).
+
+Where the model runs on a CPU build (``executor``): vLLM's default puts it in a worker
+process that the engine-core process drives through shared memory, and the engine core
+busy-waits for each step's result (vLLM reserves a core for it: on 2 cores the worker gets
+one, whatever the study's ``threads``). ``uni`` (the default on CPU builds) runs the model in
+the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` and no binding.
+Same kernels and scheduler: the default's 32 prompts gave identical token ids both ways at
+batch 1 and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server, the ``mp``
+server used 1.6 cores and the job got 1,150-1,480 matmuls/s, the ``uni`` server one core and
+the job 2,900 (README, Where the default run's time goes). ``mp`` keeps vLLM's own binding
+(``VLLM_CPU_OMP_THREADS_BIND``); the flag and environment go into the fingerprint.
 """
 
 from __future__ import annotations
@@ -95,6 +112,7 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "kv_cache_space_gib": None,
     "enforce_eager": None,
     "enable_prefix_caching": False,
+    "executor": None,
     "attention_backend": None,
     "extra_args": [],
     "extra_env": {},
@@ -270,7 +288,8 @@ def launch_settings(params: dict[str, Any], probe: dict[str, Any]) -> dict[str, 
             "enforce_eager": bool(eager),
             "enable_prefix_caching": bool(cfg["enable_prefix_caching"]),
             "attention_backend": cfg["attention_backend"],
-            "kv_cache_space_gib": cfg["kv_cache_space_gib"]}
+            "kv_cache_space_gib": cfg["kv_cache_space_gib"],
+            "executor": cfg["executor"] or ("uni" if cpu else "vLLM default")}
 
 
 def launch_dtype(params: dict[str, Any], probe: dict[str, Any]) -> str:
@@ -328,6 +347,19 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
         # exports OMP_NUM_THREADS=<threads>) puts several spinning threads on one pinned
         # core: measured 0.5 instead of ~200 tokens/s on 2 cores. None = unset.
         env.update({k: None for k in INHERITED_THREAD_VARS if k in os.environ})
+    if eff["executor"] == "uni":
+        # the model in the engine-core process: no worker process, so no process that
+        # busy-waits for it (measured: a one-thread server used one core instead of 1.6,
+        # and a job beside it did 2-2.5x the work); vLLM's CPU platform turns "uni" back
+        # into "mp" unless VLLM_ENABLE_V1_MULTIPROCESSING=0 (the API server keeps the
+        # engine core in its own process either way)
+        flags += ["--distributed-executor-backend", "uni"]
+        if cpu:
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # nobody binds the OpenMP pool in this process: size it, or it takes every core
+            env["OMP_NUM_THREADS"] = str(int(params.get("threads") or 1))
+    elif eff["executor"] == "mp":
+        flags += ["--distributed-executor-backend", "mp"]
     if cfg["attention_backend"]:
         # the --attention-backend flag where EngineArgs has it (it replaced the env var);
         # VLLM_ATTENTION_BACKEND on older builds that only read the variable
