@@ -66,6 +66,38 @@ def test_gguf_tokenizer_flags_are_read(tmp_path):
     assert model.gguf_tokenizer_flags(path) == {"add_bos_token": True}
 
 
+def test_parse_once_gives_one_reader_per_file_and_restores_gguf(tmp_path, monkeypatch):
+    gguf = pytest.importorskip("gguf")
+    paths = []
+    for name in ("a.gguf", "b.gguf"):
+        path = tmp_path / name
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_bool("tokenizer.ggml.add_bos_token", name == "a.gguf")
+        writer.add_tensor("w", np.zeros(4, dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        paths.append(path)
+    parses: list[str] = []
+    real = gguf.GGUFReader
+
+    def counting(path, mode="r"):
+        parses.append(str(path))
+        return real(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", counting)
+    with model.parse_once():
+        from gguf import GGUFReader  # as transformers imports it, inside its loader
+
+        first = GGUFReader(paths[0])
+        assert GGUFReader(str(paths[0])) is first  # the same file, named another way
+        assert model.gguf_tokenizer_flags(paths[0]) == {"add_bos_token": True}
+        assert model.gguf_tokenizer_flags(paths[1]) == {"add_bos_token": False}
+    assert parses == [str(paths[0]), str(paths[1])]
+    assert gguf.GGUFReader is counting  # restored on the way out
+
+
 # --------------------------------------------------------------- requantization (Study A phase 3)
 #
 # The oracle is GGML's block definition, written out here (ggml-quants.c), not gguf's output:

@@ -57,6 +57,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +124,41 @@ def gguf_tokenizer_flags(gguf: Path) -> dict[str, bool]:
     return out
 
 
+@contextmanager
+def parse_once() -> Iterator[None]:
+    """While active, ``gguf.GGUFReader(path)`` gives one reader per file and mode.
+
+    transformers builds a reader for the config, another for the tokenizer and another for
+    the weights (and :func:`gguf_tokenizer_flags` one more), and the reader parses every
+    metadata field in Python: Gemma 3's 262k-token vocabulary took about 10 s per parse
+    here. transformers imports ``GGUFReader`` from ``gguf`` when it loads, so replacing the
+    module attribute reaches it; the reader only reads the file (a memory map)."""
+    import gguf
+
+    original = gguf.GGUFReader
+    readers: dict[tuple[str, str], Any] = {}
+
+    def reader(path: str | Path, mode: str = "r") -> Any:
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def convert_gguf(gguf: Path, out_dir: Path) -> None:
-    """Dequantise a GGUF into a plain HF directory (float32 safetensors + tokenizer)."""
+    """Dequantise a GGUF into a plain HF directory (float32 safetensors + tokenizer),
+    parsing the GGUF once (:func:`parse_once`)."""
+    with parse_once():
+        _convert_gguf(gguf, out_dir)
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
