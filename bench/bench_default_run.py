@@ -22,28 +22,16 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# environment variables that cap the instruction set torch/oneDNN use (an emulated older CPU:
-# ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI has no bf16 instructions); recorded in the summary
-ISA_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
-
-def cpu_model() -> str:
-    """The CPU model name (``/proc/cpuinfo``), else the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+sys.path.insert(0, str(REPO / "src"))
+from batchflip.platform_facts import cpu_facts  # noqa: E402
 
 
 def job_table(results: Path) -> list[dict[str, object]]:
@@ -140,9 +128,9 @@ def main() -> int:
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
-    isa_env = {k: os.environ[k] for k in ISA_ENV_VARS if k in os.environ}
-    summary: dict[str, object] = {"cpu": cpu_model(), "cpus": os.cpu_count(),
-                                  "commit": commit, "isa_env": isa_env}
+    cpu = cpu_facts()  # isa_env: ISA caps such as ONEDNN_MAX_CPU_ISA (an emulated older CPU)
+    summary: dict[str, object] = {"cpu": cpu["cpu_model"], "cpus": os.cpu_count(),
+                                  "commit": commit, "isa_env": cpu.get("isa_env", {})}
     if args.from_run:
         summary.update(summarise(job_table(args.from_run / "results")))
     else:

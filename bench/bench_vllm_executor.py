@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vllm_client import chat_prompts, run_engine  # noqa: E402
 
 from batchflip.engines.server import make_server_engine  # noqa: E402
+from batchflip.engines.supervise import process_tree  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,12 +49,11 @@ def competitor(stop: mp.synchronize.Event, count: mp.sharedctypes.Synchronized) 
 
 
 def tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process and its children."""
-    root = psutil.Process(pid)
+    """User + system CPU seconds of the server's processes (supervise.process_tree)."""
     total = 0.0
-    for p in [root, *root.children(recursive=True)]:
+    for p in process_tree(pid):
         try:
-            t = p.cpu_times()
+            t = psutil.Process(p).cpu_times()
             total += t.user + t.system
         except psutil.Error:
             pass

@@ -76,7 +76,8 @@ Where the model runs on a CPU build (``executor``): vLLM's default puts it in a 
 process that the engine-core process drives through shared memory, and the engine core
 busy-waits for each step's result (vLLM reserves a core for it: on 2 cores the worker gets
 one, whatever the study's ``threads``). ``uni`` (the default on CPU builds) runs the model in
-the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` and no binding.
+the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` (the cores the
+Snakemake job asks for, layout.job_threads) and no binding.
 Same kernels and scheduler: 32 chat prompts gave identical token ids both ways at batch 1
 and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server the ``mp`` server used
 1.64 / 1.59 cores (batch 1 / 8) and the job did 1,097 / 1,477 matmuls/s, the ``uni`` server
@@ -99,6 +100,7 @@ from typing import Any
 
 from batchflip import platform_facts
 from batchflip.errors import BatchflipError
+from batchflip.layout import job_threads
 
 SERVER_DEFAULTS: dict[str, Any] = {
     "base_url": None,
@@ -358,7 +360,7 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
         if cpu:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # nobody binds the OpenMP pool in this process: size it, or it takes every core
-            env["OMP_NUM_THREADS"] = str(int(params.get("threads") or 1))
+            env["OMP_NUM_THREADS"] = str(job_threads(params))
     elif eff["executor"] == "mp":
         flags += ["--distributed-executor-backend", "mp"]
     if cfg["attention_backend"]:
