@@ -9,6 +9,10 @@ folder (sorted) with ``yaml.safe_load``, starts from ``prompt_template`` and, fo
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import yaml
 from conftest import ROOT, SHARED, needs_shared
@@ -71,3 +75,46 @@ def test_renderings_differ_only_in_the_trailing_newline():
     assert render_task(doc, "t", "jinja")["prompt"].tolist() == ["2+2?"]
     with pytest.raises(InputError, match="unknown rendering 'x'"):
         render_task(DOC, "t", "x")
+
+
+# Template injection (issue 21): a task file is data. The payload ran `touch` in a plain
+# jinja2.Environment; the sandbox refuses it and the error names the file and the template.
+SSTI = "{{ cycler.__init__.__globals__.os.system('touch %s') }}"
+
+
+@pytest.mark.parametrize("render", ["harness", "jinja"])
+@pytest.mark.parametrize("payload", [
+    SSTI,
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ joiner.__init__.__globals__.__builtins__['__import__']('os').system('touch %s') }}",
+])
+def test_template_injection_is_refused_naming_file_and_template(tmp_path, render, payload):
+    marker = tmp_path / "MARKER"
+    task = tmp_path / "evil.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": "evil", "task_type": "classification", "filters": [],
+        "prompt_template": payload.replace("%s", str(marker)) + " {{ question }}",
+        "samples": [{"id": "e1", "question": "q", "reference": "A"}]}))
+    with pytest.raises(InputError) as err:
+        build_battery([task], render=render)
+    msg = str(err.value)
+    assert str(task) in msg and "prompt_template" in msg and "sandbox" in msg
+    assert "sample 1 (id e1)" in msg
+    assert not marker.exists()
+
+
+def test_battery_cli_refuses_template_injection_without_running_it(tmp_path):
+    marker = tmp_path / "MARKER"
+    task = tmp_path / "evil.yaml"
+    task.write_text(yaml.safe_dump({
+        "name": "evil", "task_type": "classification", "filters": [],
+        "prompt_template": SSTI % marker,
+        "samples": [{"id": "e1", "question": "q", "reference": "A"}]}))
+    out = tmp_path / "battery.parquet"
+    proc = subprocess.run([sys.executable, "-m", "batchflip", "battery", str(task), "--out",
+                           str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 1
+    assert str(task) in proc.stderr and "prompt_template" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists() and not out.exists()

@@ -6,7 +6,10 @@ dataset builders (:mod:`batchflip.builders`) use, so neither imports the other.
 A task document has a Jinja2 ``prompt_template``, ``filters`` (response post-processing
 applied before scoring) and ``samples`` (each with a unique ``id``, a ``reference`` and the
 template variables). Rendering uses ``StrictUndefined`` so a variable a sample lacks is an
-error naming the origin, sample and variable. Two renderings (a battery's ``render`` key):
+error naming the origin, sample and variable. Templates render in Jinja2's
+``SandboxedEnvironment``: a template that reaches for Python internals (``__globals__``,
+``__class__``, ...) is an error naming the file, sample and ``prompt_template``, so a task
+file from someone else cannot run code. Two renderings (a battery's ``render`` key):
 
 - ``harness`` (default): the bytes the paper's harness sends. Its runner
   (Chimeraforge ``experiments/research/tr138/run.py``, ``_load_prompts``) replaces each
@@ -39,6 +42,7 @@ import json
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 import pandas as pd
 
 from batchflip.errors import InputError
@@ -53,10 +57,13 @@ TASK_TYPES: dict[str, tuple[str, str]] = {
 }
 FILTERS = ("strip_whitespace", "truncate_at_newline", "remove_assistant_prefix")
 RENDERINGS = ("harness", "jinja")
+# sandboxed: a task file is input, never code (docs/security.md); a template that reaches
+# for attributes such as __globals__ raises jinja2's SecurityError, reported as InputError
 _ENVS = {
-    "harness": jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False,
-                                  keep_trailing_newline=True),
-    "jinja": jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False),
+    "harness": jinja2.sandbox.SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=True),
+    "jinja": jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined,
+                                                 autoescape=False),
 }
 
 
@@ -102,6 +109,10 @@ def render_task(doc: Any, path: object, render: str = "harness") -> pd.DataFrame
             var = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
             raise InputError(path, f"template variable not in sample ({exc})", row=label,
                              field=var) from None
+        except jinja2.exceptions.SecurityError as exc:
+            raise InputError(path, f"template refused by the sandbox ({exc}); a "
+                             "prompt_template may only insert sample fields", row=label,
+                             field="prompt_template") from None
         extra = {k: v for k, v in sample.items() if k not in ("id", "reference")}
         rows.append({
             "prompt_id": str(sample["id"]), "task": doc["name"], "domain": domain,
