@@ -249,3 +249,41 @@ def test_hf_engine_refuses_conc_conditions():
     group = Group(0, (Member(0, "target", "p", "text"),))
     with pytest.raises(BatchflipError, match=r"conc_c4.*engine 'hf' serves no requests"):
         engine.run_group(group, parse_condition("conc_c4"))
+
+
+def test_resume_after_a_torn_last_line_keeps_the_next_group(tmp_path, monkeypatch):
+    """A kill mid-write leaves a fragment without its newline. The resumed job must not
+    append its next group onto it: that line would not parse and a second resume would
+    regenerate the group (issue 21)."""
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    battery = _battery().drop(columns="sent")
+    with pytest.raises(KeyboardInterrupt):
+        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=FakeEngine(2),
+                progress=False)
+    ckpt = tmp_path / "g.parquet.partial.jsonl"
+    with open(ckpt, "a") as fh:  # group 2's line, cut short by the kill
+        fh.write('{"group_id": 2, "rows": [{"study": "a", "mod')
+    second = FakeEngine(crash_after=1)  # finishes group 2, killed during group 3
+    with pytest.raises(KeyboardInterrupt):
+        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=second, progress=False)
+    assert second.calls == [2]
+    lines = ckpt.read_text().split("\n")
+    assert lines[-1] == ""  # every line complete
+    assert [json.loads(x)["group_id"] for x in lines[1:-1]] == [0, 1, 2]
+    third = FakeEngine()
+    df = run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=third, progress=False)
+    assert third.calls == [3, 4, 5]  # group 2 is not regenerated
+    t = df[df["role"] == "target"]
+    assert t["prompt_id"].tolist() == battery["prompt_id"].tolist()
+
+
+def test_cut_torn_tail_keeps_whole_lines(tmp_path):
+    from batchflip.checkpoint import cut_torn_tail
+
+    p = tmp_path / "c.jsonl"
+    for text, kept in [("a\nb\n", "a\nb\n"), ("a\nb\nfrag", "a\nb\n"), ("frag", ""),
+                       ("", ""), ("x" * 70000 + "\n" + "y" * 70000, "x" * 70000 + "\n")]:
+        p.write_text(text)
+        cut_torn_tail(p)
+        assert p.read_text() == kept

@@ -4,7 +4,9 @@ The file sits beside the job's output (``<out>.partial.jsonl``). Line 1 is
 ``{"job_key": KEY}``; each further line ``{"group_id": ID, "rows": [...]}`` is one finished
 group, flushed and fsynced before the next group starts. On a rerun the groups of a file
 with the same key are read back and skipped; a file of another job (other key) is ignored
-and overwritten, and a line a kill cut short is dropped, so that group runs again. Group
+and overwritten, and a line a kill cut short is dropped, so that group runs again: before
+appending, the file is cut back to its last complete line, so the next group never glues
+onto the torn fragment (which a later resume would drop, regenerating that group). Group
 ids are any JSON value (generation: the int group id; ablation: a run's name).
 """
 
@@ -39,6 +41,29 @@ def read_checkpoint(path: Path, key: str) -> dict[Any, list[dict[str, Any]]]:
     return done
 
 
+def cut_torn_tail(path: Path) -> None:
+    """Truncate ``path`` after its last newline (drops a line a kill cut short)."""
+    with open(path, "rb+") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        pos, step = size, 1 << 16
+        while pos > 0:
+            start = max(0, pos - step)
+            fh.seek(start)
+            chunk = fh.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                end = start + nl + 1
+                break
+            pos = start
+        else:
+            end = 0
+        if end != size:
+            fh.truncate(end)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
 class Checkpoint:
     """The finished groups of one job: ``done`` on resume, ``add`` as each finishes."""
 
@@ -51,6 +76,8 @@ class Checkpoint:
     def add(self, group_id: Any, rows: list[dict[str, Any]]) -> None:
         """Record one finished group durably."""
         if self._fh is None:
+            if self.done:
+                cut_torn_tail(self.path)
             self._fh = open(self.path, "a" if self.done else "w")
             if not self.done:
                 self._fh.write(json.dumps({"job_key": self.key}) + "\n")
