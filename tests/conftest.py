@@ -32,9 +32,10 @@ PAPER_TASKS = {"advbench_refusal": "safety_refusal", "jailbreak_amplification": 
                "mmlu_real": "classification", "arc_challenge": "classification"}
 
 
-def paper_battery(tmp: Path, n: int = 3) -> Path:
+def paper_battery(tmp: Path, n: int = 6) -> Path:
     """../shared/data/paper_battery when present, else a synthetic battery with the paper's
-    task names and types (n samples each) written under ``tmp``: enough to plan the DAG."""
+    task names and types (n samples each) written under ``tmp``: enough to plan the DAG
+    (6 x 6 = 36 prompts: the config check refuses a sync_b32 on fewer)."""
     if (SHARED / "paper_battery").is_dir():
         return SHARED / "paper_battery"
     out = tmp / "paper_battery"

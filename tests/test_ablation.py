@@ -478,7 +478,7 @@ def test_config_check_refuses_bad_ablation_studies():
 
 
 def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_dir):
-    """SmolLM2 (bf16, CPU): every conditioned row of sync_b8 as a candidate, rerun alone and
+    """SmolLM2 (bf16, CPU): every conditioned row of sync_b6 as a candidate, rerun alone and
     in its group. batch_invariant: 0 text changes; standard reproduces the source."""
     from batchflip.battery import build_battery
     from batchflip.flips import pair_flips
@@ -494,7 +494,7 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
 
     std = HFEngine(str(model_dir), "bfloat16", 4, 42, "standard", threads=2)
     gens, scored = {}, []
-    for cond in ("sync_b1", "sync_b8"):
+    for cond in ("sync_b1", "sync_b6"):
         path = tmp_path / f"{cond}.parquet"
         gens[str(path)] = run_job(battery, params, cond, str(model_dir), path,
                                   tmp_path / f"{cond}.stack.json", engine=std, progress=False)
@@ -502,7 +502,8 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
     flips = pair_flips(pd.concat(scored, ignore_index=True), "sync_b1")
     flips["flip"] = True  # every conditioned row becomes a candidate (a 135M model rarely flips)
     cands = ablation.select_candidates(flips, gens, "sync_b1")
-    # 6 prompts: sync_b8 is one ragged group of 6 (no prompt is left to pad it)
+    # 6 prompts: sync_b6 is one group of all 6 (a sync_b8 is refused: no prompt is left
+    # to pad it to 8, and its rows would say batch_size 8)
     assert len(cands) == len(battery) and set(cands["group_size"]) == {len(battery)}
     results = {}
     for mode in ("standard", "batch_invariant"):

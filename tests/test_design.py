@@ -172,3 +172,55 @@ def test_temporal_groups_are_composition_groups():
     for cond in ("stagger_b8_jailbreak_simultaneous", "stagger_b8_jailbreak_minimal_overlap"):
         groups = _groups(cond, ["x"])
         assert len(groups) == 10 and all(len(g.members) == 8 for g in groups)
+
+
+# Mislabelled batch size (issue 21): a sync/list condition with fewer prompts than its batch
+# ran one smaller group and recorded batch_size n on every row; the config check refuses it.
+def test_config_refuses_a_batch_larger_than_the_studys_subset():
+    cfg = default_config()
+    cfg["studies"]["b"]["conditions"].append("sync_b32")  # b sends 8 + 8 = 16 prompts
+    with pytest.raises(BatchflipError) as err:
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    msg = str(err.value)
+    assert "studies.b.conditions" in msg and "'sync_b32'" in msg and "study 'b'" in msg
+    assert "batches of 32" in msg and "only 16 prompts" in msg
+    cfg["studies"]["b"]["conditions"][-1] = "sync_b16"  # exactly the 16 it sends
+    check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+def test_config_refuses_a_list_batch_larger_than_its_scopes_subset():
+    cfg = default_config()
+    study = cfg["studies"]["a_vllm"]
+    study["scopes"] = [{"conditions": ["list_b1", "list_b8"],
+                        "subset": {"per_task": {"harmful_refusal": 3, "borderline_safe": 2}}}]
+    with pytest.raises(BatchflipError, match=r"studies\.a_vllm\.conditions.*'list_b8'.*"
+                                             r"batches of 8.*only 5 prompts"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    study["scopes"][0]["subset"]["per_task"]["borderline_safe"] = 5
+    check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+def test_config_refuses_a_batch_larger_than_a_whole_task_file_battery(tmp_path):
+    samples = "".join(f"  - {{id: t{i}, question: q{i}, reference: A}}\n" for i in range(5))
+    (tmp_path / "t.yaml").write_text("name: t\ntask_type: classification\n"
+                                     "prompt_template: '{{ question }}'\nsamples:\n" + samples)
+    cfg = yaml.safe_load((ROOT / "tests/fixtures/tiny_config.yaml").read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(tmp_path)]
+    study = cfg["studies"]["a"]
+    study["conditions"], study["cobatch_targets"] = ["sync_b1", "sync_b8"], ["t"]
+    study.pop("filler_pools")
+    with pytest.raises(BatchflipError, match=r"'sync_b8'.*batches of 8.*only 5 prompts"):
+        check_config(copy.deepcopy(cfg), SCHEMA)
+    study["conditions"] = ["sync_b1", "sync_b5", "cobatch_b8_solo"]  # composition: its own rule
+    check_config(copy.deepcopy(cfg), SCHEMA)
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "gpu-check.yaml", "paper.yaml"])
+def test_shipped_configs_pass_the_batch_size_check(tmp_path, name):
+    from conftest import paper_battery
+
+    cfg = yaml.safe_load((ROOT / "config" / name).read_text())
+    for spec in cfg["batteries"].values():
+        spec["paths"] = [str(paper_battery(tmp_path)) if "paper_battery" in p else str(ROOT / p)
+                         for p in spec.get("paths", [])]
+    check_config(cfg, SCHEMA)

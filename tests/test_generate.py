@@ -287,3 +287,20 @@ def test_cut_torn_tail_keeps_whole_lines(tmp_path):
         p.write_text(text)
         cut_torn_tail(p)
         assert p.read_text() == kept
+
+
+@pytest.mark.parametrize("condition", ["sync_b16", "list_b13"])
+def test_job_refuses_a_batch_larger_than_the_prompts_it_sends(tmp_path, monkeypatch,
+                                                              condition):
+    """The run-time twin of the config check (an enriched study's prompts are known only
+    when its job runs): nothing is generated or written."""
+    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
+    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
+    engine = FakeEngine()
+    with pytest.raises(BatchflipError) as err:
+        run_job(_battery().drop(columns="sent"), PARAMS, condition, "x", out, stack,
+                engine=engine, progress=False)
+    b = condition.split("_b")[1]
+    assert f"study 'a', condition '{condition}'" in str(err.value)
+    assert f"batches of {b} prompts" in str(err.value) and "only 12 prompts" in str(err.value)
+    assert engine.calls == [] and list(tmp_path.iterdir()) == []

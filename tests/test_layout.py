@@ -123,13 +123,16 @@ def test_server_settings_rerun_server_jobs_unless_they_change_no_row(key):
 
 
 def test_scope_settings_reach_only_the_jobs_of_their_conditions():
+    # 3 + 1 prompts: a sync_b4 needs 4 (config.check_batch_sizes)
     scope = {"conditions": ["sync_b4", "cobatch_b4_benign"], "subset": {"per_task": {
-        "tiny_mc": 1}}, "cobatch_targets": ["tiny_mc"]}
+        "tiny_mc": 3, "tiny_refusal": 1}}, "cobatch_targets": ["tiny_mc"]}
     cfg = tiny(scopes=[scope])
     got = layout.generation_settings(cfg, "a", "smollm2-135m", SYNC + COBATCH)
     assert got["condition_overrides"] == {
-        "sync_b4": {"subset": {"per_task": {"tiny_mc": 1}, "method": "head"}},
-        "cobatch_b4_benign": {"subset": {"per_task": {"tiny_mc": 1}, "method": "head"},
+        "sync_b4": {"subset": {"per_task": {"tiny_mc": 3, "tiny_refusal": 1},
+                               "method": "head"}},
+        "cobatch_b4_benign": {"subset": {"per_task": {"tiny_mc": 3, "tiny_refusal": 1},
+                                         "method": "head"},
                               "cobatch_targets": ["tiny_mc"]}}
     # unscoped jobs keep their params: no condition_overrides key at all
     assert settings(cfg, ["sync_b1"]) == settings(tiny(), ["sync_b1"])
@@ -264,12 +267,13 @@ def test_schema_defaults_are_filled_once_at_load():
     raw = yaml.safe_load(TINY.read_text())
     raw["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
                            "kernel_modes": ["standard"]}
-    raw["studies"]["a"]["subset"] = {"per_task": {"tiny_mc": 2}}
+    raw["studies"]["a"]["subset"] = {"per_task": {"tiny_mc": 2, "tiny_refusal": 2}}
     cfg = copy.deepcopy(raw)
     check_config(cfg, SCHEMA)
     a, d = cfg["studies"]["a"], cfg["studies"]["d"]
     assert a["kernel_mode"] == "standard" and a["dispatch_baselines"] == {}
-    assert a["subset"] == {"per_task": {"tiny_mc": 2}, "method": "head"}  # through $ref
+    assert a["subset"] == {"per_task": {"tiny_mc": 2, "tiny_refusal": 2},
+                           "method": "head"}  # through $ref
     # an ablation study takes these from its source: they are not filled in on it
     assert "kernel_mode" not in d and "dispatch_baselines" not in d
     assert d["candidates"] == "label_flips"

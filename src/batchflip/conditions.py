@@ -54,6 +54,9 @@ from dataclasses import dataclass
 from batchflip.errors import BatchflipError
 
 CONC = "conc"  # the dispatch of conc_c{n} (a concurrency-capped stream)
+# dispatches whose groups are batch_size prompts of the study's own (not composition):
+# a study must send at least that many (config.check_batch_sizes, generate.run_job)
+BATCHED_DISPATCHES = ("sync", "list")
 POOLS = ("solo", "benign", "adversarial", "safety", "jailbreak", "mixed", "refusal")
 TIMINGS = ("simultaneous", "minimal_overlap")  # named stagger timings (besides m/p offsets)
 MINIMAL_OVERLAP_MS = 50  # fillers this many ms after the target (see the module docstring)

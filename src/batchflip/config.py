@@ -4,7 +4,8 @@ First the JSON schema (``workflow/schemas/config.schema.yaml``): the first viola
 the run with the dotted key, the offending value and the schema rule it broke. Then the
 cross-references a schema cannot express (conditions parse, the baseline is one of the
 study's conditions, batteries and models exist, composition conditions have targets and
-pools; an ablation study names a discovery source on its own engine and sets none of the
+pools; a synchronized or list condition's batch is no larger than the prompts the study
+sends it; an ablation study names a discovery source on its own engine and sets none of the
 generation settings it inherits from that source; a hub model pins its revision).
 Last, every absent key with a schema ``default`` is filled in (:func:`fill_defaults`), so
 the rules and ``batchflip.layout`` read config values directly: the schema is the one
@@ -20,8 +21,8 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchflip.conditions import CONC, parse_condition
-from batchflip.design import models_for
+from batchflip.conditions import BATCHED_DISPATCHES, CONC, parse_condition
+from batchflip.design import models_for, scope_of
 from batchflip.errors import BatchflipError
 from batchflip.hub import check_revision
 
@@ -196,6 +197,7 @@ def check_references(config: dict[str, Any]) -> None:
                                      "concurrency cap; engine hf serves no requests (use "
                                      "vllm or openai)")
         check_design(config, name)
+        check_batch_sizes(config, name)
         check_quant_axis(config, name)
         check_endpoint_models(config, name)
     for s in config.get("paper", {}).get("studies", []):
@@ -286,6 +288,64 @@ def check_design(config: dict[str, Any], name: str) -> None:
             raise BatchflipError(f"invalid config: key 'models.{m}.prompt_format': model has "
                                  f"no chat template (chat: false) but study '{name}' sends "
                                  "chat prompts; set prompt_format: raw on the model")
+
+
+def battery_size(config: dict[str, Any], battery: str) -> int | None:
+    """Prompts in a battery of task-YAML files (their samples, counted without rendering);
+    None when it cannot be known before the battery rule runs (a builder, or a path that is
+    not there yet, e.g. a battery restored from an archive)."""
+    spec = config["batteries"][battery]
+    if spec.get("builder") or not spec.get("paths"):
+        return None
+    from batchflip.battery import task_files
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    total = 0
+    try:
+        for path in task_files(spec["paths"]):
+            doc = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)
+            samples = doc.get("samples") if isinstance(doc, dict) else None
+            if not isinstance(samples, list):
+                return None  # the battery rule reports the bad file
+            total += len(samples)
+    except (BatchflipError, OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return total
+
+
+def prompts_sent(config: dict[str, Any], name: str, condition: str,
+                 sizes: dict[str, int | None]) -> int | None:
+    """How many prompts study ``name`` sends in ``condition`` (its scope's subset, else the
+    study's, else the whole battery); None when only the job can tell (an enriched study,
+    a battery not countable before it is built). ``sizes`` caches battery sizes."""
+    study = config["studies"][name]
+    subset = (scope_of(study, condition) or {}).get("subset") or study.get("subset")
+    if subset:
+        return sum(int(n) for n in subset["per_task"].values())
+    if study.get("subset_from"):
+        return None
+    if study["battery"] not in sizes:
+        sizes[study["battery"]] = battery_size(config, study["battery"])
+    return sizes[study["battery"]]
+
+
+def check_batch_sizes(config: dict[str, Any], name: str,
+                      sizes: dict[str, int | None] | None = None) -> None:
+    """A synchronized or list condition (``sync_b{n}``, ``list_b{n}``) with fewer prompts
+    than n would run one smaller group and still record batch_size n on every row: refuse
+    it, naming study, condition and counts (generate.run_job checks again at run time)."""
+    study, sizes = config["studies"][name], {} if sizes is None else sizes
+    for c in study["conditions"]:
+        cond = parse_condition(c)
+        if cond.dispatch not in BATCHED_DISPATCHES or cond.composition:
+            continue
+        n = prompts_sent(config, name, c, sizes)
+        if n is not None and cond.batch_size > n:
+            raise BatchflipError(
+                f"invalid config: key 'studies.{name}.conditions': condition '{c}' of study "
+                f"'{name}' sends batches of {cond.batch_size} prompts, but the study sends "
+                f"only {n} prompts in it (after subset and scopes); its one group would "
+                f"hold {n} and be recorded as batch_size {cond.batch_size}")
 
 
 def check_config(config: dict[str, Any], schema_file: str | Path) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from batchflip.checkpoint import Checkpoint, checkpoint_path
-from batchflip.conditions import CONC, Condition, parse_condition
+from batchflip.conditions import BATCHED_DISPATCHES, CONC, Condition, parse_condition
 from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result, StreamEngine
 from batchflip.errors import BatchflipError
@@ -183,6 +183,13 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     cond = parse_condition(condition)
     params = condition_params(params, condition)
     battery = select_subset(battery, params.get("subset")).copy()
+    if (cond.dispatch in BATCHED_DISPATCHES and not cond.composition
+            and cond.batch_size > len(battery)):
+        raise BatchflipError(
+            f"study '{params.get('study')}', condition '{condition}': batches of "
+            f"{cond.batch_size} prompts, but the study sends only {len(battery)} prompts in it "
+            f"(after subset and scopes); its one group would be recorded as batch_size "
+            f"{cond.batch_size}")
     battery["sent"] = format_prompts(battery["prompt"].tolist(), params["prompt_format"],
                                      model_dir, params.get("system_prompt"))
     groups = build_groups(battery, cond, params)
