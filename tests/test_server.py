@@ -406,6 +406,95 @@ def test_openai_engine_needs_base_url():
         srv.make_server_engine({**_params(), "engine": "openai"}, "m")
 
 
+# ---- credentials (issue 21): keys go only where the user said --------------------------------
+
+@pytest.mark.parametrize("base_url", ["http://10.0.0.5:8000", "https://api.example.org",
+                                      "http://127.0.0.1:8000"])
+def test_no_token_is_sent_unless_the_config_names_its_variable(monkeypatch, base_url):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-user-secret")
+    params = {**_params(base_url=base_url), "engine": "openai"}
+    client = srv._client_for(params, vllm_launch.server_settings(params), base_url, "m")
+    assert client.s.api_key is None  # the default api_key_env is none
+    client.close()
+
+
+@pytest.mark.parametrize("base_url,sent", [
+    ("https://api.example.org/v1", True), ("http://127.0.0.1:8000", True),
+    ("http://localhost:8000", True), ("http://[::1]:8000", True),
+    ("http://10.0.0.5:8000", False), ("http://api.example.org", False),
+    ("HTTP://evil.example.org:80", False)])
+def test_a_named_token_never_goes_over_plain_http_to_another_host(monkeypatch, base_url, sent):
+    monkeypatch.setenv("MY_TOKEN", "sk-user-secret")
+    params = {**_params(base_url=base_url, api_key_env="MY_TOKEN"), "engine": "openai"}
+    cfg = vllm_launch.server_settings(params)
+    if not sent:
+        with pytest.raises(BatchflipError, match=r"refusing to send \$MY_TOKEN .*plain http"):
+            srv._client_for(params, cfg, base_url, "m")
+        return
+    client = srv._client_for(params, cfg, base_url, "m")
+    assert client.s.api_key == "sk-user-secret"
+    client.close()
+
+
+def test_a_non_loopback_host_needs_expose_host_and_warns(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+
+    def no_launch(*a, **k):
+        raise AssertionError("launched")
+
+    monkeypatch.setattr(srv.VLLMServer, "start", no_launch)
+    for host in ("0.0.0.0", "10.1.2.3", "gpu-node-7"):
+        with pytest.raises(BatchflipError, match=rf"server.host: '{host}'.*expose_host"):
+            srv.make_server_engine(_params(host=host, log_dir=str(tmp_path)), str(MODEL))
+    with pytest.raises(AssertionError, match="launched"):  # allowed: it gets to the launch
+        srv.make_server_engine(_params(host="0.0.0.0", expose_host=True,
+                                       log_dir=str(tmp_path)), str(MODEL))
+    assert "WARNING: the vLLM server binds 0.0.0.0" in capsys.readouterr().err
+
+
+# A stand-in server that, like vLLM's API-key middleware, answers 401 on /v1 paths without
+# "Authorization: Bearer $VLLM_API_KEY".
+KEYED_SERVER = FAKE_OPENAI_SERVER.replace(
+    "class H(BaseHTTPRequestHandler):\n",
+    "KEY = os.environ.get('VLLM_API_KEY')\n"
+    "class H(BaseHTTPRequestHandler):\n"
+    "    def parse_request(self):\n"
+    "        ok = super().parse_request()\n"
+    "        if ok and self.path.startswith('/v1') and (\n"
+    "                not KEY or self.headers.get('Authorization') != 'Bearer ' + KEY):\n"
+    "            self.send_error(401)\n"
+    "            return False\n"
+    "        return ok\n")
+assert KEYED_SERVER != FAKE_OPENAI_SERVER
+
+
+def test_launched_server_gets_a_random_key_the_client_sends_and_nothing_records(
+        monkeypatch, tmp_path):
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
+    keys = []
+    for _ in range(2):
+        params = _params(command=[sys.executable, "-c", KEYED_SERVER], log_dir=str(tmp_path),
+                         warmup_requests=1, stop_grace_s=5)
+        engine = srv.make_server_engine(params, str(MODEL))
+        try:
+            key = engine.client.s.api_key
+            assert key and len(key) >= 32
+            (r,) = engine.run_group(_group(["hi"]), parse_condition("sync_b1"))
+            assert r.error == "" and r.text == "ok"  # served: the client sent the key
+            no_key = httpx.get(f"{engine.client.base_url}/v1/models")
+            assert no_key.status_code == 401  # anyone else is refused
+            fp = json.dumps(engine.fingerprint())
+            assert key not in fp and "VLLM_API_KEY" not in fp
+            assert key not in " ".join(engine.server.argv)  # argv is readable by all users
+            keys.append(key)
+        finally:
+            engine.close()
+    assert keys[0] != keys[1]  # per launch
+    logs = "".join(p.read_text() for p in tmp_path.glob("*.log"))
+    assert "VLLM_API_KEY" in logs and "<redacted>" in logs
+    assert not any(k in logs for k in keys)
+
+
 # ---- client: against an httpx.MockTransport -------------------------------------------------
 
 def _sse(chunks: list[dict]) -> bytes:
@@ -964,7 +1053,8 @@ def test_real_sync_and_list_dispatch(vllm_engine):
 def test_real_timeout_retries_are_bounded_and_recorded(vllm_engine):
     settings = ClientSettings(base_url=vllm_engine.client.base_url,
                               model=vllm_engine.client.s.model, max_tokens=64, seed=42,
-                              request_timeout_s=0.02, max_retries=2, retry_backoff_s=0.05)
+                              request_timeout_s=0.02, max_retries=2, retry_backoff_s=0.05,
+                              api_key=vllm_engine.client.s.api_key)
     client = CompletionClient(settings)
     group = _group(_chat(QUESTIONS[:3]))
     for cond in ("sync_b3", "list_b3"):
@@ -977,6 +1067,21 @@ def test_real_timeout_retries_are_bounded_and_recorded(vllm_engine):
     # the server is still fine for the normal client afterwards
     (r,) = vllm_engine.run_group(_group(_chat(QUESTIONS[:1])), parse_condition("sync_b1"))
     assert r.error == ""
+
+
+@pytest.mark.vllm
+def test_real_server_refuses_requests_without_its_per_launch_key(vllm_engine):
+    """Another local user can reach 127.0.0.1 but not get requests batched in; the key is
+    in no fingerprint and no log."""
+    base, key = vllm_engine.client.base_url, vllm_engine.client.s.api_key
+    assert key
+    body = {"model": vllm_engine.client.s.model, "prompt": "Hi", "max_tokens": 2}
+    assert httpx.post(f"{base}/v1/completions", json=body, timeout=30).status_code == 401
+    assert httpx.get(f"{base}/v1/models", timeout=30).status_code == 401
+    ok = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert ok.status_code == 200
+    assert key not in json.dumps(vllm_engine.fingerprint())
+    assert key not in vllm_engine.server.log_path.read_text()
 
 
 KILL_SCRIPT = textwrap.dedent("""

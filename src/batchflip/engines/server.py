@@ -3,7 +3,9 @@
 ``make_server_engine(params, model_dir)`` returns a :class:`ServerEngine`:
 
 - engine ``vllm`` launches ``python -m vllm.entrypoints.openai.api_server`` on loopback
-  (a free port unless one is configured), waits for ``GET /health`` to answer 200, sends
+  (a free port unless one is configured; another ``host`` needs ``expose_host: true``)
+  with a random per-launch API key (``VLLM_API_KEY`` in its environment, sent by the client,
+  recorded nowhere), waits for ``GET /health`` to answer 200, sends
   3 unrecorded warm-up requests and then serves ``run_group`` through
   :mod:`batchflip.engines.openai_client`. With ``server.base_url`` it uses that running
   server instead and launches nothing.
@@ -42,13 +44,16 @@ gets the same stack id.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from batchflip.conditions import Condition
 from batchflip.engines import Group, Result
@@ -157,14 +162,57 @@ def _log_name(params: dict[str, Any], kernel_mode: str) -> str:
 
 
 
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def api_key_for(cfg: dict[str, Any], base_url: str) -> str | None:
+    """The token sent to a running server (``base_url``): only from the variable the
+    config names in ``server.api_key_env`` (none by default), and never in clear over
+    http to a host other than loopback (docs/security.md)."""
+    name = cfg["api_key_env"]
+    key = os.environ.get(name) if name else None
+    if not key:
+        return None
+    url = urlsplit(base_url)
+    if url.scheme != "https" and not is_loopback(url.hostname or ""):
+        raise BatchflipError(
+            f"server.api_key_env: refusing to send ${name} to {base_url} over plain "
+            f"{url.scheme or 'http'} (host {url.hostname} is not loopback): use an https "
+            "base_url, or leave api_key_env out to send no token")
+    return key
+
+
+def check_host(cfg: dict[str, Any]) -> None:
+    """A launched server binds loopback unless ``server.expose_host`` is true; then warn."""
+    host = str(cfg["host"])
+    if is_loopback(host):
+        return
+    if not cfg.get("expose_host"):
+        raise BatchflipError(
+            f"server.host: '{host}' is not a loopback address: other machines could send "
+            "requests that get batched with the measured ones; set server.expose_host: true "
+            "to allow it (requests still need the server's per-launch key)")
+    print(f"WARNING: the vLLM server binds {host} (server.expose_host): it is reachable "
+          "beyond this machine; requests need its per-launch key", file=sys.stderr)
+
+
 def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
-                model_dir: str) -> CompletionClient:
+                model_dir: str, launched_key: str | None = None) -> CompletionClient:
+    """The client of a server: a launched one's own key, else api_key_for."""
     def load_tokenizer() -> Any:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model_dir)
 
-    key = os.environ.get(cfg["api_key_env"]) if cfg["api_key_env"] else None
+    key = launched_key or api_key_for(cfg, base_url)
     settings = ClientSettings(
         base_url=base_url, model=params.get("served_model") or cfg["model"],
         max_tokens=int(params["max_new_tokens"]),
@@ -225,13 +273,18 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
     python = cfg["python"] or sys.executable
     probe = probe_vllm(python)
     check_kernel_mode(kernel_mode, probe)
+    check_host(cfg)
     port = int(cfg["port"]) if cfg["port"] else free_port(cfg["host"])
     argv, env, flags = build_launch(params, model_dir, port, probe)
+    # a random key per launch, in the environment (not argv: other users can read a
+    # process's argv): only this job's requests are served, nobody else's get batched in
+    key = secrets.token_urlsafe(32)
+    env["VLLM_API_KEY"] = key
     log_path = Path(cfg["log_dir"]) / _log_name(params, kernel_mode)
     server = VLLMServer(argv, env, log_path, cfg["host"], port, float(cfg["startup_timeout_s"]),
                         float(cfg["stop_grace_s"]))
     server.start()
-    client = _client_for(params, cfg, server.base_url, model_dir)
+    client = _client_for(params, cfg, server.base_url, model_dir, launched_key=key)
     try:
         _prepare_client(client, cfg, server.base_url)
         version = client.get_json("/version")

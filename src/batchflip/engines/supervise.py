@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from batchflip.engines.vllm_launch import LOG_TAIL_LINES, log_tail, server_environ
+from batchflip.engines.vllm_launch import _SECRET, LOG_TAIL_LINES, log_tail, server_environ
 from batchflip.errors import BatchflipError
 
 
@@ -205,8 +205,10 @@ class VLLMServer:
         _install_hooks()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        shown = {k: "<redacted>" if _SECRET.search(k) and v is not None else v
+                 for k, v in self.env.items()}  # the per-launch API key stays out of logs
         self._log.write(f"# batchflip launch: {' '.join(self.argv)}\n# env: "
-                        f"{json.dumps(self.env, sort_keys=True)}\n".encode())
+                        f"{json.dumps(shown, sort_keys=True)}\n".encode())
         self._log.flush()
         t0 = time.time()
         try:

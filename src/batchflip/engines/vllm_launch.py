@@ -10,12 +10,19 @@ key                        default                 meaning
                                                    ``openai``); e.g. http://127.0.0.1:8000
 ``model``                  None                    model name sent with requests; None: the
                                                    first id listed by ``/v1/models``
-``api_key_env``            ``"OPENAI_API_KEY"``    env var holding a bearer token, sent when set
+``api_key_env``            None                    env var holding a bearer token for
+                                                   ``base_url`` (sent only when named here,
+                                                   never over http to a non-loopback host); a
+                                                   launched server gets its own random key
 ``python``                 None                    interpreter that runs vLLM (None: this one)
 ``command``                None                    argv prefix that launches the server instead
                                                    of ``[python, -m, vllm.entrypoints.openai.
                                                    api_server]`` (a wrapper, ``vllm serve``)
-``host``                   ``"127.0.0.1"``         address the launched server binds
+``host``                   ``"127.0.0.1"``         address the launched server binds; any
+                                                   other than loopback needs ``expose_host``
+``expose_host``            False                   True: let ``host`` be a non-loopback
+                                                   address (warns: other machines can reach
+                                                   the server; requests still need its key)
 ``port``                   None                    None: a free port picked at launch
 ``max_model_len``          2048                    ``--max-model-len`` (the paper's value)
 ``gpu_memory_utilization`` None                    ``--gpu-memory-utilization``; None: 0.3 on
@@ -105,10 +112,11 @@ from batchflip.layout import job_threads
 SERVER_DEFAULTS: dict[str, Any] = {
     "base_url": None,
     "model": None,
-    "api_key_env": "OPENAI_API_KEY",
+    "api_key_env": None,
     "python": None,
     "command": None,
     "host": "127.0.0.1",
+    "expose_host": False,
     "port": None,
     "max_model_len": 2048,
     "gpu_memory_utilization": None,
