@@ -205,9 +205,9 @@ def test_export_is_blind_seeded_and_deterministic(exported, tmp_path):
         cond = scored.loc[(row.model, row.condition, row.prompt_id), "text"]
         shown = (cell["response_a"], cell["response_b"])
         expect = (base, cond) if row.baseline_position == "A" else (cond, base)
-        assert tuple(s.removeprefix(" ") for s in shown) == expect
+        assert tuple(s.removeprefix("'") for s in shown) == expect
         for s, e in zip(shown, expect, strict=True):  # formula-like cells are defused
-            assert s == (" " + e if e.startswith("-") else e)
+            assert s == ("'" + e if e.startswith("-") else e)
 
 
 def test_export_text_changes_flag(tmp_path):
@@ -581,3 +581,45 @@ def test_corrected_rate_uses_only_the_synchronized_phase(tmp_path):
         assert rec["ci_high"] == pytest.approx(u1 * u2, rel=1e-9)
         assert rec["phase"] == phase
     # sync: 0.2 x 1/2 = 0.1; pooling every condition would give 0.4 x 7/8 = 0.35
+
+
+
+# Files meant to be handed over and CSV injection (issue 21)
+@pytest.mark.parametrize("text,shown", [
+    ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"), ("+1", "'+1"), ("-2", "'-2"),
+    ("@SUM(A1)", "'@SUM(A1)"), ("\tx", "'\tx"), ("\rx", "'\rx"), ("plain", "plain"),
+    (" =x", " =x"), ("", "")])
+def test_csv_cells_get_owasp_neutralisation(text, shown):
+    from batchflip.adjudication.export import _cell, neutralise_frame
+
+    assert _cell(text) == shown
+    df = pd.DataFrame({"prompt_id": [text], "n": [3]})
+    out = neutralise_frame(df)
+    assert out["prompt_id"].tolist() == [shown] and out["n"].tolist() == [3]
+
+
+def test_sheets_and_key_get_a_plain_files_mode_not_0600(exported):
+    """Sheets are handed to raters: 0666 less the umask (0644 under the usual 022), as a
+    plain open() gives; mkstemp's 0600 was kept before."""
+    import os
+    import stat
+
+    _, out, _ = exported
+    mask = os.umask(0o022)
+    os.umask(mask)
+    files = [*out.glob("sheet_*.csv"), out / "key.parquet"]
+    assert len(files) == 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f
+
+
+def test_results_csvs_neutralise_formula_prompt_ids(tmp_path):
+    from batchflip.adjudication.cli import _write_csv
+
+    df = pd.DataFrame({"item_id": ["i1"], "prompt_id": ["=cmd|' /C calc'!A0"],
+                       "model": ["m"], "k": [1]})
+    path = tmp_path / "verdicts.csv"
+    _write_csv(df, path)
+    back = pd.read_csv(path, dtype=str)
+    assert back["prompt_id"].tolist() == ["'=cmd|' /C calc'!A0"]
+    assert back["model"].tolist() == ["m"] and back["k"].tolist() == ["1"]

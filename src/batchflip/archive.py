@@ -50,7 +50,7 @@ from typing import Any
 import yaml
 
 from batchflip.errors import BatchflipError, InputError
-from batchflip.io import atomic_path, sha256_file, write_json, write_text
+from batchflip.io import atomic_path, read_parquet, sha256_file, write_json, write_text
 from batchflip.layout import archive_members
 
 MANIFEST = "MANIFEST.sha256"
@@ -133,6 +133,18 @@ def read_manifest(archive: str | Path) -> dict[str, str]:
     return sums
 
 
+def _check_regular(archive: str | Path, info: tarfile.TarInfo) -> None:
+    """A batchflip archive holds regular files only (pack writes nothing else): a link,
+    device or folder member is refused before anything is read or written."""
+    if not info.isfile():
+        kind = ("a symbolic link" if info.issym() else "a hard link" if info.islnk()
+                else "a folder" if info.isdir() else "not a regular file")
+        target = f" to {info.linkname}" if info.issym() or info.islnk() else ""
+        raise BatchflipError(f"{archive}: member {info.name} is {kind}{target}; a batchflip "
+                             "archive holds only regular files (it was altered): fetch it "
+                             "again, or ask for a repacked one")
+
+
 def extract(archive: str | Path, wanted: dict[str, Path]) -> None:
     """Write members (name → destination), each checked against the manifest first."""
     sums = read_manifest(archive)
@@ -147,6 +159,7 @@ def extract(archive: str | Path, wanted: dict[str, Path]) -> None:
             for info in tar:
                 if info.name not in wanted:
                     continue
+                _check_regular(archive, info)
                 fh = tar.extractfile(info)
                 if fh is None:
                     raise BatchflipError(f"{archive}: member {info.name} is not a file")
@@ -175,7 +188,9 @@ def read_member(archive: str | Path, name: str) -> bytes:
         raise BatchflipError(f"{archive}: no member {name}")
     with _open(archive) as tar:
         try:
-            fh = tar.extractfile(name)
+            info = tar.getmember(name)
+            _check_regular(archive, info)
+            fh = tar.extractfile(info)
             data = fh.read() if fh else b""
         except KeyError:
             raise BatchflipError(f"{archive}: {MANIFEST} lists {name} but the archive has no "
@@ -279,7 +294,7 @@ def verify(archive: str | Path, fresh_files: list[str | Path], battery: str | Pa
 
     files, mismatches, pairs = [], [], []
     for p in fresh_files:
-        fresh = pd.read_parquet(p)
+        fresh = read_parquet(p)
         require_columns(fresh, GENERATION_COLUMNS, p)
         arch = pd.read_parquet(io.BytesIO(read_member(archive, member(p))))
         require_columns(arch, GENERATION_COLUMNS, f"{archive}:{member(p)}")
@@ -299,7 +314,7 @@ def verify(archive: str | Path, fresh_files: list[str | Path], battery: str | Pa
     rates: list[dict[str, Any]] = []
     rate_cells = {(e["model"], e["condition"]) for e in files if e["mode"] == "rate"}
     if rate_cells:
-        bat_f = pd.read_parquet(battery)
+        bat_f = read_parquet(battery)
         bat_a = pd.read_parquet(io.BytesIO(read_member(archive, member(battery))))
         ka = flip_counts([a for a, _ in pairs], bat_a, versions, baseline, dispatch_baselines)
         kf = flip_counts([f for _, f in pairs], bat_f, versions, baseline, dispatch_baselines)

@@ -100,3 +100,26 @@ def select_subset(battery: pd.DataFrame, spec: Mapping[str, Any] | None,
         keep[chosen] = True
     return battery[keep].reset_index(drop=True)
 
+
+
+def target_spec(study: Mapping[str, Any], condition: str) -> dict[str, Any]:
+    """Which battery prompts ``condition`` of a study sends as targets: its ``subset`` and,
+    for a composition condition, its ``cobatch_targets`` (scope settings first); the
+    score stage checks a generation file against it (:func:`expected_targets`)."""
+    params = {**{k: study[k] for k in SCOPE_OVERRIDES if study.get(k)}, **overrides(study,
+                                                                                 condition)}
+    from batchflip.conditions import parse_condition
+
+    spec: dict[str, Any] = {"subset": params.get("subset")}
+    if parse_condition(condition).composition:
+        spec["cobatch_targets"] = params.get("cobatch_targets") or []
+    return spec
+
+
+def expected_targets(battery: pd.DataFrame, spec: Mapping[str, Any]) -> list[str]:
+    """The prompt ids a generation file must hold as targets under ``spec``
+    (:func:`target_spec`), in battery order."""
+    rows = select_subset(battery, spec.get("subset"))
+    if "cobatch_targets" in spec:
+        rows = rows[rows["task"].isin(spec["cobatch_targets"])]
+    return rows["prompt_id"].astype(str).tolist()

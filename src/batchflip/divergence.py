@@ -33,7 +33,7 @@ import pandas as pd
 
 from batchflip.errors import BatchflipError
 from batchflip.failures import answered
-from batchflip.io import write_json, write_parquet
+from batchflip.io import read_parquet, write_json, write_parquet
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.records import LOGPROB_COLUMNS, read_records
 from batchflip.screen import margins, path_margins, screen_numbers
@@ -253,14 +253,14 @@ def main(args: argparse.Namespace) -> int:
     """Run one action."""
     if args.action == "pairs":
         gens = read_generations(args.generations)
-        flips = pd.read_parquet(args.flips)
+        flips = read_parquet(args.flips)
         own = dict(x.split("=", 1) for x in args.dispatch_baseline)
         pairs = pair_table(gens, flips, args.baseline, own)
         write_parquet(pairs, args.out)
         print(f"{args.out}: {len(pairs)} pairs, {int(pairs['tokens_changed'].sum())} with "
               "different tokens")
         return 0
-    pairs = pd.concat([pd.read_parquet(p) for p in args.pairs], ignore_index=True)
+    pairs = pd.concat([read_parquet(p) for p in args.pairs], ignore_index=True)
     base = read_generations(args.generations)
     ranked = pd.concat([pd.read_csv(p, dtype={"prompt_id": str}) for p in args.screens],
                        ignore_index=True)

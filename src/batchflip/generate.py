@@ -27,9 +27,9 @@ from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result, StreamEngine
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import lease_for
-from batchflip.io import write_json, write_parquet
+from batchflip.io import read_parquet, write_json, write_parquet
 from batchflip.layout import SERVER_ENGINES, launch_key
-from batchflip.model import model_fingerprint
+from batchflip.model import check_model_dir, model_fingerprint
 from batchflip.prompts import format_prompts
 from batchflip.records import GENERATION_COLUMNS, LOGPROB_COLUMNS
 
@@ -290,7 +290,8 @@ def main(args: argparse.Namespace) -> int:
         raise BatchflipError("give one --battery per --params")
     parts = [json.loads(p) for p in args.params]
     _check_parts(parts)
-    batteries = [pd.read_parquet(b) for b in args.battery]
+    check_model_dir(args.model_dir, parts[0].get("model"))
+    batteries = [read_parquet(b) for b in args.battery]
     from batchflip.engines.server import ServerEngine
 
     with lease_for(parts[0]):  # a GPU job holds its own device (batchflip.gpu_lease)

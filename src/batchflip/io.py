@@ -1,4 +1,5 @@
-"""Atomic file writing: write to a temporary sibling, then rename into place."""
+"""Atomic file writing (write to a temporary sibling, then rename into place) and parquet
+reading with one-line errors."""
 
 from __future__ import annotations
 
@@ -15,18 +16,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from batchflip.errors import BatchflipError
+from batchflip.errors import BatchflipError, InputError
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    The file gets the mode a plain ``open()`` gives (0666 less the umask: 0644 usually), not
+    mkstemp's 0600, so that files meant to be handed over (rater sheets, the packed
+    archive) can be read by others."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -38,6 +50,41 @@ def write_parquet(df: pd.DataFrame, path: str | os.PathLike[str]) -> None:
     """Write a DataFrame to parquet atomically (no index)."""
     with atomic_path(path) as tmp:
         df.to_parquet(tmp, index=False)
+
+
+REGENERATE_HINT = ("delete it and rerun (Snakemake makes it again; or run snakemake with "
+                   "--forcerun on the rule that writes it)")
+
+
+def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None
+                 ) -> pd.DataFrame:
+    """Read a parquet file; a missing, truncated or corrupt file is an InputError naming it,
+    with the hint to delete and regenerate it (never pyarrow's traceback)."""
+    import pyarrow as pa
+
+    try:
+        return pd.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise InputError(path, "file does not exist") from None
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"not a readable parquet file ({first}): it is truncated or "
+                         f"corrupt; {REGENERATE_HINT}") from None
+
+
+def parquet_schema_names(path: str | os.PathLike[str]) -> list[str]:
+    """The column names of a parquet file (errors as in :func:`read_parquet`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(path).names)
+    except FileNotFoundError:
+        raise InputError(path, "file does not exist") from None
+    except (pa.ArrowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(path, f"not a readable parquet file ({first}): it is truncated or "
+                         f"corrupt; {REGENERATE_HINT}") from None
 
 
 def non_finite_path(obj: Any, where: str = "") -> str | None:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -63,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from batchflip import hub
-from batchflip.errors import BatchflipError
+from batchflip.errors import BatchflipError, InputError
 from batchflip.io import atomic_path, sha256_file, write_json
 
 
@@ -193,6 +194,24 @@ FAKE_QUANT_NOTE = ("fake quantization in weight space: the tensors of the GGUF's
                    "were dequantized, quantized to {quant} with gguf.quants and dequantized "
                    "again; the engine computes in the study's dtype, not with {quant} kernels")
 ENDPOINT_PREFIX = "endpoint:"
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_dir(model_dir: str, model: str | None = None) -> None:
+    """A generation job's model must be there: an endpoint model, an existing directory, or
+    a hub id (``org/name`` whose ``org`` is no local folder). Else an InputError naming the
+    path and the config key, instead of transformers' or vLLM's traceback."""
+    if model_dir.startswith(ENDPOINT_PREFIX) or Path(model_dir).is_dir():
+        return
+    if _HUB_ID.match(model_dir) and not Path(model_dir.split("/")[0]).exists():
+        return
+    name = model or "<name>"
+    what = ("not a directory" if Path(model_dir).exists() else "does not exist")
+    raise InputError(model_dir, f"model directory {what}: check models.{name}.path in the "
+                     f"config (a built model lives in resources/models/{name}: rerun its model "
+                     "rule, or delete the folder to rebuild it)")
 
 
 def endpoint_dir(served_model: str) -> str:

@@ -6,9 +6,9 @@ import os
 from collections.abc import Iterable
 
 import pandas as pd
-import pyarrow.parquet as pq
 
 from batchflip.errors import InputError
+from batchflip.io import parquet_schema_names, read_parquet
 
 BATTERY_COLUMNS = ["prompt_id", "task", "domain", "scorer", "prompt", "reference", "meta"]
 
@@ -56,7 +56,7 @@ def read_records(path: str | os.PathLike[str], columns: list[str],
     A missing column of ``columns`` is an InputError naming the file and the field; the
     file's other columns are never read.
     """
-    names = pq.read_schema(path).names
+    names = parquet_schema_names(path)
     require_columns(pd.DataFrame(columns=names), columns, path)
     extra = [c for c in optional if c in names and c not in columns]
-    return pd.read_parquet(path, columns=[*columns, *extra])
+    return read_parquet(path, columns=[*columns, *extra])

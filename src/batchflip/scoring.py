@@ -389,12 +389,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--versions", required=True, help='scorer versions, e.g. {"refusal": 2}')
     parser.add_argument("--patterns", help="refusal lexicon (default: the bundled "
                         f"batchflip/data/{REFUSAL_PATTERNS})")
+    parser.add_argument("--expect", help="the targets the file must hold, as JSON "
+                        "(batchflip.design.target_spec: subset, cobatch_targets); checked "
+                        "before scoring")
     parser.add_argument("--out", required=True)
+
+
+def check_complete(gen: pd.DataFrame, battery: pd.DataFrame, spec: dict[str, Any],
+                   source: object) -> None:
+    """Every prompt the study sends in this condition has a target row in ``gen``
+    (a truncated or hand-edited file would otherwise give a smaller n silently)."""
+    from batchflip.design import expected_targets
+    from batchflip.io import REGENERATE_HINT
+
+    expected = expected_targets(battery, spec)
+    have = set(gen.loc[gen["role"] == "target", "prompt_id"].astype(str))
+    missing = [pid for pid in expected if pid not in have]
+    if missing:
+        raise InputError(source, f"incomplete generation file: {len(missing)} of "
+                         f"{len(expected)} prompts the study sends have no target row (first: "
+                         f"'{missing[0]}'); {REGENERATE_HINT}", field="prompt_id")
 
 
 def main(args: argparse.Namespace) -> int:
     """Score one generation file."""
     gen = read_records(args.generations, GENERATION_COLUMNS)
+    if args.expect:
+        check_complete(gen, read_records(args.battery, BATTERY_NEEDED),
+                       json.loads(args.expect), args.generations)
     scored = score_frame(gen, read_records(args.battery, BATTERY_NEEDED),
                          json.loads(args.versions), args.patterns, source=args.generations)
     write_parquet(scored, args.out)

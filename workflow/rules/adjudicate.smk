@@ -38,9 +38,9 @@ rule adjudication_export:
         key=layout.adjudication_key_path("{study}"),
     params:
         outdir=lambda w, output: os.path.dirname(output.key),
-        raters=" ".join(adj_cfg("raters")),
+        raters=adj_cfg("raters"),
         seed=adj_cfg("seed"),
-        domains=" ".join(adj_cfg("domains")),
+        domains=adj_cfg("domains"),
         phase=adj_cfg("phase"),
         flags=adj_export_flags(),
     conda:
@@ -48,11 +48,11 @@ rule adjudication_export:
     log:
         "results/logs/adjudication/{study}_export.log",
     shell:
-        "python -m batchflip adjudicate export --study {wildcards.study} "
+        "python -m batchflip adjudicate export --study {wildcards.study:q} "
         "--flips {input.flips:q} --scored {input.scored:q} "
-        "--battery {input.battery:q} --out-dir {params.outdir:q} --raters {params.raters} "
-        "--seed {params.seed} --domains {params.domains} --phase {params.phase} "
-        "{params.flags} > {log:q} 2>&1"
+        "--battery {input.battery:q} --out-dir {params.outdir:q} --raters {params.raters:q} "
+        "--seed {params.seed:q} --domains {params.domains:q} --phase {params.phase:q} "
+        "{params.flags:q} > {log:q} 2>&1"
 
 
 rule adjudication_results:
@@ -69,7 +69,7 @@ rule adjudication_results:
         rereview="results/adjudication/{study}/rereview.csv",
         verdicts="results/adjudication/{study}/verdicts.csv",
     params:
-        domains=" ".join(adj_cfg("domains")),
+        domains=adj_cfg("domains"),
         phase=adj_cfg("phase"),
         confidence=adj_cfg("confidence"),
     conda:
@@ -77,9 +77,9 @@ rule adjudication_results:
     log:
         "results/logs/adjudication/{study}_results.log",
     shell:
-        "python -m batchflip adjudicate results --study {wildcards.study} "
+        "python -m batchflip adjudicate results --study {wildcards.study:q} "
         "--key {input.key:q} --flips {input.flips:q} --scored {input.scored:q} "
         "--ratings {input.ratings:q} --exported {input.exported:q} "
-        "--schema {input.schema:q} --domains {params.domains} --phase {params.phase} "
-        "--confidence {params.confidence} --out {output.numbers:q} "
+        "--schema {input.schema:q} --domains {params.domains:q} --phase {params.phase:q} "
+        "--confidence {params.confidence:q} --out {output.numbers:q} "
         "--rereview {output.rereview:q} --verdicts {output.verdicts:q} > {log:q} 2>&1"

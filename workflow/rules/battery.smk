@@ -14,5 +14,5 @@ rule battery:
         "results/logs/battery/{battery}.log",
     shell:
         "python -m batchflip battery {input.tasks:q} --builder {params.builder:q} "
-        "--render {params.render} "
+        "--render {params.render:q} "
         "--out {output:q} > {log:q} 2>&1"

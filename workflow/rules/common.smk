@@ -1,14 +1,27 @@
 # Helpers shared by the rules: thin wrappers over batchflip.layout (the results layout and
 # the generation-settings rule) and params derived from the config. The config's schema
 # defaults are filled in at load (batchflip.config.check_config): read values directly.
+# Shell lines quote every value that comes from a config, a battery or an archive with
+# Snakemake's {x:q} (a list param: each element quoted), or pass it as JSON (:q too); no
+# value reaches a shell unquoted (docs/security.md).
 import glob
 import json
 import os
 import re
-import shlex
 
-from batchflip import layout
+from batchflip import design, layout
 from batchflip.records import FLIPS_FORMAT, SCORED_FORMAT
+
+
+def dispatch_baseline_args(study, model=None):
+    """--dispatch-baseline DISPATCH=CONDITION arguments of a study (its own baselines of
+    a dispatch; with ``model``, only those the model runs), as a list that the shell line
+    quotes with :q (docs/security.md)."""
+    out = []
+    for d, c in sorted(study_cfg(study)["dispatch_baselines"].items()):
+        if model is None or c in conditions_of(study, model):  # a scope may leave one out
+            out += ["--dispatch-baseline", f"{d}={c}"]
+    return out
 
 
 def study_cfg(study):
@@ -97,7 +110,8 @@ def server_jobs():
 
 
 def server_job_args(job, model, output):
-    """Per part: --battery and --params, then its --condition/--out/--stack-out triples.
+    """Per part: --battery and --params, then its --condition/--out/--stack-out triples
+    (a list of arguments).
     As a params value it carries every part's generation settings, so a change in any part
     reruns the job (its studies share the server)."""
     args, i = [], 0
@@ -107,7 +121,7 @@ def server_job_args(job, model, output):
         for c in conds:
             args += ["--condition", c, "--out", output.gen[i], "--stack-out", output.stack[i]]
             i += 1
-    return " ".join(shlex.quote(str(a)) for a in args)
+    return [str(a) for a in args]  # the shell line quotes each one ({params.jobs:q})
 
 
 def study_gen_paths(wildcards):
@@ -240,10 +254,11 @@ def adj_rating_files(wildcards):
 
 
 def adj_export_flags():
+    """Optional export flags, as a list the shell line quotes with :q."""
     flags = ["--include-text-changes"] if adj_cfg("include_text_changes") else []
     if adj_cfg("text_change_limit") is not None:
         flags += ["--text-change-limit", str(int(adj_cfg("text_change_limit")))]
-    return " ".join(flags)
+    return flags
 
 
 # --- Study D, kernel ablation (see workflow/rules/study_ablation.smk) ---

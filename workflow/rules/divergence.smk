@@ -29,18 +29,14 @@ rule divergence_pairs:
         study=lp_studies(),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-            if c in conditions_of(w.study, w.model)
-        ),
+        own=lambda w: dispatch_baseline_args(w.study, w.model),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/divergence/{study}/{model}.log",
     shell:
         "python -m batchflip divergence pairs {input.gens:q} --flips {input.flips:q} "
-        "--baseline {params.baseline} {params.own} --out {output:q} > {log:q} 2>&1"
+        "--baseline {params.baseline:q} {params.own:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule divergence_numbers:
@@ -67,6 +63,6 @@ rule divergence_numbers:
         "results/logs/divergence/{study}.log",
     shell:
         "python -m batchflip divergence numbers {input.pairs:q} --screens {input.screens:q} "
-        "--generations {input.gens:q} --study {wildcards.study} "
-        "--bootstrap {params.bootstrap} --seed {params.seed} --out {output.numbers:q} "
+        "--generations {input.gens:q} --study {wildcards.study:q} "
+        "--bootstrap {params.bootstrap:q} --seed {params.seed:q} --out {output.numbers:q} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

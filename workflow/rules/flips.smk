@@ -6,11 +6,8 @@ rule flips:
         layout.flips_path("{study}", "{model}"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-            if c in conditions_of(w.study, w.model)  # a scope may leave a dispatch out
-        ),
+        # a scope may leave a dispatch out: only the baselines this model runs
+        own=lambda w: dispatch_baseline_args(w.study, w.model),
         # the flips-file layout (records.FLIPS_FORMAT): a new format re-pairs old files
         flips_format=FLIPS_FORMAT,
     conda:
@@ -18,4 +15,4 @@ rule flips:
     log:
         "results/logs/flips/{study}/{model}.log",
     shell:
-        "python -m batchflip flips {input:q} --baseline {params.baseline} {params.own} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip flips {input:q} --baseline {params.baseline:q} {params.own:q} --out {output:q} > {log:q} 2>&1"

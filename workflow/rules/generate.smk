@@ -22,7 +22,7 @@ rule generate:
         "results/benchmarks/generate/{study}/{model}/{condition}.tsv"
     shell:
         "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
-        "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
+        "--model-dir {params.model_dir:q} --condition {wildcards.condition:q} "
         "--out {output.gen:q} --stack-out {output.stack:q} 2> {log:q}"
 
 
@@ -69,5 +69,5 @@ for _job in server_jobs():
         benchmark:
             f"results/benchmarks/generate/server/{_job.name}/{{model}}.tsv"
         shell:
-            "python -m batchflip generate --model-dir {params.model_dir:q} {params.jobs} "
+            "python -m batchflip generate --model-dir {params.model_dir:q} {params.jobs:q} "
             "2> {log:q}"

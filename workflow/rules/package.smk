@@ -2,6 +2,7 @@
 import importlib.metadata
 import importlib.util
 import json
+import shlex
 
 
 def installed_batchflip():
@@ -29,4 +30,7 @@ if (INSTALLED := installed_batchflip()) is not None:
 else:
     SRC = str(Path(workflow.basedir) / "src")
     sys.path.insert(0, SRC)
-    shell.prefix(f'export PYTHONPATH="{SRC}${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')
+    # the checkout's path shell-quoted (a folder name may hold $ or quotes), its braces
+    # doubled for Snakemake's formatting of the prefix
+    _SRC_Q = shlex.quote(SRC).replace("{", "{{").replace("}", "}}")
+    shell.prefix(f'export PYTHONPATH={_SRC_Q}"${{{{PYTHONPATH:+:$PYTHONPATH}}}}"; ')

@@ -73,10 +73,7 @@ rule verify:
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-        ),
+        own=lambda w: dispatch_baseline_args(w.study),
         confidence=lambda w: config["verify"]["confidence"],
     conda:
         "../../envs/analysis.yaml"
@@ -84,6 +81,7 @@ rule verify:
         "results/logs/verify/{study}.log",
     shell:
         "python -m batchflip archive verify --archive {input.archive:q} "
-        "--study {wildcards.study} --battery {input.battery:q} --versions {params.versions:q} "
-        "--baseline {params.baseline} {params.own} --confidence {params.confidence} "
+        "--study {wildcards.study:q} --battery {input.battery:q} "
+        "--versions {params.versions:q} "
+        "--baseline {params.baseline:q} {params.own:q} --confidence {params.confidence:q} "
         "--out {output:q} {input.fresh:q} > {log:q} 2>&1"

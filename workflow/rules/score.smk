@@ -9,6 +9,9 @@ rule score:
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
         scored_format=SCORED_FORMAT,
+        # the targets the generation file must hold (checked before scoring)
+        expect=lambda w: json.dumps(design.target_spec(study_cfg(w.study), w.condition),
+                                    sort_keys=True),
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -17,5 +20,6 @@ rule score:
         "results/benchmarks/score/{study}/{model}/{condition}.tsv"
     shell:
         "python -m batchflip score --generations {input.gen:q} --battery {input.battery:q} "
-        "--versions {params.versions:q} --patterns {input.patterns:q} --out {output:q} "
+        "--versions {params.versions:q} --patterns {input.patterns:q} "
+        "--expect {params.expect:q} --out {output:q} "
         "> {log:q} 2>&1"

@@ -17,24 +17,20 @@ rule ablation_candidates:
         study=studies_of("ablation"),
     params:
         baseline=lambda w: study_cfg(ablation_source(w.study))["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(
-                study_cfg(ablation_source(w.study))["dispatch_baselines"].items()
-            )
-        ),
+        own=lambda w: dispatch_baseline_args(ablation_source(w.study)),
         candidates=lambda w: study_cfg(w.study)["candidates"],
-        dispatches=lambda w: " ".join(
-            f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
-        ),
+        dispatches=lambda w: [
+            a for d in study_cfg(w.study).get("dispatches", []) for a in ("--dispatch", d)
+        ],
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/ablation/{study}/{model}/candidates.log",
     shell:
         "python -m batchflip ablation candidates --flips {input.flips:q} "
-        "--generations {input.generations:q} --baseline {params.baseline} {params.own} "
-        "{params.dispatches} --candidates {params.candidates} --out {output:q} > {log:q} 2>&1"
+        "--generations {input.generations:q} --baseline {params.baseline:q} {params.own:q} "
+        "{params.dispatches:q} --candidates {params.candidates:q} --out {output:q} "
+        "> {log:q} 2>&1"
 
 
 rule ablation_generate:
@@ -65,7 +61,7 @@ rule ablation_generate:
     shell:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
-        "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
+        "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode:q} "
         "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
@@ -93,10 +89,11 @@ rule ablation_numbers:
     log:
         "results/logs/ablation/{study}/numbers.log",
     shell:
-        "python -m batchflip ablation numbers --study {wildcards.study} --source {params.source} "
+        "python -m batchflip ablation numbers --study {wildcards.study:q} "
+        "--source {params.source:q} "
         "--candidates {input.candidates:q} --runs {input.runs:q} --stacks {input.stacks:q} "
         "--battery {input.battery:q} --versions {params.versions:q} "
-        "--patterns {input.patterns:q} --max-error-share {params.max_error_share} "
+        "--patterns {input.patterns:q} --max-error-share {params.max_error_share:q} "
         "--out {output.numbers:q} --rows-out {output.rows:q} > {log:q} 2>&1"
 
 

@@ -25,10 +25,10 @@ rule composition_numbers:
     log:
         "results/logs/composition/{study}_numbers.log",
     shell:
-        "python -m batchflip composition numbers --study {wildcards.study} "
-        "--baseline {params.baseline} --scored {input.scored:q} "
-        "--generations {input.generations:q} --max-error-share {params.max_error_share} "
-        "--margin {params.margin} "
+        "python -m batchflip composition numbers --study {wildcards.study:q} "
+        "--baseline {params.baseline:q} --scored {input.scored:q} "
+        "--generations {input.generations:q} --max-error-share {params.max_error_share:q} "
+        "--margin {params.margin:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 

@@ -25,9 +25,9 @@ rule discovery_numbers:
     log:
         "results/logs/discovery/{study}_numbers.log",
     shell:
-        "python -m batchflip discovery numbers --study {wildcards.study} "
-        "--baseline {params.baseline} --flips {input.flips:q} --scored {input.scored:q} "
-        "--max-error-share {params.max_error_share} --quants {params.quants:q} "
+        "python -m batchflip discovery numbers --study {wildcards.study:q} "
+        "--baseline {params.baseline:q} --flips {input.flips:q} --scored {input.scored:q} "
+        "--max-error-share {params.max_error_share:q} --quants {params.quants:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -53,5 +53,5 @@ rule discovery_figure:
     log:
         "results/logs/discovery/{study}_{name}.log",
     shell:
-        "python -m batchflip discovery figure --numbers {input:q} --name {wildcards.name} "
+        "python -m batchflip discovery figure --numbers {input:q} --name {wildcards.name:q} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

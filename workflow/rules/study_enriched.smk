@@ -24,7 +24,7 @@ rule enriched_battery:
         "results/logs/enriched/{study}_battery.log",
     shell:
         "python -m batchflip enriched select --battery {input.battery:q} "
-        "--scored {input.scored:q} --flips {input.flips:q} --rule {params.rule} "
+        "--scored {input.scored:q} --flips {input.flips:q} --rule {params.rule:q} "
         "--out {output:q} > {log:q} 2>&1"
 
 
@@ -46,7 +46,7 @@ rule enriched_numbers:
     log:
         "results/logs/enriched/{study}_numbers.log",
     shell:
-        "python -m batchflip enriched compare --study {wildcards.study} "
-        "--source {params.source} --flips {input.flips:q} "
+        "python -m batchflip enriched compare --study {wildcards.study:q} "
+        "--source {params.source:q} --flips {input.flips:q} "
         "--source-flips {input.source_flips:q} --selected {input.selected:q} "
         "--battery {input.battery:q} --out {output:q} > {log:q} 2>&1"

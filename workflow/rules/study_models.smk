@@ -17,10 +17,11 @@ rule models_numbers:
     wildcard_constraints:
         study=studies_of("models"),
     params:
-        alignment=lambda w: " ".join(
-            f"--alignment {m}={config['models'][m].get('alignment', 'unspecified')}"
-            for m in study_cfg(w.study)["models"]
-        ),
+        # one --alignment NAME=TYPE pair per model, each element shell-quoted (:q)
+        alignment=lambda w: [
+            a for m in study_cfg(w.study)["models"]
+            for a in ("--alignment", f"{m}={config['models'][m].get('alignment', 'unspecified')}")
+        ],
         seed=lambda w: study_cfg(w.study)["seed"],
         resamples=2000,
         max_error_share=max_error_share(),
@@ -29,10 +30,10 @@ rule models_numbers:
     log:
         "results/logs/models/{study}_numbers.log",
     shell:
-        "python -m batchflip models numbers --study {wildcards.study} "
-        "--flips {input.flips:q} {params.alignment} --seed {params.seed} "
-        "--resamples {params.resamples} --scored {input.scored:q} "
-        "--max-error-share {params.max_error_share} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip models numbers --study {wildcards.study:q} "
+        "--flips {input.flips:q} {params.alignment:q} --seed {params.seed:q} "
+        "--resamples {params.resamples:q} --scored {input.scored:q} "
+        "--max-error-share {params.max_error_share:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule models_figure:

@@ -27,9 +27,10 @@ Sub-actions (``batchflip adjudicate ACTION ...``)
       the baseline response is balanced: items are ranked by a seeded hash, even ranks get
       the baseline as A and odd ranks as B. Each rater gets the rows in a different order
       (sorted by a hash of seed, rater and item id). A text cell that starts with ``=``,
-      ``+``, ``-``, ``@``, a tab or a CR gets one leading space, so that a spreadsheet
-      shows it as text instead of running it as a formula. The sheet never holds the
-      model, condition, batch size, dispatch, task or any automated label or score.
+      ``+``, ``-``, ``@``, a tab or a CR gets one leading ``'`` (OWASP's CSV-injection
+      rule), so that a spreadsheet shows it as text instead of running it as a formula; so
+      do the text cells of rereview.csv and verdicts.csv, prompt ids included. The sheet
+      never holds the model, condition, batch size, dispatch, task or any automated label or score.
       Running it again on the same inputs with the same seed gives the same bytes.
     - ``key.parquet``: the unblinding key, one row per item (columns ``KEY_COLUMNS``). It
       holds the model, prompt id, condition, batch size, dispatch, which of A/B is the

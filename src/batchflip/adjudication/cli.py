@@ -17,6 +17,7 @@ from batchflip.adjudication.export import (
     PHASES,
     _read_scored,
     build_export,
+    neutralise_frame,
     render_sheet,
     write_bytes,
 )
@@ -77,8 +78,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
+    """A results CSV with every text cell neutralised (export.neutralise_frame)."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
+        neutralise_frame(df).to_csv(tmp, index=False, encoding="utf-8", lineterminator="\n")
 
 
 def _export(args: argparse.Namespace) -> int:

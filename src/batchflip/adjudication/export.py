@@ -199,8 +199,20 @@ def build_export(flips: pd.DataFrame, scored_paths: Sequence[str], battery: pd.D
 
 
 def _cell(text: object) -> str:
+    """A CSV cell a spreadsheet shows as text (OWASP CSV injection): one leading ``'``
+    when it starts with = + - @, a tab or a CR."""
     s = "" if text is None or (isinstance(text, float) and np.isnan(text)) else str(text)
-    return " " + s if s.startswith(_FORMULA_START) else s
+    return "'" + s if s.startswith(_FORMULA_START) else s
+
+
+def neutralise_frame(df: pd.DataFrame) -> pd.DataFrame:
+    """Every text cell of ``df`` through :func:`_cell` (prompt ids included); numbers and
+    missing values are left as they are."""
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]):
+            out[col] = [_cell(v) if isinstance(v, str) else v for v in out[col]]
+    return out
 
 
 def render_sheet(texts: pd.DataFrame, rater: str, study: str, seed: int) -> bytes:

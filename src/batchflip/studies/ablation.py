@@ -70,6 +70,7 @@ from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.flips import FLIP_TOL
 from batchflip.io import write_json, write_parquet
+from batchflip.model import check_model_dir
 from batchflip.numbers import (
     REFUSED_AT,
     Record,
@@ -373,6 +374,7 @@ def _generate_main(args: argparse.Namespace) -> int:
 
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
     params = json.loads(args.params)
+    check_model_dir(args.model_dir, params.get("model"))
     # a GPU job holds its own device (batchflip.gpu_lease)
     with lease_for({**params, "kernel_mode": args.kernel_mode}):
         runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), params,
