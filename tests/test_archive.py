@@ -340,3 +340,48 @@ def test_reviewer_round_trip_reproduces_numbers_byte_for_byte(packed, tmp_path):
     assert report["passed"] is False
     assert [(m["condition"], m["prompt_id"]) for m in report["mismatches"]] == [
         ("sync_b4", "tiny_harm_2")]
+
+
+# Hostile archives and handed-over files (issue 21)
+def _with_link(arc: Path, out: Path, name: str, link: str, kind: bytes = tarfile.SYMTYPE) -> None:
+    """Copy an archive with member ``name`` replaced by a link to ``link`` (manifest kept)."""
+    with tarfile.open(arc) as src, tarfile.open(out, "w:gz") as dst:
+        for m in src.getmembers():
+            if m.name == name:
+                info = tarfile.TarInfo(name)
+                info.type, info.linkname = kind, link
+                dst.addfile(info)
+            else:
+                dst.addfile(m, src.extractfile(m))
+
+
+@pytest.mark.parametrize("link,kind", [("../../../../etc/passwd", tarfile.SYMTYPE),
+                                       ("results/generations/a/smol/sync_b1.parquet",
+                                        tarfile.SYMTYPE),
+                                       ("nowhere.parquet", tarfile.LNKTYPE)])
+def test_a_link_member_is_a_one_line_error_and_nothing_is_written(packed, tmp_path, capsys,
+                                                                  link, kind):
+    ws, arc = packed
+    name = "results/generations/a/smol/sync_b4.parquet"
+    bad = tmp_path / "bad.tar.gz"
+    _with_link(arc, bad, name, link, kind)
+    gen = tmp_path / "restore" / name
+    with pytest.raises(BatchflipError, match=rf"bad.tar.gz: member {name} is a .*link to "
+                                             rf"{link}; .*only regular files"):
+        archive.extract(bad, {name: gen})
+    with pytest.raises(BatchflipError, match=rf"member {name} is a .*link"):
+        archive.read_member(bad, name)
+    assert not gen.exists() and not (tmp_path / "restore").exists()
+    assert cli(["archive", "check", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and name in err and "link" in err
+
+
+def test_packed_archive_gets_a_plain_files_mode(packed):
+    """The archive is handed to reviewers: 0666 less the umask (0644 under 022), not 0600."""
+    import stat
+
+    _, arc = packed
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert stat.S_IMODE(arc.stat().st_mode) == 0o666 & ~mask

@@ -304,3 +304,31 @@ def test_job_refuses_a_batch_larger_than_the_prompts_it_sends(tmp_path, monkeypa
     assert f"study 'a', condition '{condition}'" in str(err.value)
     assert f"batches of {b} prompts" in str(err.value) and "only 12 prompts" in str(err.value)
     assert engine.calls == [] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["/no/such/model", "resources/models/not-built", "../x/y"])
+def test_a_missing_model_path_is_a_one_line_error_naming_it(tmp_path, capsys, where):
+    from batchflip.cli import main
+
+    battery = _battery().drop(columns="sent")
+    battery.to_parquet(tmp_path / "b.parquet", index=False)
+    params = {**PARAMS, "engine": "hf", "model": "llama", "prompt_format": "chat"}
+    out = tmp_path / "g.parquet"
+    rc = main(["generate", "--battery", str(tmp_path / "b.parquet"), "--params",
+               json.dumps(params), "--model-dir", where, "--condition", "sync_b1", "--out",
+               str(out), "--stack-out", str(tmp_path / "g.stack.json"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert where in err and "model directory does not exist" in err
+    assert "models.llama.path" in err and not out.exists()
+
+
+def test_hub_ids_and_endpoints_pass_the_model_check(tmp_path):
+    from batchflip.model import check_model_dir
+
+    check_model_dir("Qwen/Qwen2.5-1.5B-Instruct")
+    check_model_dir("endpoint:llama3.2:1b")
+    check_model_dir(str(tmp_path))
+    with pytest.raises(BatchflipError, match="not a directory"):
+        (tmp_path / "f").write_text("")
+        check_model_dir(str(tmp_path / "f"), "m")

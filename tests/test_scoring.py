@@ -87,3 +87,72 @@ def test_unknown_prompt_id_is_an_input_error():
     battery = _battery([("r1", "harm", "safety", "refusal", "R", {"filters": []})])
     with pytest.raises(InputError, match="'zz' is not in the battery"):
         score_frame(_gen([("zz", "hi", "target")]), battery, {}, source="gen.parquet")
+
+
+# Incomplete and corrupt files (issue 21): one line naming the file, never a smaller n
+def _files(tmp_path, drop=()):
+    from batchflip.records import GENERATION_COLUMNS
+
+    battery = pd.DataFrame({
+        "prompt_id": ["h1", "h2", "h3", "m1", "m2"], "task": ["harm"] * 3 + ["mc"] * 2,
+        "domain": ["safety"] * 3 + ["capability"] * 2,
+        "scorer": ["refusal"] * 3 + ["mc_letter"] * 2, "prompt": list("abcde"),
+        "reference": ["", "", "", "A", "B"], "meta": ['{"filters": []}'] * 5})
+    rows = [{c: None for c in GENERATION_COLUMNS} | {
+        "prompt_id": p, "role": "target", "text": "I'm sorry", "finish_reason": "stop",
+        "condition": "sync_b1", "study": "s", "model": "m"} for p in battery["prompt_id"]
+        if p not in drop]
+    gen = pd.DataFrame(rows, columns=GENERATION_COLUMNS)
+    gen.to_parquet(tmp_path / "gen.parquet", index=False)
+    battery.to_parquet(tmp_path / "battery.parquet", index=False)
+    return tmp_path / "gen.parquet", tmp_path / "battery.parquet"
+
+
+def _score_cli(gen, battery, out, expect=None):
+    from batchflip.cli import main
+
+    args = ["score", "--generations", str(gen), "--battery", str(battery), "--versions",
+            '{"refusal": 2, "mc_letter": 1}', "--out", str(out)]
+    return main(args + (["--expect", json.dumps(expect)] if expect is not None else []))
+
+
+@pytest.mark.parametrize("spec,n_expected", [
+    ({"subset": None}, 5), ({"subset": {"per_task": {"harm": 2, "mc": 2}}}, 4),
+    ({"subset": None, "cobatch_targets": ["harm"]}, 3)])
+def test_a_generation_file_missing_prompts_is_refused(tmp_path, capsys, spec, n_expected):
+    gen, battery = _files(tmp_path, drop=("h2",))
+    out = tmp_path / "scored.parquet"
+    assert _score_cli(gen, battery, out, spec) == 1
+    err = capsys.readouterr().err
+    assert str(gen) in err and f"1 of {n_expected} prompts" in err and "'h2'" in err
+    assert "delete it and rerun" in err and not out.exists()
+
+
+def test_a_complete_generation_file_scores_under_its_spec(tmp_path):
+    gen, battery = _files(tmp_path, drop=("h3", "m2"))  # outside the subset: fine
+    out = tmp_path / "scored.parquet"
+    assert _score_cli(gen, battery, out, {"subset": {"per_task": {"harm": 2, "mc": 1}}}) == 0
+    assert len(pd.read_parquet(out)) == 3
+
+
+def test_a_truncated_parquet_is_a_one_line_error_naming_the_file(tmp_path, capsys):
+    gen, battery = _files(tmp_path)
+    data = gen.read_bytes()
+    gen.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "scored.parquet"
+    assert _score_cli(gen, battery, out) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert str(gen) in err and "not a readable parquet file" in err
+    assert "delete it and rerun" in err and not out.exists()
+
+
+def test_target_spec_follows_scopes_and_composition():
+    from batchflip.design import target_spec
+
+    study = {"subset": {"per_task": {"harm": 3}}, "cobatch_targets": ["harm"],
+             "scopes": [{"conditions": ["sync_b4"], "subset": {"per_task": {"mc": 2}}}]}
+    assert target_spec(study, "sync_b1") == {"subset": {"per_task": {"harm": 3}}}
+    assert target_spec(study, "sync_b4") == {"subset": {"per_task": {"mc": 2}}}
+    assert target_spec(study, "cobatch_b8_benign") == {"subset": {"per_task": {"harm": 3}},
+                                                       "cobatch_targets": ["harm"]}
