@@ -20,6 +20,13 @@ from batchflip.errors import BatchflipError, InputError
 
 
 def _umask() -> int:
+    """The process umask (read from /proc where it can be, so it is never changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
