@@ -157,7 +157,8 @@ def test_one_job_serves_several_studies_with_their_own_request_settings(tmp_path
             "prompt_format": "raw", "server": {"base_url": "http://fake"}}
     a = {**base, "study": "a", "max_new_tokens": 8}
     c = {**base, "study": "c", "max_new_tokens": 3}
-    argv = ["--model-dir", "m", "--battery", str(tmp_path / "a.parquet"),
+    (tmp_path / "m").mkdir()  # the model directory must exist (generate.main checks)
+    argv = ["--model-dir", str(tmp_path / "m"), "--battery", str(tmp_path / "a.parquet"),
             "--params", json.dumps(a)]
     for cond in ("sync_b1", "sync_b2"):
         argv += ["--condition", cond, "--out", str(tmp_path / f"a_{cond}.parquet"),
