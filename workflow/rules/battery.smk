@@ -14,5 +14,5 @@ rule battery:
         "results/logs/battery/{battery}.log",
     shell:
         "python -m batchflip battery {input.tasks:q} --builder {params.builder:q} "
-        "--render {params.render:q} "
+        "--render {params.render} "
         "--out {output:q} > {log:q} 2>&1"

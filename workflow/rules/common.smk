@@ -3,14 +3,23 @@
 # defaults are filled in at load (batchflip.config.check_config): read values directly.
 # Shell lines quote every value that comes from a config, a battery or an archive with
 # Snakemake's {x:q} (a list param: each element quoted), or pass it as JSON (:q too); no
-# value reaches a shell unquoted (docs/security.md).
+# value reaches a shell unquoted (docs/security.md). The generation and battery rules keep
+# their shell text (a changed text reruns existing outputs through Snakemake's code
+# trigger): their few unquoted fields are pre-quoted or constrained to enums and patterns.
 import glob
 import json
 import os
 import re
+import shlex
 
 from batchflip import design, layout
 from batchflip.records import FLIPS_FORMAT, SCORED_FORMAT
+
+
+# a condition name (batchflip.conditions), as a wildcard constraint
+CONDITION_WILDCARD = (r"(?:sync|list|cobatch|stagger)_b[1-9][0-9]*(?:_[a-z]+)?"
+                      r"(?:_[mp][0-9]+|_simultaneous|_minimal_overlap)?(?:_ph[a-z0-9]+)?"
+                      r"|conc_c[1-9][0-9]*")
 
 
 def dispatch_baseline_args(study, model=None):
@@ -111,7 +120,7 @@ def server_jobs():
 
 def server_job_args(job, model, output):
     """Per part: --battery and --params, then its --condition/--out/--stack-out triples
-    (a list of arguments).
+    (each shell-quoted).
     As a params value it carries every part's generation settings, so a change in any part
     reruns the job (its studies share the server)."""
     args, i = [], 0
@@ -121,7 +130,9 @@ def server_job_args(job, model, output):
         for c in conds:
             args += ["--condition", c, "--out", output.gen[i], "--stack-out", output.stack[i]]
             i += 1
-    return [str(a) for a in args]  # the shell line quotes each one ({params.jobs:q})
+    # quoted here, not with :q in the shell line: its text (and so Snakemake's code
+    # trigger) stays what existing server generations were made with
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 def study_gen_paths(wildcards):

@@ -8,6 +8,9 @@ rule generate:
         stack=layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")),
     wildcard_constraints:
         study=studies_on("hf"),
+        # a condition name batchflip.conditions parses: the shell line keeps this wildcard
+        # unquoted (its text is unchanged, so Snakemake's code trigger reruns no generation)
+        condition=CONDITION_WILDCARD,
     params:
         settings=lambda w: gen_settings(w.study, w.model, [w.condition]),
         model_dir=lambda w: model_dir(w.model),
@@ -22,7 +25,7 @@ rule generate:
         "results/benchmarks/generate/{study}/{model}/{condition}.tsv"
     shell:
         "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
-        "--model-dir {params.model_dir:q} --condition {wildcards.condition:q} "
+        "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
         "--out {output.gen:q} --stack-out {output.stack:q} 2> {log:q}"
 
 
@@ -69,5 +72,5 @@ for _job in server_jobs():
         benchmark:
             f"results/benchmarks/generate/server/{_job.name}/{{model}}.tsv"
         shell:
-            "python -m batchflip generate --model-dir {params.model_dir:q} {params.jobs:q} "
+            "python -m batchflip generate --model-dir {params.model_dir:q} {params.jobs} "
             "2> {log:q}"

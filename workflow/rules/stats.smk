@@ -14,4 +14,4 @@ rule fidelity:
     log:
         "results/logs/fidelity.log",
     shell:
-        "python -m batchflip fidelity --published {input:q} --out {output:q} > {log:q} 2>&1"
+        "python -m batchflip fidelity --published {input} --out {output} > {log} 2>&1"

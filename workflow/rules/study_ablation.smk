@@ -61,7 +61,7 @@ rule ablation_generate:
     shell:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
-        "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode:q} "
+        "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
         "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
