@@ -119,6 +119,8 @@ def phase_reference(name: str) -> str | None:
         c = parse_condition(name)
     except BatchflipError:
         return None
+    if c.repeat:  # the repeat control is compared by batchflip.repeat
+        return None
     tag = f"_ph{c.phase}" if c.phase else ""
     if c.dispatch == "stagger" and c.timing != "simultaneous":
         return f"stagger_b{c.batch_size}_{c.pool}_simultaneous{tag}"
