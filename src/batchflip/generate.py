@@ -90,12 +90,12 @@ def draw_group(seed: int, battery: pd.DataFrame, pools: dict[str, Any], pool: st
                target: str, batch_size: int) -> tuple[list[str], int]:
     """A target's fillers (in order) and its position in a group of ``batch_size``.
 
-    The draw rule (:data:`batchflip.conditions.GROUPING`): the fillers are drawn with a generator keyed by
-    (study seed, pool, batch size, target) and the position with one keyed by (study seed,
-    batch size, target). Nothing of the condition's name enters: every condition of a study
-    with the same pool and size (cobatch, list, any stagger timing, any phase tag, a repeat)
-    gives the target the same fillers in the same order at the same position, and
-    conditions that differ only in the pool still share the position.
+    The draw rule (:data:`batchflip.conditions.GROUPING`): the fillers are drawn with a
+    generator keyed by (study seed, pool, batch size, target) and the position with one
+    keyed by (study seed, batch size, target). Nothing of the condition's name enters:
+    every condition of a study with the same pool and size (cobatch, list, any stagger
+    timing, any phase tag, a repeat) gives the target the same fillers in the same order at
+    the same position, and conditions that differ only in the pool share the position.
     """
     size = str(batch_size)
     fillers = _draw_fillers(_rng(seed, "fillers", pool, size, target), battery, pools, pool,
