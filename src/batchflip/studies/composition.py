@@ -94,6 +94,14 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   out (it has no decode interval). These records carry
   ``timing: true``: they come from wall-clock timings, so two runs with identical texts can
   give different values (every other number is a function of the texts).
+- Beside it, per stagger condition (``timing: true`` too): ``<s>/<m>/<c>/timing_rule_rate``
+  (and ``<s>/all/<c>/...``), the share of groups (target answered) that met the condition's
+  timing rule (``rule``; :data:`batchflip.studies.composition_verify.TIMING_RULES`:
+  minimal_overlap = the fillers submitted after the target's first token and before its
+  last), and the medians of each group's measured overlap
+  (:func:`batchflip.studies.composition_verify.stagger_overlap`):
+  ``/filler_after_first_median_ms``, ``/target_done_after_filler_median_ms``,
+  ``/offset_median_ms``.
 
 Failed requests (``batchflip.failures``: ``finish_reason "error"``, null score) are no
 answers: they are left out of every rate and pair above, counted per (model, condition) over
