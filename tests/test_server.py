@@ -1010,6 +1010,20 @@ def test_real_sync_and_list_dispatch(vllm_engine):
 
 
 @pytest.mark.vllm
+def test_real_minimal_overlap_sends_fillers_after_the_targets_first_token(vllm_engine):
+    # the real server: the fillers leave after the target's first streamed token and (16
+    # new tokens on this CPU take longer than a submit) before its last
+    roles = ["filler", "target", "filler"]
+    group = _group(_chat(QUESTIONS[:3]), roles)
+    for _ in range(2):
+        f0, t, f2 = vllm_engine.run_group(
+            group, parse_condition("stagger_b3_benign_minimal_overlap"))
+        assert all(r.error == "" and r.text.strip() for r in (f0, t, f2))
+        assert t.t_submit < t.t_first <= min(f0.t_submit, f2.t_submit) <= t.t_done
+        assert t.n_tokens > 1
+
+
+@pytest.mark.vllm
 def test_real_timeout_retries_are_bounded_and_recorded(vllm_engine):
     settings = ClientSettings(base_url=vllm_engine.client.base_url,
                               model=vllm_engine.client.s.model, max_tokens=64, seed=42,
