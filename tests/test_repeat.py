@@ -72,8 +72,13 @@ def test_condition_beside_repeat_with_the_exact_test():
     assert nums["a/m/sync_b1_repeat/repeat/any/text_change_rate"]["k"] == 3
     assert nums["a/m/sync_b1_repeat/repeat/any/flip_rate"]["k"] == 1
     assert nums["a/all/sync_b8/vs_repeat/any/flip_rate"]["k"] == 5
-    # list_b4 is paired with list_b1, not the baseline the repeat repeats: no repeat row
-    assert not any(k.startswith("a/m/list_b4/") for k in nums)
+    # list_b4 is paired with list_b1, which has no repeat: beside sync_b1's repeat
+    lst = nums["a/m/list_b4/vs_repeat/any/text_change_vs_repeat_p"]
+    assert (lst["b"], lst["c"], lst["baseline"], lst["repeat"]) == (0, 3, "list_b1",
+                                                                    "sync_b1_repeat")
+    assert lst["value"] == pytest.approx(0.25)  # all 3 discordant the repeat's: 2 / 2^3
+    assert "a/m/list_b1/vs_repeat/any/text_change_rate" not in nums  # a baseline
+    assert "a/m/sync_b1/vs_repeat/any/text_change_rate" not in nums
     assert all(r["section"] == "repeat_control" for r in nums.values())
 
 

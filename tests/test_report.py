@@ -398,9 +398,10 @@ def test_report_sets_every_condition_beside_the_repeat_control(tmp_path):
     html = (_bundle(tmp_path, extra={"repeat_a": recs}) / "report.html").read_text()
     sec = _section(html, "repeat")
     rows = re.findall(r"<tr><td>(.*?)</tr>", sec, re.S)
-    assert len(rows) == 4  # pooled over models ("all"), then model m
+    assert len(rows) == 6  # pooled over models ("all"), then model m
     rows = [r for r in rows if r.startswith("a</td><td>m</td>")]
-    assert len(rows) == 2  # the repeat against the baseline, then sync_b8 beside it
+    assert len(rows) == 3  # the repeat against the baseline, then list_b4 and sync_b8
+    rows = [rows[0], rows[2]]
     assert "<b>sync_b1_repeat</b> (vs sync_b1)" in rows[0] and "3 / 30 (10.0%)" in rows[0]
     cells = re.findall(r'<td class="v">(.*?)</td>', rows[1])
     # text changed 12 vs 3 of 30, exact McNemar p 0.0117; flips 5 vs 1, p 0.125

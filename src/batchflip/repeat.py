@@ -8,10 +8,11 @@ vLLM the scheduler's timing can change a text between two runs of the same reque
 condition's text-change or flip rate is evidence about batching only to the extent that
 it clears this noise floor.
 
-Per model (and pooled over models, ``all``), for every condition ``c`` paired with the
-baseline ``B`` that a repeat ``R = B_repeat`` repeats, over the prompts paired under both
-``c`` and ``R`` (same model, same baseline row), per domain and over every domain
-(``any``):
+Per model (and pooled over models, ``all``), for every condition ``c`` beside the repeat
+``R`` of the baseline ``B`` it is paired with (``R = B_repeat``; when its baseline has no
+repeat, as ``list_b4`` paired with ``list_b1``, the repeat of the study's baseline), over
+the prompts paired under both ``c`` and ``R`` (same model), per domain and over every
+domain (``any``):
 
 - ``<s>/<m>/<c>/vs_repeat/<d>/text_change_rate`` and ``/repeat_text_change_rate``: the
   share of those prompts whose text under ``c`` (under ``R``) is not byte-identical to the
@@ -22,7 +23,8 @@ baseline ``B`` that a repeat ``R = B_repeat`` repeats, over the prompts paired u
   against ``R``. ``b`` = changed under ``c`` and not under ``R``, ``c`` = the reverse.
 
 Why McNemar and not a two-sample test (Fisher, Boschloo): both rates are measured on the
-same prompts against the same baseline rows, so the two outcomes of a prompt are paired
+same prompts (against the same baseline rows, but for a fallback), so the two outcomes of a
+prompt are paired
 (a prompt near a decision boundary tends to change under both); a two-sample test
 treats them as independent samples and misstates the variance. The exact conditional
 test on the discordant prompts is the paired analysis the paper uses for flips, and it
@@ -89,17 +91,22 @@ def repeat_numbers(scored: dict[str, pd.DataFrame], study: str, baseline: str,
             "the repeat control: the baseline generated a second time", inputs, [],
             section=SECTION, model="all")
         return out
-    for rep in repeats:
-        base = parse_condition(rep).base
-        mine = flips[flips["baseline_condition"] == base]
-        for model in [*sorted(mine["model"].unique()), "all"]:
-            rows = mine if model == "all" else mine[mine["model"] == model]
-            out |= _repeat_rates(rows[rows["condition"] == rep], study, model, rep, base,
-                                 inputs)
-            for cond in sorted(set(rows["condition"]) - {rep}):
-                if is_repeat(cond):
-                    continue
-                out |= _versus(rows, study, model, cond, rep, base, inputs)
+    # each condition beside the repeat of the baseline it is paired with, else beside the
+    # repeat of the study's baseline (e.g. list_b4, paired with list_b1, beside sync_b1's)
+    own = flips.groupby("condition", sort=True)["baseline_condition"].first().to_dict()
+    fallback = f"{baseline}{REPEAT}" if f"{baseline}{REPEAT}" in repeats else None
+    beside = {c: r for c, b in own.items() if not is_repeat(c)
+              and (r := f"{b}{REPEAT}" if f"{b}{REPEAT}" in repeats else fallback)}
+    for model in [*sorted(flips["model"].unique()), "all"]:
+        rows = flips if model == "all" else flips[flips["model"] == model]
+        present = set(rows["condition"])
+        for rep in repeats:
+            if rep in present:
+                out |= _repeat_rates(rows[rows["condition"] == rep], study, model, rep,
+                                     own[rep], inputs)
+        for cond, rep in sorted(beside.items()):
+            if cond in present and rep in present:
+                out |= _versus(rows, study, model, cond, rep, own[cond], inputs)
     return out
 
 
@@ -128,7 +135,8 @@ def _repeat_rates(rows: pd.DataFrame, study: str, model: str, rep: str, base: st
 
 def _versus(rows: pd.DataFrame, study: str, model: str, cond: str, rep: str, base: str,
             inputs: list[str]) -> dict[str, Record]:
-    """A condition's rates beside the repeat's on their common prompts, and the test."""
+    """A condition's rates (against its own baseline ``base``) beside the repeat's on their
+    common prompts, and the test."""
     keys = ["model", "prompt_id"]
     c_rows = rows[rows["condition"] == cond]
     r_rows = rows[rows["condition"] == rep]
@@ -140,8 +148,8 @@ def _versus(rows: pd.DataFrame, study: str, model: str, cond: str, rep: str, bas
     for domain, part in _domains(both):
         meta = _meta(model, cond, rep, base, domain)
         stacks = sorted(set(_stacks(part)) | set(map(str, part["stack_id_r"])))
-        where = (f"{domain} domain(s), {who}, over the {len(part)} prompts paired with "
-                 f"{base} under both {cond} and {rep}")
+        where = (f"{domain} domain(s), {who}, over the {len(part)} prompts paired under "
+                 f"both {cond} (with {base}) and {rep} (with {parse_condition(rep).base})")
         for col, name, what in MEASURES:
             x = part[col].to_numpy(bool)
             y = part[col + "_r"].to_numpy(bool)
