@@ -71,7 +71,9 @@ def is_repeat(name: str) -> bool:
 def without_repeats(df: pd.DataFrame) -> pd.DataFrame:
     """The rows of ``df`` whose ``condition`` is not a repeat control: the study numbers
     that pool conditions (fragility, quantization cells, composition families) leave the
-    repeat to this module."""
+    repeat to this module. A frame without a ``condition`` column has no repeat rows."""
+    if "condition" not in df.columns:
+        return df
     return df[~df["condition"].astype(str).str.endswith(REPEAT)]
 
 
