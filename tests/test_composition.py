@@ -424,3 +424,17 @@ def test_direction_of_significant_pairs():
     tost = nums[f"c/m1/{JAIL}/tost_p"]
     assert tost["estimate_pp"] == pytest.approx(-100 * 9 / N_PROMPTS)
     assert tost["equivalent"] is False
+
+
+def test_the_repeat_control_stays_out_of_the_families_and_aggregates(data):
+    # cobatch_b8_solo_repeat (solo again, one label changed): its own rates are reported,
+    # every number against the baseline is as without it (batchflip.repeat compares it)
+    df, before = data
+    rep = df[df["condition"] == SOLO].assign(condition=f"{SOLO}_repeat")
+    rep.loc[rep.index[0], "score"] = 1.0 - rep.loc[rep.index[0], "score"]
+    after = composition_numbers(_by_file(pd.concat([df, rep])), {}, "c", SOLO)
+    assert f"c/m1/{SOLO}_repeat/refusal_rate" in after
+    own = ("/refusal_rate", "/capability_correct_rate", "/error_count", "/error_share")
+    assert not any(f"{SOLO}_repeat" in k for k in after if not k.endswith(own))
+    for nid, rec in before.items():
+        assert after[nid] == rec | {"inputs": after[nid]["inputs"]}, nid
