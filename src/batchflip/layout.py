@@ -20,8 +20,8 @@ serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   
 prompts            battery, subset; scope settings as condition_overrides       every job
 composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
                                                                                 stagger_*
-rule version       grouping (:data:`batchflip.conditions.GROUPING`: how fillers  jobs with
-                   and positions are drawn and minimal_overlap dispatched)      fillers
+rule version       grouping (:data:`batchflip.conditions.GROUPING`: how          jobs with
+                   fillers and positions are drawn, minimal_overlap sent)       fillers
 records            logprobs (per-token log-probability columns; left out when  every job
                    0 or unset, so studies without it keep their params)
 identity           study, model                                                 every job
