@@ -65,6 +65,7 @@ include: "workflow/rules/study_composition.smk"
 include: "workflow/rules/study_ablation.smk"
 include: "workflow/rules/study_enriched.smk"
 include: "workflow/rules/stats.smk"
+include: "workflow/rules/repeat.smk"
 include: "workflow/rules/adjudicate.smk"
 include: "workflow/rules/paper.smk"
 

@@ -22,6 +22,7 @@ from batchflip.cli import main as cli_main
 from batchflip.records import GENERATION_COLUMNS, SCORED_COLUMNS
 from batchflip.stats import tost_paired
 from batchflip.studies.composition import cobatch_verification, composition_numbers
+from batchflip.studies.composition_verify import stagger_overlap
 
 MODELS = ["m1", "m2", "m3"]
 SOLO, BENIGN, JAIL = "cobatch_b8_solo", "cobatch_b8_benign", "cobatch_b8_jailbreak"
@@ -239,11 +240,58 @@ def test_verification_rate_on_constructed_timings():
     # timing-derived records (and only they) say so: they can differ between runs whose
     # texts are identical
     timed = {k for k, r in nums.items() if r.get("timing")}
-    assert timed == {k for k in nums if k.endswith("cobatch_verified_rate")} and timed
+    assert timed == {k for k in nums if k.endswith("cobatch_verified_rate")
+                     or "_median_ms" in k or k.endswith("/timing_rule_rate")} and timed
+    # the stagger groups' rule (fillers >= 250 ms first, one still running at the target's
+    # first token): group 0's fillers end at 9.9 < 10, group 1's at 10.5
+    rule = nums[f"c/m1/{stag}/timing_rule_rate"]
+    assert (rule["k"], rule["n"]) == (1, 2) and "offset" in rule["rule"]
     only_solo = composition_numbers(_by_file(_scored()), {"g.parquet": gen[
         gen["condition"] == SOLO]}, "c", SOLO)
     assert only_solo["c/all/cobatch_verified_rate"]["value"] is None
     assert only_solo["c/all/cobatch_verified_rate"]["note"].startswith("not estimable:")
+
+
+def test_stagger_overlap_and_timing_rule_rates_on_constructed_timings():
+    # target (t_submit, t_first, t_done), fillers' (t_submit, t_done); seconds
+    def group(cond, gid, target, fillers):
+        rows = [{"model": "m1", "condition": cond, "group_id": gid, "position": 0,
+                 "role": "target", "prompt_id": f"t{gid}", "t_submit": target[0],
+                 "t_first": target[1], "t_done": target[2], "stack_id": "s", "error": None}]
+        rows += [{"model": "m1", "condition": cond, "group_id": gid, "position": j + 1,
+                  "role": "filler", "prompt_id": f"f{gid}_{j}", "t_submit": a, "t_first": a,
+                  "t_done": b, "stack_id": "s", "error": None}
+                 for j, (a, b) in enumerate(fillers)]
+        return rows
+
+    mo, sim, p250 = ("stagger_b3_jailbreak_minimal_overlap",
+                     "stagger_b3_jailbreak_simultaneous", "stagger_b3_jailbreak_p250")
+    gen = pd.DataFrame(
+        group(mo, 0, (0.0, 0.2, 1.0), [(0.25, 2.0), (0.3, 2.0)])    # after 1st token: met
+        + group(mo, 1, (0.0, 0.2, 1.0), [(0.05, 2.0), (0.3, 2.0)])  # a filler before: not
+        + group(mo, 2, (0.0, 0.2, 1.0), [(1.5, 2.0)])               # after the end: not
+        + group(sim, 0, (0.0, 0.2, 1.0), [(0.001, 1.0), (0.002, 1.0)])  # met
+        + group(sim, 1, (0.0, 0.2, 1.0), [(0.001, 1.0), (0.5, 1.0)])    # one late: not
+        + group(p250, 0, (0.0, 0.1, 1.0), [(0.25, 2.0)])   # 250 ms after, overlaps: met
+        + group(p250, 1, (0.0, 0.1, 0.2), [(0.25, 2.0)])   # target already done: not
+    )
+    ov = stagger_overlap(gen).set_index(["condition", "group_id"])
+    assert ov["met"].to_dict() == {(mo, 0): True, (mo, 1): False, (mo, 2): False,
+                                   (sim, 0): True, (sim, 1): False,
+                                   (p250, 0): True, (p250, 1): False}
+    assert ov.loc[(mo, 0), "filler_after_first_ms"] == pytest.approx(50.0)
+    assert ov.loc[(mo, 0), "target_done_after_filler_ms"] == pytest.approx(750.0)
+    assert ov.loc[(mo, 1), "offset_ms"] == pytest.approx(50.0)
+    nums = composition_numbers(_by_file(_scored()), {"g.parquet": gen}, "c", SOLO)
+    for cond, k, n in ((mo, 1, 3), (sim, 1, 2), (p250, 1, 2)):
+        for model in ("m1", "all"):
+            rec = nums[f"c/{model}/{cond}/timing_rule_rate"]
+            assert (rec["k"], rec["n"], rec["timing"]) == (k, n, True)
+        # beside the co-batch verification rate of the same condition
+        assert f"c/m1/{cond}/cobatch_verified_rate" in nums
+    # the median measured overlap: first filler 50, -150 and 1300 ms after the first token
+    assert nums[f"c/m1/{mo}/filler_after_first_median_ms"]["value"] == pytest.approx(50.0)
+    assert "first token" in nums[f"c/m1/{mo}/timing_rule_rate"]["rule"]
 
 
 def _assert_null(rec: dict) -> None:
@@ -376,3 +424,17 @@ def test_direction_of_significant_pairs():
     tost = nums[f"c/m1/{JAIL}/tost_p"]
     assert tost["estimate_pp"] == pytest.approx(-100 * 9 / N_PROMPTS)
     assert tost["equivalent"] is False
+
+
+def test_the_repeat_control_stays_out_of_the_families_and_aggregates(data):
+    # cobatch_b8_solo_repeat (solo again, one label changed): its own rates are reported,
+    # every number against the baseline is as without it (batchflip.repeat compares it)
+    df, before = data
+    rep = df[df["condition"] == SOLO].assign(condition=f"{SOLO}_repeat")
+    rep.loc[rep.index[0], "score"] = 1.0 - rep.loc[rep.index[0], "score"]
+    after = composition_numbers(_by_file(pd.concat([df, rep])), {}, "c", SOLO)
+    assert f"c/m1/{SOLO}_repeat/refusal_rate" in after
+    own = ("/refusal_rate", "/capability_correct_rate", "/error_count", "/error_share")
+    assert not any(f"{SOLO}_repeat" in k for k in after if not k.endswith(own))
+    for nid, rec in before.items():
+        assert after[nid] == rec | {"inputs": after[nid]["inputs"]}, nid

@@ -1,6 +1,6 @@
 import pytest
 
-from batchflip.conditions import MINIMAL_OVERLAP_MS, parse_condition
+from batchflip.conditions import parse_condition
 from batchflip.errors import BatchflipError
 
 
@@ -39,6 +39,9 @@ def test_parse_valid_names():
     ("conc_c4_benign", "conc_c<n>"),
     ("conc_c4_ph3", "conc_c<n>"),
     ("sync_c4", "expected"),
+    ("sync_b1_repeat_repeat", "repeated once"),
+    ("repeat", "expected"),
+    ("cobatch_b8_repeat", "filler pool"),
 ])
 def test_parse_rejects(name, fragment):
     with pytest.raises(BatchflipError, match=fragment) as err:
@@ -51,8 +54,8 @@ def test_temporal_phase_names():
     assert (c.dispatch, c.pool, c.stagger_ms, c.timing, c.phase) == (
         "stagger", "jailbreak", 0, "simultaneous", None)
     c = parse_condition("stagger_b8_jailbreak_minimal_overlap")
-    assert (c.stagger_ms, c.timing) == (MINIMAL_OVERLAP_MS, "minimal_overlap") == (50,
-                                                                                   "minimal_overlap")
+    # event-driven (the target's first token), no fixed delay
+    assert (c.stagger_ms, c.timing) == (0, "minimal_overlap")
     assert parse_condition("stagger_b8_benign_m500").timing == "offset"
     assert parse_condition("cobatch_b8_benign").timing is None
 
@@ -75,3 +78,14 @@ def test_concurrency_stream_names():
         "conc", 8, 8, None, False)
     assert parse_condition("conc_c1").concurrency == 1
     assert parse_condition("sync_b8").concurrency is None
+
+
+def test_repeat_controls():
+    for name, base in (("sync_b1_repeat", "sync_b1"), ("conc_c1_repeat", "conc_c1"),
+                       ("cobatch_b8_solo_repeat", "cobatch_b8_solo"),
+                       ("cobatch_b8_solo_ph3a_repeat", "cobatch_b8_solo_ph3a")):
+        c, b = parse_condition(name), parse_condition(base)
+        assert c.repeat and not b.repeat and c.base == base and b.base == base
+        assert (c.dispatch, c.batch_size, c.pool, c.phase, c.composition) == (
+            b.dispatch, b.batch_size, b.pool, b.phase, b.composition)
+        assert c.name == name

@@ -154,7 +154,12 @@ def test_composition_job_params_are_unchanged_from_the_exclusion_rule():
             "dispatch_baselines")  # now filled in as {}; absent before
     before = {k: v for k, v in s.items() if k not in drop}
     before.update(study="a", model="smollm2-135m")
-    assert layout.generation_settings(cfg, "a", "smollm2-135m", COBATCH) == before
+    # the one deliberate change: jobs with fillers carry the grouping rule's version, so a
+    # new draw or dispatch rule (issue 22) reruns them and nothing else
+    assert layout.generation_settings(cfg, "a", "smollm2-135m", COBATCH) == {
+        **before, "grouping": 2}
+    for conds in (SYNC, ["cobatch_b4_solo"], ["sync_b1_repeat"]):
+        assert "grouping" not in layout.generation_settings(cfg, "a", "smollm2-135m", conds)
 
 
 def test_ablation_reruns_take_the_sources_serving_settings():
@@ -207,6 +212,38 @@ def test_studies_with_other_launch_settings_get_their_own_server(launch):
     assert [(j.name, j.parts) for j in jobs] == [
         ("generate_server_a", [("a", A_CONDS)]),
         ("generate_server_c", [("c", ["sync_b1", "sync_b2"])])]
+
+
+def test_repeat_controls_get_a_fresh_server_job_of_their_own():
+    # the repeats of studies sharing a server run on a second server start, never the one
+    # their baselines ran on; an hf study's repeat is an ordinary per-condition job
+    cfg = _two_server_studies()
+    cfg["studies"]["a"]["conditions"] = [*A_CONDS, "sync_b1_repeat"]
+    cfg["studies"]["c"]["conditions"] = ["sync_b1", "sync_b2", "sync_b1_repeat"]
+    check_config(cfg, SCHEMA)
+    assert layout.server_jobs(cfg) == [
+        ("generate_server_a__c", ["smollm2-135m"],
+         [("a", A_CONDS), ("c", ["sync_b1", "sync_b2"])]),
+        ("generate_server_a__c_repeat", ["smollm2-135m"],
+         [("a", ["sync_b1_repeat"]), ("c", ["sync_b1_repeat"])])]
+    assert layout.repeat_studies(cfg) == ["a", "c"]
+    hf = tiny(conditions=[*A_CONDS, "sync_b1_repeat"])
+    assert layout.server_jobs(hf) == [] and layout.repeat_studies(hf) == ["a"]
+    assert "results/numbers/repeat_a.json" in layout.paper_numbers(hf)
+    assert not any("repeat_" in p for p in layout.paper_numbers(tiny()))
+
+
+def test_a_repeat_repeats_its_own_baseline_and_inherits_its_scope():
+    cfg = tiny()
+    cfg["studies"]["a"]["conditions"].append("sync_b4_repeat")
+    with pytest.raises(Exception, match=r"'sync_b4_repeat' repeats 'sync_b4', but it is "
+                       r"paired with 'sync_b1'"):
+        check_config(cfg, SCHEMA)
+    scope = {"conditions": ["sync_b1"], "subset": {"per_task": {"tiny_mc": 1}}}
+    cfg = tiny(conditions=[*A_CONDS, "sync_b1_repeat"], scopes=[scope])
+    got = layout.generation_settings(cfg, "a", "smollm2-135m", ["sync_b1_repeat"])
+    assert got["condition_overrides"] == {"sync_b1_repeat": {
+        "subset": {"per_task": {"tiny_mc": 1}, "method": "head"}}}
 
 
 def test_an_unset_kernel_mode_shares_with_standard():

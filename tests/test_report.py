@@ -102,10 +102,12 @@ def _png(path: Path, color: tuple[int, int, int]) -> None:
     img.save(path)
 
 
-def _bundle(tmp: Path, built: datetime = BUILT, name: str = "paper") -> Path:
-    """Write numbers files, stacks, figures and captions under ``tmp``; build the bundle."""
+def _bundle(tmp: Path, built: datetime = BUILT, name: str = "paper",
+            extra: dict | None = None) -> Path:
+    """Write numbers files, stacks, figures and captions under ``tmp``; build the bundle.
+    ``extra``: more numbers files (name -> records)."""
     files = []
-    for study, recs in _numbers().items():
+    for study, recs in {**_numbers(), **(extra or {})}.items():
         f = tmp / "numbers" / f"{study}.json"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(json.dumps({"study": study, "numbers": recs}))
@@ -385,3 +387,28 @@ def test_report_renders_in_chromium(tmp_path):
         assert img.size == (1280, 900)
     assert colors is not None and len(colors) > 20
     assert max(c for c, _ in colors) < 0.97 * 1280 * 900  # not one flat colour
+
+
+def test_report_sets_every_condition_beside_the_repeat_control(tmp_path):
+    from test_repeat import _frames
+
+    from batchflip.repeat import repeat_numbers
+
+    recs = repeat_numbers(_frames(), "a", "sync_b1", {"list": "list_b1"})
+    html = (_bundle(tmp_path, extra={"repeat_a": recs}) / "report.html").read_text()
+    sec = _section(html, "repeat")
+    rows = re.findall(r"<tr><td>(.*?)</tr>", sec, re.S)
+    assert len(rows) == 6  # pooled over models ("all"), then model m
+    rows = [r for r in rows if r.startswith("a</td><td>m</td>")]
+    assert len(rows) == 3  # the repeat against the baseline, then list_b4 and sync_b8
+    rows = [rows[0], rows[2]]
+    assert "<b>sync_b1_repeat</b> (vs sync_b1)" in rows[0] and "3 / 30 (10.0%)" in rows[0]
+    cells = re.findall(r'<td class="v">(.*?)</td>', rows[1])
+    # text changed 12 vs 3 of 30, exact McNemar p 0.0117; flips 5 vs 1, p 0.125
+    assert cells == ["12 / 30 (40.0%)", "3 / 30 (10.0%)", "0.0117",
+                     "5 / 30 (16.7%)", "1 / 30 (3.3%)", "0.125"]
+    assert 'href="#def-a/m/sync_b8/vs_repeat/any/text_change_vs_repeat_p"' in rows[1]
+    ids = set(re.findall(r' id="([^"]+)"', html))
+    assert all(h[1:] in ids for h in re.findall(r'href="([^"]*)"', sec))
+    assert "No study in this bundle runs a repeat control." in _section(
+        (_bundle(tmp_path / "none") / "report.html").read_text(), "repeat")

@@ -583,19 +583,68 @@ def test_client_stagger_sends_fillers_before_or_after():
     client.close()
 
 
-def test_client_temporal_simultaneous_and_minimal_overlap():
-    # simultaneous sends all 8 at once; minimal_overlap sends the fillers
-    # MINIMAL_OVERLAP_MS = 50 ms after the target
+def test_client_temporal_simultaneous():
+    # simultaneous sends all at once
     sent: dict[str, float] = {}
     client = _stamping_client(sent)
-    group = _group(*FILLER_TARGET_FILLER)
     try:
-        client.run_group(group, parse_condition("stagger_b3_jailbreak_simultaneous"))
+        client.run_group(_group(*FILLER_TARGET_FILLER),
+                         parse_condition("stagger_b3_jailbreak_simultaneous"))
         assert max(sent.values()) - min(sent.values()) < 0.04
-        client.run_group(group, parse_condition("stagger_b3_jailbreak_minimal_overlap"))
-        assert min(sent["f0"], sent["f2"]) - sent["t"] >= 0.045
     finally:
         client.close()
+
+
+def _slow_stream_client(sent: dict[str, float], first_s: float, rest_s: float,
+                        empty: bool = False) -> CompletionClient:
+    """A client whose fake server (test double) stamps each prompt's arrival and streams
+    the target ``t``'s first chunk after ``first_s`` (its prefill) and the rest ``rest_s``
+    later (its decode); fillers answer at once. ``empty``: the target's stream ends with no
+    chunk at all (after ``first_s + rest_s``)."""
+    async def handler(request: httpx.Request) -> httpx.Response:
+        prompt = json.loads(request.content)["prompt"]
+        sent[prompt] = time.time()
+        chunks = _echo_chunks([prompt])
+        if prompt != "t":
+            return httpx.Response(200, content=_sse(chunks))
+
+        async def body():
+            await asyncio.sleep(first_s)
+            if not empty:
+                yield _sse(chunks[:1])
+            await asyncio.sleep(rest_s)
+            yield b"data: [DONE]\n\n" if empty else _sse(chunks[1:])
+
+        return httpx.Response(200, content=body())
+
+    return _client(handler)
+
+
+def test_client_minimal_overlap_sends_the_fillers_on_the_targets_first_token():
+    # prefill 0.3 s, decode 0.3 s more: the fillers go after the first token (not after a
+    # fixed 50 ms) and before the target is done, and the records show it
+    sent: dict[str, float] = {}
+    client = _slow_stream_client(sent, 0.3, 0.3)
+    try:
+        res = client.run_group(_group(*FILLER_TARGET_FILLER),
+                               parse_condition("stagger_b3_jailbreak_minimal_overlap"))
+    finally:
+        client.close()
+    f0, t, f2 = res
+    assert sent["t"] + 0.28 <= min(sent["f0"], sent["f2"]) <= sent["t"] + 0.45
+    assert t.t_submit < t.t_first <= min(f0.t_submit, f2.t_submit) < t.t_done
+    assert t.t_done - t.t_first >= 0.25 and t.text and f0.text and f2.text
+
+
+def test_client_minimal_overlap_does_not_hang_when_the_target_sends_no_token():
+    sent: dict[str, float] = {}
+    client = _slow_stream_client(sent, 0.1, 0.1, empty=True)
+    try:
+        res = client.run_group(_group(*FILLER_TARGET_FILLER),
+                               parse_condition("stagger_b3_jailbreak_minimal_overlap"))
+    finally:
+        client.close()
+    assert len(res) == 3 and min(sent["f0"], sent["f2"]) >= sent["t"] + 0.18
 
 
 def _stream(prompts: list[str]) -> list[Group]:
@@ -1047,6 +1096,20 @@ def test_real_sync_and_list_dispatch(vllm_engine):
     a = vllm_engine.run_group(one, parse_condition("sync_b1"))[0]
     b = vllm_engine.run_group(one, parse_condition("sync_b1"))[0]
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.vllm
+def test_real_minimal_overlap_sends_fillers_after_the_targets_first_token(vllm_engine):
+    # the real server: the fillers leave after the target's first streamed token and (16
+    # new tokens on this CPU take longer than a submit) before its last
+    roles = ["filler", "target", "filler"]
+    group = _group(_chat(QUESTIONS[:3]), roles)
+    for _ in range(2):
+        f0, t, f2 = vllm_engine.run_group(
+            group, parse_condition("stagger_b3_benign_minimal_overlap"))
+        assert all(r.error == "" and r.text.strip() for r in (f0, t, f2))
+        assert t.t_submit < t.t_first <= min(f0.t_submit, f2.t_submit) <= t.t_done
+        assert t.n_tokens > 1
 
 
 @pytest.mark.vllm

@@ -48,14 +48,22 @@ def test_default_config_plans_the_whole_dag(tmp_path):
     per_model = {s: [len(conditions_for(v, m)) for m in v["models"]] for s, v in gen.items()}
     hf = [s for s, v in gen.items() if v["engine"] == "hf"]
     assert counts["generate"] == sum(sum(per_model[s]) for s in hf)  # one job per condition
-    # the server studies share their launch settings: one server start per model
+    # the server studies share their launch settings: one server start per model, and one
+    # more per model with a repeat control (a fresh start of its own, docs/pairs.md)
     served = {m for v in gen.values() if v["engine"] == "vllm" for m in v["models"]}
-    assert sum(n for r, n in counts.items() if r.startswith("generate_server_")) == len(served)
+    repeats = {m for v in gen.values() if v["engine"] == "vllm" for m in v["models"]
+               if any(c.endswith("_repeat") for c in conditions_for(v, m))}
+    assert repeats == {"smollm2-135m"}  # a_quant repeats on the shipped Q4_1 only
+    assert sum(n for r, n in counts.items() if r.startswith("generate_server_")) == \
+        len(served) + len(repeats)
     # one job for a_vllm, c and a_quant's Q4_1 part (named in config order; this dump
-    # sorts the keys), one for a_quant's Q4_0 model
-    shared = {tuple(sorted(r[len("generate_server_"):].split("__"))): n
-              for r, n in counts.items() if r.startswith("generate_server_")}
-    assert shared == {("a_quant", "a_vllm", "c"): 1, ("a_quant",): 1}
+    # sorts the keys), one for a_quant's Q4_0 model, one for the three studies' repeats
+    shared = {(r.endswith("_repeat"), tuple(sorted(
+        r[len("generate_server_"):].removesuffix("_repeat").split("__")))): n
+        for r, n in counts.items() if r.startswith("generate_server_")}
+    assert shared == {(False, ("a_quant", "a_vllm", "c")): 1, (False, ("a_quant",)): 1,
+                      (True, ("a_quant", "a_vllm", "c")): 1}
+    assert counts["repeat_numbers"] == len(gen)  # every generation study has a repeat
     assert counts["score"] == sum(sum(n) for n in per_model.values())
     # composition numbers read the scored files; every other kind pairs flips per model
     assert counts["flips"] == sum(len(n) for s, n in per_model.items()
@@ -297,7 +305,7 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
     server_rules = {r for r, _, _ in jobs if r.startswith("generate_server_")}
 
     def studies_of(rule: str) -> list[str]:
-        return re.sub(r"_[0-9]+$", "", rule)[len("generate_server_"):].split("__")
+        return re.sub(r"(_repeat)?(_[0-9]+)?$", "", rule)[len("generate_server_"):].split("__")
 
     # openai studies (the remote one, a_quant's Ollama endpoint): planned, on the CPU
     cpu_servers = {r for r in server_rules if not any(map(loads_model, studies_of(r)))}

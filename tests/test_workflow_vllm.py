@@ -4,6 +4,8 @@ A tiny discovery study on the ``vllm`` engine: one server job runs every conditi
 and list dispatch) against one launched server, then scoring, flips (each dispatch against
 its own batch-1 baseline), numbers with the flip agreement, and the paper bundle. After the
 run no server process may be left, and the generation records carry the request timings.
+The repeat control (``sync_b1_repeat``) runs in a server job of its own: a second, fresh
+server start, and its numbers reach the paper bundle.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from test_server import _skip_without_vllm
 from test_workflow import job_counts, snakemake
 
 TINY = ROOT / "tests" / "fixtures" / "tiny_config.yaml"
-CONDITIONS = ["sync_b1", "sync_b3", "list_b1", "list_b3"]
+CONDITIONS = ["sync_b1", "sync_b3", "list_b1", "list_b3", "sync_b1_repeat"]
 
 
 def _api_servers() -> set[int]:
@@ -51,13 +53,15 @@ def test_vllm_study_through_the_dag(tmp_path, model_dir):
     dry = snakemake("-n", "--cores", "2", "results/paper", "--configfile", str(path),
                     cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr[-2000:]
-    assert job_counts(dry.stdout)["generate_server_v"] == 1  # one server start per model
+    counts = job_counts(dry.stdout)  # one server start per model, one more for the repeat
+    assert counts["generate_server_v"] == counts["generate_server_v_repeat"] == 1
 
     proc = snakemake("--cores", "2", "results/paper", "--configfile", str(path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert _api_servers() <= before, "a vLLM server outlived the workflow"
     logs = list((tmp_path / "results/logs/vllm").glob("*.log"))
-    assert len(logs) == 1 and "Application startup complete" in logs[0].read_text()
+    assert len(logs) == 2 and all("Application startup complete" in log.read_text()
+                                  for log in logs)  # the repeat's server is a fresh start
 
     gen_dir = tmp_path / "results/generations/v/smollm2-135m"
     assert not list(gen_dir.glob("*.partial.jsonl"))  # checkpoints removed once all written
@@ -79,3 +83,10 @@ def test_vllm_study_through_the_dag(tmp_path, model_dir):
     for dispatch in ("sync", "list"):
         rec = numbers[f"v/smollm2-135m/{dispatch}_b3/identical_share"]
         assert rec["n"] == 6 and rec["stack_ids"]
+    # the repeat control: sync_b1 again, paired with sync_b1, beside sync_b3 (same prompts)
+    own = numbers["v/smollm2-135m/sync_b1_repeat/repeat/any/text_change_rate"]
+    beside = numbers["v/smollm2-135m/sync_b3/vs_repeat/any/text_change_vs_repeat_p"]
+    assert own["n"] == beside["n"] == 6 and 0 <= beside["value"] <= 1
+    assert beside["repeat_k"] == own["k"]
+    html = (tmp_path / "results/paper/report.html").read_text()
+    assert "<b>sync_b1_repeat</b> (vs sync_b1)" in html

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("batchflip.generate", "run one (study, model, condition) generation job"),
     "score": ("batchflip.scoring", "score a generation file"),
     "flips": ("batchflip.flips", "pair conditions against the baseline"),
+    "repeat": ("batchflip.repeat", "each condition's changes beside the repeat control's"),
     "divergence": ("batchflip.divergence",
                    "where greedy paths diverge: margins and noise (needs logprobs)"),
     "screen": ("batchflip.screen", "rank a run's prompts by their minimum logprob margin"),

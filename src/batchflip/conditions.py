@@ -28,16 +28,24 @@ how prompts are dispatched:
 - ``stagger_b{n}_{pool}_simultaneous``: the temporal phase's zero offset: target and fillers
   sent at once (``stagger_ms`` 0; the same dispatch as ``cobatch``, a stagger condition so
   that the temporal phase has its own reference).
-- ``stagger_b{n}_{pool}_minimal_overlap``: the fillers are sent ``MINIMAL_OVERLAP_MS``
-  (50 ms) after the target: longer than the target's prefill on the paper's stack (tens of
-  ms for 1-3B models and prompts under 2,048 tokens on one H100), so the target's prefill
-  runs without them and they join its decode steps. The rule is a fixed delay because the
-  server engine dispatches stagger groups by delay (``stagger_ms`` = +50); the generation
-  records' ``t_first`` (target) and ``t_submit`` (fillers) show whether each group met it.
+- ``stagger_b{n}_{pool}_minimal_overlap``: the fillers are sent when the target's first
+  generated token arrives (the streamed response's first chunk): the target's prefill ran
+  without them, and they join its decode steps. The rule is the event, not a delay (a fixed
+  50 ms was close to full overlap by the paper's own overlap model); what each group got
+  is measured from its records (``batchflip.studies.composition_verify.stagger_overlap``:
+  first filler submit against the target's first token and its end).
 - ``list_b{n}_{pool}``: static batching: the target and its n-1 fillers (drawn as for
   ``cobatch``) sent as one request whose ``prompt`` is the list (the server admits the
   whole batch at once), against ``cobatch_b{n}_{pool}`` (continuous batching: concurrent
   single requests). ``list_b{n}`` without a pool is Study A's true batching.
+
+Any condition may end in ``_repeat`` (e.g. ``sync_b1_repeat``, ``conc_c1_repeat``,
+``cobatch_b8_solo_repeat``): the repeat control. It is the condition without the suffix,
+generated a second time as a condition of its own (server engines: on a server of its own
+start, ``batchflip.layout.server_jobs``), paired with it like any other condition: what it
+changes is what a plain rerun changes (``batchflip.repeat``). A repeat repeats the
+condition it is paired with: the study's baseline, or its dispatch's own baseline
+(``batchflip.config``).
 
 A composition condition may end in a phase tag ``_ph{tag}`` (lower-case letters and
 digits, e.g. ``cobatch_b8_solo_ph3a``): the same dispatch, a separate condition, so a phase
@@ -49,7 +57,7 @@ can rerun a composition on other targets without clashing with the composition p
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from batchflip.errors import BatchflipError
 
@@ -59,7 +67,13 @@ CONC = "conc"  # the dispatch of conc_c{n} (a concurrency-capped stream)
 BATCHED_DISPATCHES = ("sync", "list")
 POOLS = ("solo", "benign", "adversarial", "safety", "jailbreak", "mixed", "refusal")
 TIMINGS = ("simultaneous", "minimal_overlap")  # named stagger timings (besides m/p offsets)
-MINIMAL_OVERLAP_MS = 50  # fillers this many ms after the target (see the module docstring)
+REPEAT = "_repeat"  # the suffix of a repeat control (see the module docstring)
+# Version of the composition grouping and dispatch rule. A composition job with fillers
+# carries it in its params (batchflip.layout.generation_settings), so a new version reruns
+# exactly those jobs. 2: fillers and target position drawn per (seed, pool, batch size,
+# target), not per condition name (batchflip.generate.draw_group); minimal_overlap sends the
+# fillers on the target's first streamed token (batchflip.engines.openai_client).
+GROUPING = 2
 _CONC = re.compile(r"^conc_c(?P<size>[1-9][0-9]*)$")
 _PATTERN = re.compile(
     r"^(?P<dispatch>sync|list|cobatch|stagger)_b(?P<size>[1-9][0-9]*)"
@@ -77,9 +91,15 @@ class Condition:
     dispatch: str
     batch_size: int  # conc: the concurrency cap n
     pool: str | None = None
-    stagger_ms: int = 0  # negative: fillers before the target; positive: after
+    stagger_ms: int = 0  # negative: fillers before the target; positive: after (offsets)
     timing: str | None = None  # stagger only: "offset", "simultaneous" or "minimal_overlap"
     phase: str | None = None  # the ``_ph{tag}`` tag of a phase condition
+    repeat: bool = False  # a repeat control (``_repeat``): the base condition run again
+
+    @property
+    def base(self) -> str:
+        """The name without ``_repeat``: the condition a repeat runs again (else the name)."""
+        return self.name[: -len(REPEAT)] if self.repeat else self.name
 
     @property
     def composition(self) -> bool:
@@ -95,6 +115,15 @@ class Condition:
 
 def parse_condition(name: str) -> Condition:
     """Parse a condition name; raise BatchflipError naming the part that is wrong."""
+    if name.endswith(REPEAT):
+        try:
+            base = parse_condition(name[: -len(REPEAT)])
+        except BatchflipError as exc:
+            raise BatchflipError(f"condition '{name}' (a repeat control): {exc}") from None
+        if base.repeat:
+            raise BatchflipError(f"condition '{name}': a repeat is repeated once "
+                                 f"(one {REPEAT} suffix)")
+        return replace(base, name=name, repeat=True)
     if c := _CONC.match(name):
         return Condition(name, CONC, int(c["size"]))
     m = _PATTERN.match(name)
@@ -102,13 +131,12 @@ def parse_condition(name: str) -> Condition:
         raise BatchflipError(
             f"condition '{name}': expected sync_b<n>, list_b<n>[_<pool>], cobatch_b<n>_<pool>, "
             f"stagger_b<n>_<pool>_<m|p><ms|simultaneous|minimal_overlap> (a composition "
-            f"optionally ending in _ph<tag>) or conc_c<n>"
+            f"optionally ending in _ph<tag>) or conc_c<n>, any of them optionally ending in "
+            f"{REPEAT}"
         )
     dispatch, size, pool, phase = m["dispatch"], int(m["size"]), m["pool"], m["phase"]
     timed = bool(m["ms"] or m["timing"])
     ms = int(m["ms"]) * (-1 if m["sign"] == "m" else 1) if m["ms"] else 0
-    if m["timing"] == "minimal_overlap":
-        ms = MINIMAL_OVERLAP_MS
     if dispatch == "sync" and (pool or timed or phase):
         raise BatchflipError(f"condition '{name}': sync takes no filler pool, delay or phase")
     if dispatch == "list" and (timed or (phase and not pool)):

@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from batchflip.conditions import BATCHED_DISPATCHES, CONC, parse_condition
+from batchflip.conditions import BATCHED_DISPATCHES, CONC, REPEAT, parse_condition
 from batchflip.design import models_for, scope_of
 from batchflip.errors import BatchflipError
 from batchflip.hub import check_revision
@@ -181,6 +181,12 @@ def check_references(config: dict[str, Any]) -> None:
                 raise BatchflipError(f"invalid config: key '{where}.dispatch_baselines.{d}': "
                                      f"'{base}' must be one of its {d} conditions")
         for c in conds:
+            paired = study.get("dispatch_baselines", {}).get(c.dispatch, study["baseline"])
+            if c.repeat and c.base != paired:
+                raise BatchflipError(f"invalid config: key '{where}.conditions': '{c.name}' "
+                                     f"repeats '{c.base}', but it is paired with '{paired}'; "
+                                     f"a repeat control repeats its baseline ({paired}"
+                                     f"{REPEAT})")
             if c.composition and not study.get("cobatch_targets"):
                 raise BatchflipError(f"invalid config: key '{where}.cobatch_targets': needed "
                                      f"by condition '{c.name}'")

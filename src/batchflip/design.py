@@ -13,6 +13,8 @@ narrow that, as the paper's design needs:
   The listed conditions run only on ``models`` (default: all of the study's), on
   ``subset`` (default: the study's prompts) and with ``cobatch_targets`` (default: the
   study's). Study A's true batching (list_b1/4/8 on two models and 450 prompts) is a scope.
+  A repeat control (``<base>_repeat``, :mod:`batchflip.conditions`) that no scope names
+  runs in the scope of its base condition.
 
 Scope settings reach the generate job as ``condition_overrides`` (condition -> settings) in
 its params; :func:`condition_params` merges them, so only the conditions a scope names see
@@ -28,16 +30,20 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from batchflip.conditions import REPEAT
 from batchflip.errors import BatchflipError
 
 SCOPE_OVERRIDES = ("subset", "cobatch_targets")
 
 
 def scope_of(study: Mapping[str, Any], condition: str) -> dict[str, Any] | None:
-    """The scope naming ``condition`` (None when the condition is unscoped)."""
+    """The scope naming ``condition`` (None when the condition is unscoped); a repeat
+    control (``<base>_repeat``) that no scope names runs in its base condition's scope."""
     for scope in study.get("scopes") or []:
         if condition in scope["conditions"]:
             return dict(scope)
+    if condition.endswith(REPEAT):
+        return scope_of(study, condition[: -len(REPEAT)])
     return None
 
 

@@ -75,17 +75,33 @@ def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any])
                              f"{params['cobatch_targets']}")
     pools = params.get("filler_pools", {})
     for gid, target in enumerate(targets):
-        rng = _rng(seed, cond.name, target)
         if cond.pool == "solo":
             groups.append(Group(gid, (Member(0, "target", target, sent[target]),)))
             continue
-        fillers = _draw_fillers(rng, battery, pools, cond.pool, target, cond.batch_size - 1)
-        pos = int(rng.integers(0, cond.batch_size))
+        fillers, pos = draw_group(seed, battery, pools, cond.pool, target, cond.batch_size)
         order = fillers[:pos] + [target] + fillers[pos:]
         groups.append(Group(gid, tuple(
             Member(p, "target" if p == pos else "filler", pid, sent[pid])
             for p, pid in enumerate(order))))
     return groups
+
+
+def draw_group(seed: int, battery: pd.DataFrame, pools: dict[str, Any], pool: str,
+               target: str, batch_size: int) -> tuple[list[str], int]:
+    """A target's fillers (in order) and its position in a group of ``batch_size``.
+
+    The draw rule (:data:`batchflip.conditions.GROUPING`): the fillers are drawn with a
+    generator keyed by (study seed, pool, batch size, target) and the position with one
+    keyed by (study seed, batch size, target). Nothing of the condition's name enters:
+    every condition of a study with the same pool and size (cobatch, list, any stagger
+    timing, any phase tag, a repeat) gives the target the same fillers in the same order at
+    the same position, and conditions that differ only in the pool share the position.
+    """
+    size = str(batch_size)
+    fillers = _draw_fillers(_rng(seed, "fillers", pool, size, target), battery, pools, pool,
+                            target, batch_size - 1)
+    pos = int(_rng(seed, "position", size, target).integers(0, batch_size))
+    return fillers, pos
 
 
 def _draw_fillers(rng: np.random.Generator, battery: pd.DataFrame, pools: dict[str, Any],

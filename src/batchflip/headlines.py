@@ -126,7 +126,8 @@ def composition(numbers: Numbers, study: str) -> list[Part]:
     pooled Mantel-Haenszel test."""
     rates = {nid: rec for nid, rec in numbers.items()
              if re.fullmatch(rf"{re.escape(study)}/all/[^/]+/refusal_rate", nid)
-             and rec.get("value") is not None}
+             and rec.get("value") is not None
+             and not str(rec.get("condition", "")).endswith("_repeat")}  # the repeat control
     base = [nid for nid, rec in rates.items() if rec.get("is_baseline")]
     others = sorted((rec["value"], nid) for nid, rec in rates.items() if nid not in base)
     parts = [Part("targets refused ")]

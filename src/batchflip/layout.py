@@ -20,6 +20,8 @@ serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   
 prompts            battery, subset; scope settings as condition_overrides       every job
 composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
                                                                                 stagger_*
+rule version       grouping (:data:`batchflip.conditions.GROUPING`: how          jobs with
+                   fillers and positions are drawn, minimal_overlap sent)       fillers
 records            logprobs (per-token log-probability columns; left out when  every job
                    0 or unset, so studies without it keep their params)
 identity           study, model                                                 every job
@@ -53,7 +55,7 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
-from batchflip.conditions import parse_condition
+from batchflip.conditions import GROUPING, parse_condition
 from batchflip.design import conditions_for, overrides
 from batchflip.errors import BatchflipError
 
@@ -81,6 +83,12 @@ def _composition(conditions: Iterable[str]) -> bool:
     return any(parse_condition(c).composition for c in conditions)
 
 
+def _with_fillers(conditions: Iterable[str]) -> bool:
+    """Whether a job runs a composition with fillers (its groups follow GROUPING)."""
+    return any((c := parse_condition(name)).composition and c.pool != "solo"
+               for name in conditions)
+
+
 def _scope_settings(study: Mapping[str, Any], condition: str) -> dict[str, Any]:
     """A scope's settings for one condition, less those that change none of its rows."""
     own = overrides(study, condition)
@@ -101,6 +109,8 @@ def generation_settings(config: Config, study: str, model: str,
     keys = SERVING_KEYS + PROMPT_KEYS + (COMPOSITION_KEYS if _composition(conditions) else ())
     out = {k: s[k] for k in keys if k in s}
     out.update({k: s[k] for k in RECORD_KEYS if s.get(k)})
+    if _with_fillers(conditions):
+        out["grouping"] = GROUPING
     server = {k: v for k, v in out.pop("server", {}).items() if k not in SERVER_NOT_ROWS}
     if server and s["engine"] in SERVER_ENGINES:
         out["server"] = server
@@ -189,7 +199,9 @@ def server_jobs(config: Config) -> list[ServerJob]:
 
     For each model, the server studies (not ablations) whose settings agree on
     :data:`LAUNCH_KEYS` share one job: one server start serves all their conditions, in
-    config order; an enriched study (``subset_from``) never shares with its source. Models
+    config order; an enriched study (``subset_from``) never shares with its source. Their
+    repeat controls (``*_repeat``) run in a job of their own, named with ``_repeat``: a
+    fresh server start, never the one their baselines ran on. Models
     with the same parts and launch settings (scopes may give models different condition
     lists) share one rule. A rule is named ``generate_server_`` plus its studies joined by
     ``__``, with ``_<i>`` when several rules would get that name.
@@ -197,21 +209,28 @@ def server_jobs(config: Config) -> list[ServerJob]:
     if config.get("restore"):
         return []
     # (model, launch key, stage) -> its parts; the stage keeps a study apart from its source
-    shared: dict[tuple[str, str, int], list[tuple[str, tuple[str, ...]]]] = {}
+    # (model, launch key, stage, repeat) -> its parts; the stage keeps a study apart from
+    # its source, the repeat flag the repeat controls apart from their baselines' server
+    shared: dict[tuple[str, str, int, bool], list[tuple[str, tuple[str, ...]]]] = {}
     for study, s in config["studies"].items():
         if s["kind"] == "ablation" or s["engine"] not in SERVER_ENGINES:
             continue  # ablation reruns have rules of their own (study_ablation.smk)
         for m in s["models"]:
             conds = tuple(conditions_of(config, study, m))
             key = launch_key(generation_settings(config, study, m, conds))
-            shared.setdefault((m, key, _stage(config, study)), []).append((study, conds))
+            for repeat in (False, True):
+                mine = tuple(c for c in conds if parse_condition(c).repeat == repeat)
+                if mine:
+                    shared.setdefault((m, key, _stage(config, study), repeat), []).append(
+                        (study, mine))
     # models whose launch key and parts agree share one rule
-    rules: dict[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], list[str]] = {}
-    for (m, key, _), parts in shared.items():
-        rules.setdefault((key, tuple(parts)), []).append(m)
+    rules: dict[tuple[str, bool, tuple[tuple[str, tuple[str, ...]], ...]], list[str]] = {}
+    for (m, key, _, repeat), parts in shared.items():
+        rules.setdefault((key, repeat, tuple(parts)), []).append(m)
     named: dict[str, list[tuple[list[str], list[tuple[str, list[str]]]]]] = {}
-    for (_, parts), models in rules.items():
-        base = "generate_server_" + "__".join(st for st, _ in parts)
+    for (_, repeat, parts), models in rules.items():
+        base = "generate_server_" + "__".join(st for st, _ in parts) + ("_repeat" if repeat
+                                                                       else "")
         named.setdefault(base, []).append((models, [(st, list(c)) for st, c in parts]))
     out = []
     for base, jobs in named.items():
@@ -262,7 +281,8 @@ def flips_path(study: str, model: str) -> str:
 
 
 def numbers_path(name: str) -> str:
-    """A numbers file: a study's, or adjudication_<study>, enriched_<study>, fidelity."""
+    """A numbers file: a study's, or adjudication_<study>, enriched_<study>,
+    repeat_<study>, fidelity."""
     return f"results/numbers/{name}.json"
 
 
@@ -403,11 +423,19 @@ def study_figures(config: Config, study: str) -> list[str]:
     return [n for n in names if n != "flip_agreement" or has_agreement(config, study)]
 
 
+def repeat_studies(config: Config) -> list[str]:
+    """The generation studies that run a repeat control (a ``*_repeat`` condition): the
+    ones with repeat numbers (:mod:`batchflip.repeat`)."""
+    return [s for s, v in config["studies"].items() if v["kind"] != "ablation"
+            and any(parse_condition(c).repeat for c in v["conditions"])]
+
+
 def paper_numbers(config: Config) -> list[str]:
     """The numbers files of results/paper: each paper study's, the adjudication of its
     discovery studies, the enriched comparisons, the divergence and screen numbers of the
-    studies recorded with logprobs, and the fidelity check."""
+    studies recorded with logprobs, the repeat controls and the fidelity check."""
     studies = config["paper"]["studies"]
+    repeats = set(repeat_studies(config))
     kinds = {s: config["studies"][s] for s in studies}
     return ([numbers_path(s) for s in studies]
             + [numbers_path(f"adjudication_{s}") for s in studies
@@ -415,6 +443,7 @@ def paper_numbers(config: Config) -> list[str]:
             + [numbers_path(f"enriched_{s}") for s in studies if kinds[s].get("subset_from")]
             + [numbers_path(f"divergence_{s}") for s in studies
                if s in logprob_studies(config)]
+            + [numbers_path(f"repeat_{s}") for s in studies if s in repeats]
             + [numbers_path("fidelity")])
 
 

@@ -104,6 +104,47 @@ def run_facts(stack_paths: list[str], built: datetime) -> dict[str, Any]:
     }
 
 
+def _kn(rec: Mapping[str, Any] | None) -> str:
+    if not rec or "k" not in rec:
+        return "n/a"
+    return f"{rec['k']} / {rec['n']} ({100 * rec['value']:.1f}%)"
+
+
+def repeat_table(numbers: Mapping[str, Mapping[str, Any]]) -> list[dict[str, str]]:
+    """The repeat control beside every condition (:mod:`batchflip.repeat`), over every
+    domain: one row per (study, model, condition) with its text-change and flip counts,
+    the repeat's on the same prompts and the exact McNemar p of condition vs repeat; the
+    repeat's own rows first (its changes against the baseline)."""
+    out = []
+    for nid in sorted(numbers):
+        rec = numbers[nid]
+        if rec.get("section") != "repeat_control" or rec.get("domain") != "any":
+            continue
+        own = nid.endswith("/repeat/any/text_change_rate")
+        if not (own or nid.endswith("/vs_repeat/any/text_change_vs_repeat_p")):
+            continue
+        stem = nid.rsplit("/", 1)[0]
+        study = nid.split("/", 1)[0]
+        if own:
+            row = {"text": _kn(rec), "text_repeat": "", "text_p": "",
+                   "flip": _kn(numbers.get(f"{stem}/flip_rate")), "flip_repeat": "",
+                   "flip_p": ""}
+        else:
+            flip_p = numbers.get(f"{stem}/flip_vs_repeat_p", {})
+            row = {"text": _kn(numbers.get(f"{stem}/text_change_rate")),
+                   "text_repeat": _kn(numbers.get(f"{stem}/repeat_text_change_rate")),
+                   "text_p": f"{rec['value']:.3g}",
+                   "flip": _kn(numbers.get(f"{stem}/flip_rate")),
+                   "flip_repeat": _kn(numbers.get(f"{stem}/repeat_flip_rate")),
+                   "flip_p": f"{flip_p['value']:.3g}" if flip_p.get("value") is not None
+                   else "n/a"}
+        out.append({"study": study, "model": str(rec.get("model")),
+                    "condition": str(rec.get("condition")), "repeat": str(rec.get("repeat")),
+                    "baseline": str(rec.get("baseline")), "own": own,
+                    "anchor": f"def-{nid}", **row})
+    return sorted(out, key=lambda r: (r["study"], r["model"], not r["own"], r["condition"]))
+
+
 def context(numbers: Mapping[str, dict[str, Any]], figures: list[str],
             captions: Mapping[str, str], stack_paths: list[str], built: datetime,
             kinds: Mapping[str, str]) -> dict[str, Any]:
@@ -113,6 +154,7 @@ def context(numbers: Mapping[str, dict[str, Any]], figures: list[str],
         "run": run_facts(stack_paths, built),
         "headlines": headlines.headlines(split_numbers(numbers)[0], kinds),
         "figures": figure_items(figures, captions, set(kinds)),
+        "repeats": repeat_table(split_numbers(numbers)[0]),
         "published_line": published_summary(numbers),
         "counts": {"reproduced": sum(not is_published(r) for r in numbers.values()),
                    "published": sum(is_published(r) for r in numbers.values())},

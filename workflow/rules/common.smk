@@ -216,6 +216,11 @@ def studies_of(kind):
     return "|".join(names) or "(?!x)x"
 
 
+def repeat_studies():
+    """Regex of the studies that run a repeat control (never matches when there are none)."""
+    return "|".join(layout.repeat_studies(config)) or "(?!x)x"
+
+
 def paper_numbers(wildcards):
     return layout.paper_numbers(config)
 

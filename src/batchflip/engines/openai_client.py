@@ -25,7 +25,10 @@ Dispatch (``Condition.dispatch``)
 - ``cobatch``: every member (target and fillers) sent at once as concurrent single-prompt
   requests, started in member (position) order.
 - ``stagger``: like ``cobatch`` but the fillers start ``|stagger_ms|`` ms before the target
-  (negative ``stagger_ms``) or after it (positive).
+  (negative ``stagger_ms``) or after it (positive); ``simultaneous``: all at once;
+  ``minimal_overlap``: the target first, the fillers as soon as the target's first streamed
+  chunk (its first generated token) arrives, i.e. after its prefill and while it decodes
+  (should the target's request end without a chunk, the fillers go when it ends).
 - ``conc``: a stream of single-prompt requests with at most n (``batch_size``) in flight
   (:meth:`CompletionClient.run_stream`): requests start in stream order, each as soon as a
   slot is free (a semaphore of n slots, held for the whole request, retries included).
@@ -270,9 +273,10 @@ class CompletionClient:
                 body["return_tokens_as_token_ids"] = True
         return body
 
-    async def _attempt(self, prompt: str | list[str], n: int,
-                       max_tokens: int) -> dict[int, _Choice]:
-        """One streamed request; raises RequestFailed on any failure."""
+    async def _attempt(self, prompt: str | list[str], n: int, max_tokens: int,
+                       first: asyncio.Event | None = None) -> dict[int, _Choice]:
+        """One streamed request; raises RequestFailed on any failure. ``first`` is set when
+        the first chunk with a choice arrives."""
         choices: dict[int, _Choice] = {}
         try:
             async with self._client().stream(
@@ -302,6 +306,8 @@ class CompletionClient:
                         ch = choices.setdefault(int(c.get("index", 0)), _Choice())
                         if ch.t_first is None:
                             ch.t_first = now
+                            if first is not None:
+                                first.set()
                         if c.get("text"):
                             ch.text.append(c["text"])
                             ch.chunks += 1
@@ -329,8 +335,18 @@ class CompletionClient:
         return choices
 
     async def _request(self, prompt: str | list[str], n: int,
-                       max_tokens: int | None = None) -> list[Result]:
-        """A request with timeout and bounded retries; always returns n results."""
+                       max_tokens: int | None = None,
+                       first: asyncio.Event | None = None) -> list[Result]:
+        """A request with timeout and bounded retries; always returns n results. ``first``
+        is set on the first streamed chunk, and at the latest when the request ends."""
+        try:
+            return await self._request_inner(prompt, n, max_tokens, first)
+        finally:
+            if first is not None:
+                first.set()
+
+    async def _request_inner(self, prompt: str | list[str], n: int, max_tokens: int | None,
+                             first: asyncio.Event | None) -> list[Result]:
         max_tokens = self.s.max_tokens if max_tokens is None else max_tokens
         t_start = time.time()
         last = RequestFailed("no attempt made")
@@ -339,7 +355,7 @@ class CompletionClient:
             attempts = attempt
             t_submit = time.time()
             try:
-                choices = await asyncio.wait_for(self._attempt(prompt, n, max_tokens),
+                choices = await asyncio.wait_for(self._attempt(prompt, n, max_tokens, first),
                                                  self.s.request_timeout_s)
             except asyncio.TimeoutError:
                 last = RequestFailed(f"timeout: no complete response within "
@@ -405,10 +421,24 @@ class CompletionClient:
 
     # ---- groups ---------------------------------------------------------------------------
 
-    async def _delayed(self, delay_s: float, prompt: str) -> Result:
+    async def _delayed(self, delay_s: float, prompt: str,
+                       after: asyncio.Event | None = None) -> Result:
+        if after is not None:
+            await after.wait()
         if delay_s > 0:
             await asyncio.sleep(delay_s)
         return (await self._request(prompt, 1))[0]
+
+    async def _after_first_token(self, group: Group) -> list[Result]:
+        """``minimal_overlap``: the target, then the fillers once its first token is in."""
+        if [m.role for m in group.members].count("target") != 1:
+            raise BatchflipError(f"group {group.group_id}: minimal_overlap needs one target")
+        first = asyncio.Event()
+        tasks = [asyncio.ensure_future(self._request(m.prompt, 1, first=first))
+                 if m.role == "target" else None for m in group.members]
+        tasks = [t or asyncio.ensure_future(self._delayed(0.0, m.prompt, after=first))
+                 for t, m in zip(tasks, group.members, strict=True)]
+        return [r[0] if isinstance(r, list) else r for r in await asyncio.gather(*tasks)]
 
     async def run_stream_async(self, groups: Sequence[Group], condition: Condition,
                                on_group: Callable[[Group, list[Result]], None]) -> None:
@@ -475,6 +505,8 @@ class CompletionClient:
             return await self._request(prompts, len(prompts))
         if condition.dispatch in ("sync", "cobatch"):
             delays = [0.0] * len(prompts)
+        elif condition.timing == "minimal_overlap":
+            return await self._after_first_token(group)
         elif condition.dispatch == "stagger":
             gap = abs(condition.stagger_ms) / 1000.0
             before = condition.stagger_ms < 0  # fillers before the target

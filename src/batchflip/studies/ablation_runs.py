@@ -24,6 +24,7 @@ from batchflip.flips import FLIP_TOL
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import direction
 from batchflip.records import require_columns
+from batchflip.repeat import without_repeats
 
 FLIP_NEEDED = ["model", "task", "domain", "prompt_id", "condition", "batch_size", "dispatch",
                "baseline_score", "condition_score", "flip", "direction", "stack_id"]
@@ -99,7 +100,8 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
     The baseline text comes from ``dispatch_baselines[dispatch]`` or ``baseline`` when its
     file is given (else it is left empty and the reproduction number says so).
     ``dispatches``, when given, keeps only flips of those dispatch modes (the paper's Study
-    D took its source's synchronized and prompt-list flips).
+    D took its source's synchronized and prompt-list flips). A repeat control's rows
+    (``*_repeat``, :mod:`batchflip.repeat`) are never candidates: they measure a rerun.
     """
     require_columns(flips, FLIP_NEEDED, flips_path)
     by_cond: dict[str, tuple[str, pd.DataFrame]] = {}
@@ -115,7 +117,7 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
     if candidates == "text_changes":
         require_columns(flips, ["text_changed"], flips_path)
         chosen = chosen | flips["text_changed"].astype(bool)
-    flipped = flips[chosen]
+    flipped = without_repeats(flips[chosen])  # a repeat's changes are the noise floor
     if dispatches is not None:
         flipped = flipped[flipped["dispatch"].astype(str).isin(list(dispatches))]
     flipped = flipped.sort_values(["model", "condition", "prompt_id"], kind="stable")

@@ -26,6 +26,10 @@ What is counted
   continuous ``cobatch_b8_<pool>_ph3b``) are compared with their phase's reference, Holm
   within the phase (:func:`batchflip.studies.composition_pairs.phase_numbers`). Tagged
   conditions get refusal rates but are left out of every number against the baseline.
+- The repeat control (``cobatch_b8_solo_repeat``, :mod:`batchflip.repeat`) gets its
+  refusal rate; its comparison with the baseline, and every condition's against it, are
+  the repeat numbers (``results/numbers/repeat_<s>.json``), so it is left out of the
+  families, pools and aggregate tests here.
 
 Numbers (``<s>`` = study, ``<m>`` = model, ``<c>`` = condition; ``all`` = pooled over
 models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
@@ -90,6 +94,14 @@ models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
   out (it has no decode interval). These records carry
   ``timing: true``: they come from wall-clock timings, so two runs with identical texts can
   give different values (every other number is a function of the texts).
+- Beside it, per stagger condition (``timing: true`` too): ``<s>/<m>/<c>/timing_rule_rate``
+  (and ``<s>/all/<c>/...``), the share of groups (target answered) that met the condition's
+  timing rule (``rule``; :data:`batchflip.studies.composition_verify.TIMING_RULES`:
+  minimal_overlap = the fillers submitted after the target's first token and before its
+  last), and the medians of each group's measured overlap
+  (:func:`batchflip.studies.composition_verify.stagger_overlap`):
+  ``/filler_after_first_median_ms``, ``/target_done_after_filler_median_ms``,
+  ``/offset_median_ms``.
 
 Failed requests (``batchflip.failures``: ``finish_reason "error"``, null score) are no
 answers: they are left out of every rate and pair above, counted per (model, condition) over
@@ -125,6 +137,7 @@ from batchflip.failures import DEFAULT_MAX_SHARE, answered, error_numbers
 from batchflip.io import write_json
 from batchflip.numbers import REFUSED_AT, Record, load, not_estimable
 from batchflip.records import read_records
+from batchflip.repeat import is_repeat
 from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
@@ -251,9 +264,10 @@ def _study(scored: dict[str, pd.DataFrame], df: pd.DataFrame, study: str, baseli
         stacks={k: sorted(map(str, v.unique())) for k, v in by_pair["stack_id"]},
         sizes={k: int(v.iloc[0]) for k, v in by_pair["batch_size"]},
         every_input=sorted(set(scored)), models=sorted(df["model"].unique()),
-        others=[c for c in conditions if c != baseline and not _is_tagged(c)],
-        compositions=[c for c in conditions
-                      if c == baseline or (_is_cobatch(c) and not _is_tagged(c))])
+        others=[c for c in conditions
+                if c != baseline and not _is_tagged(c) and not is_repeat(c)],
+        compositions=[c for c in conditions if c == baseline
+                      or (_is_cobatch(c) and not _is_tagged(c) and not is_repeat(c))])
 
 
 # --------------------------------------------------------------------------- figure

@@ -17,7 +17,7 @@ SCORED_NEEDED = ["model", "condition", "batch_size", "dispatch", "prompt_id", "d
                  "score", "stack_id"]
 GEN_NEEDED = ["model", "condition", "group_id", "role", "prompt_id", "t_first", "t_done",
               "stack_id"]
-GEN_OPTIONAL = ["error", "finish_reason"]
+GEN_OPTIONAL = ["error", "finish_reason", "t_submit"]  # t_submit: stagger overlap
 SCORED_OPTIONAL = ["position"]  # the target's slot (position ANOVA); absent: not estimable
 SCORED_ERROR = ["error"]  # needed by the CLI; hand-built frames without it have no failures
 DEFAULT_BASELINE = "cobatch_b8_solo"

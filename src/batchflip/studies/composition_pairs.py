@@ -54,13 +54,18 @@ Test = tuple[str, str, str]  # (model, condition, reference)
 def paper_pairs(s: _Study) -> tuple[list[Pair], list[str]]:
     """The paper's (condition, reference) pairs among the study's compositions at the
     baseline's batch size, and the pairs skipped (as ``pool_vs_pool``)."""
+    return _paper_pairs(s.baseline, s.compositions, s.base_present)
+
+
+def _paper_pairs(baseline: str, compositions: list[str], base_present: bool
+                 ) -> tuple[list[Pair], list[str]]:
     try:
-        size = parse_condition(s.baseline).batch_size
+        size = parse_condition(baseline).batch_size
     except BatchflipError:
         size = None
-    by_pool = {"solo": s.baseline} if s.base_present else {}
-    for name in s.compositions:
-        if name == s.baseline:
+    by_pool = {"solo": baseline} if base_present else {}
+    for name in compositions:
+        if name == baseline:
             continue
         cond = parse_condition(name)
         if cond.pool and (size is None or cond.batch_size == size):
@@ -112,12 +117,47 @@ def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str
     return out
 
 
+def contrasts(conditions: list[str], baseline: str) -> list[tuple[str, str, str]]:
+    """Every (condition, reference, family) that Study C's numbers compare among
+    ``conditions``: each untagged condition vs the baseline (``baseline``), the paper's
+    pairs (``paper_pairs``), each later phase's pairs (``temporal``, ``phase_<t>``) and
+    each repeat control vs the condition it repeats (``repeat``, :mod:`batchflip.repeat`)."""
+    from batchflip.studies.composition_base import _is_cobatch, _is_tagged
+
+    def plain(c: str) -> bool:
+        return not _is_tagged(c) and not parse_condition(c).repeat
+
+    out = [(c, baseline, "baseline") for c in conditions if c != baseline and plain(c)]
+    comps = [c for c in conditions if c == baseline or (_is_cobatch(c) and plain(c))]
+    out += [(a, b, "paper_pairs") for a, b in
+            _paper_pairs(baseline, comps, baseline in conditions)[0]]
+    for phase, run in sorted(phase_pairs(conditions)[0].items()):
+        out += [(a, b, phase) for a, b in run]
+    out += [(c, parse_condition(c).base, "repeat") for c in conditions
+            if parse_condition(c).repeat and parse_condition(c).base in conditions]
+    return out
+
+
+def differ_by_design(a: str, b: str) -> str | None:
+    """Why the arms of a contrast hold different fillers by design (their filler pools or
+    batch sizes differ: solo has none), or None: then the draw rule
+    (:func:`batchflip.generate.draw_group`) gives every target the same fillers, in the
+    same order, at the same position in both arms."""
+    ca, cb = parse_condition(a), parse_condition(b)
+    if (ca.pool, ca.batch_size) != (cb.pool, cb.batch_size):
+        return (f"the filler pools differ by design ({ca.pool} x {ca.batch_size - 1} vs "
+                f"{cb.pool} x {cb.batch_size - 1}); positions agree where neither is solo")
+    return None
+
+
 def phase_reference(name: str) -> str | None:
     """The reference condition of a later-phase condition (None: not a phase comparison,
     or the phase's reference itself)."""
     try:
         c = parse_condition(name)
     except BatchflipError:
+        return None
+    if c.repeat:  # the repeat control is compared by batchflip.repeat
         return None
     tag = f"_ph{c.phase}" if c.phase else ""
     if c.dispatch == "stagger" and c.timing != "simultaneous":

@@ -1,13 +1,17 @@
 """Study C's co-batch verification: whether each target's decode interval overlapped every
-filler of its group, from the generation timings, and its rates."""
+filler of its group, from the generation timings, and its rates; and for every stagger
+group its measured overlap and whether it met its condition's timing rule
+(:func:`stagger_overlap`, :data:`TIMING_RULES`)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from batchflip.conditions import parse_condition
+from batchflip.errors import BatchflipError
 from batchflip.failures import failed_mask
-from batchflip.numbers import Record, not_estimable, proportion, proportion_or_none
+from batchflip.numbers import Record, not_estimable, proportion, proportion_or_none, scalar
 from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
@@ -77,6 +81,7 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
             int(part["verified"].sum()), len(part), f"{definition}; {cond}, pooled over "
             "models", _union(gpaths, keys), _union(stacks, keys), timing=True,
             **_meta("all", cond, baseline))
+    numbers |= timing_numbers(gen, study, baseline, gpaths, stacks)
     keys = sorted({(str(m), str(c)) for m, c in ver[["model", "condition"]].itertuples(
         index=False)})
     numbers[f"{study}/all/cobatch_verified_rate"] = proportion_or_none(
@@ -85,3 +90,103 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
         _union(stacks, keys), "no target shares a group with a filler (only solo groups)",
         timing=True, **_meta("all", None, baseline))
     return numbers
+
+
+# each stagger timing's rule, as the numbers state it (times: the generation records')
+TIMING_RULES = {
+    "simultaneous": "every filler submitted before the target's first token (they could "
+                    "join its prefill)",
+    "minimal_overlap": "the first filler submitted after the target's first token and before "
+                       "its last (the target's prefill ran without the fillers, they joined "
+                       "its decode)",
+    "before": "every filler submitted at least the offset before the target, and some "
+              "filler still running at the target's first token",
+    "after": "the first filler submitted at least the offset after the target, and before "
+             "the target's last token",
+}
+SLACK_S = 0.005  # clock slack on a measured offset (the client sleeps the offset itself)
+OVERLAP_COLUMNS = ["model", "condition", "group_id", "prompt_id", "timing", "stagger_ms",
+                   "offset_ms", "filler_after_first_ms", "target_done_after_filler_ms",
+                   "met"]
+
+
+def _rule(timing: str | None, ms: int) -> str:
+    if timing == "offset":
+        return "before" if ms < 0 else "after"
+    return str(timing)
+
+
+def stagger_overlap(gen: pd.DataFrame) -> pd.DataFrame:
+    """One row per stagger group whose target answered: its measured overlap and whether it
+    met its condition's rule (:data:`TIMING_RULES`).
+
+    ``offset_ms`` = first filler submit - target submit (negative: fillers first);
+    ``filler_after_first_ms`` = first filler submit - target first token;
+    ``target_done_after_filler_ms`` = target last token - first filler submit (all in ms,
+    from ``t_submit``, ``t_first``, ``t_done``). Columns: :data:`OVERLAP_COLUMNS`.
+    """
+    if gen.empty or "t_submit" not in gen.columns:
+        return pd.DataFrame(columns=OVERLAP_COLUMNS)
+    key = ["model", "condition", "group_id"]
+    conds = {c: parse_condition(c) for c in gen["condition"].astype(str).unique()
+             if _is_stagger(c)}
+    gen = gen[gen["condition"].astype(str).isin(list(conds))]
+    tgt = gen.loc[(gen["role"] == "target").to_numpy() & ~failed_mask(gen),
+                  key + ["prompt_id", "t_submit", "t_first", "t_done"]]
+    fil = gen[gen["role"] == "filler"]
+    if tgt.empty or fil.empty:
+        return pd.DataFrame(columns=OVERLAP_COLUMNS)
+    f = fil.groupby(key, sort=True).agg(f_first=("t_submit", "min"), f_last=("t_submit", "max"),
+                                        f_done=("t_done", "max")).reset_index()
+    df = tgt.merge(f, on=key, how="inner")
+    rows = []
+    for r in df.itertuples(index=False):
+        c = conds[str(r.condition)]
+        rule, gap = _rule(c.timing, c.stagger_ms), abs(c.stagger_ms) / 1000.0
+        met = {"simultaneous": r.f_last <= r.t_first,
+               "minimal_overlap": r.t_first <= r.f_first <= r.t_done,
+               "before": r.t_submit - r.f_last >= gap - SLACK_S and r.f_done >= r.t_first,
+               "after": r.f_first - r.t_submit >= gap - SLACK_S and r.f_first <= r.t_done
+               }[rule]
+        rows.append((str(r.model), str(r.condition), int(r.group_id), str(r.prompt_id),
+                     str(c.timing), c.stagger_ms, 1000 * (r.f_first - r.t_submit),
+                     1000 * (r.f_first - r.t_first), 1000 * (r.t_done - r.f_first), bool(met)))
+    return pd.DataFrame(rows, columns=OVERLAP_COLUMNS)
+
+
+def _is_stagger(name: str) -> bool:
+    try:
+        return parse_condition(name).dispatch == "stagger"
+    except BatchflipError:
+        return False
+
+
+def timing_numbers(gen: pd.DataFrame, study: str, baseline: str,
+                   gpaths: dict[tuple[str, str], list[str]],
+                   stacks: dict[tuple[str, str], list[str]]) -> dict[str, Record]:
+    """Per stagger condition (per model and pooled): the share of groups that met its
+    timing rule, and the median measured overlap, beside the co-batch verification rate."""
+    ov = stagger_overlap(gen)
+    out: dict[str, Record] = {}
+    parts = [((m, c), p) for (m, c), p in ov.groupby(["model", "condition"], sort=True)]
+    parts += [(("all", c), p) for c, p in ov.groupby("condition", sort=True)]
+    for (model, cond), part in parts:
+        keys = sorted({(str(m), cond) for m in part["model"]})
+        ins, sts = _union(gpaths, keys), _union(stacks, keys)
+        who = "pooled over models" if model == "all" else f"model {model}"
+        rule = TIMING_RULES[_rule(part["timing"].iloc[0], int(part["stagger_ms"].iloc[0]))]
+        meta = {**_meta(model, cond, baseline), "timing": True, "rule": rule}
+        pre = f"{study}/{model}/{cond}"
+        out[f"{pre}/timing_rule_rate"] = proportion(
+            int(part["met"].sum()), len(part), f"share of {cond} groups (target answered) "
+            f"that met the condition's timing rule: {rule}; {who}; measured from wall-clock "
+            "request timings (batchflip.studies.composition_verify.stagger_overlap)", ins,
+            sts, **meta)
+        for col, what in (("filler_after_first_ms", "first filler submit minus the target's "
+                           "first token"), ("target_done_after_filler_ms", "the target's last "
+                           "token minus the first filler submit"),
+                          ("offset_ms", "first filler submit minus the target's submit")):
+            out[f"{pre}/{col.removesuffix('_ms')}_median_ms"] = scalar(
+                float(part[col].median()), f"median over the {cond} groups of {what} (ms; "
+                f"the measured overlap), {who}", ins, sts, n=len(part), **meta)
+    return out

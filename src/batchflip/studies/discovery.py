@@ -50,6 +50,7 @@ from batchflip.flips import read_flips
 from batchflip.io import write_json
 from batchflip.numbers import REFUSED_AT, load, proportion, ratio, scalar, unsafe_share
 from batchflip.records import SCORED_COLUMNS, read_records
+from batchflip.repeat import is_repeat, without_repeats
 from batchflip.studies.quantization import quant_concurrency_numbers, quant_meta
 
 
@@ -132,6 +133,7 @@ def flip_agreement(flips: pd.DataFrame, study: str, inputs: list[str]
     (records of one batch size carry ``batch_size``; the pooled ones do not).
     """
     out: dict[str, dict[str, Any]] = {}
+    flips = without_repeats(flips)  # a repeat control is no batch size (batchflip.repeat)
     sync = flips[flips["dispatch"] == "sync"]
     lst = flips[flips["dispatch"] == "list"]
     if sync.empty or lst.empty:
@@ -180,7 +182,8 @@ def discovery_numbers(flips: dict[str, pd.DataFrame], scored: dict[str, pd.DataF
         who = "pooled over models" if model == "all" else f"model {model}"
         for cond, part in mf.groupby("condition", sort=True):
             meta = {"condition": cond, "batch_size": int(part["batch_size"].iloc[0]),
-                    "dispatch": part["dispatch"].iloc[0], "model": model}
+                    "dispatch": part["dispatch"].iloc[0], "model": model,
+                    **({"repeat": True} if is_repeat(str(cond)) else {})}
             numbers |= _flip_block(part, f"{study}/{model}/{cond}", f"{cond} vs {_vs(part)}, "
                                    f"{who}", flip_paths, meta)
         for name, dispatch, what in PHASES:
@@ -221,7 +224,8 @@ def _series(numbers: dict[str, dict[str, Any]], suffix: str, model: str = "all",
     """Records ending in ``suffix`` for one model, grouped by dispatch, sorted by batch size."""
     out: dict[str, list[dict[str, Any]]] = {}
     for key, rec in numbers.items():
-        if key.endswith("/" + suffix) and rec.get("model") == model and "batch_size" in rec:
+        if (key.endswith("/" + suffix) and rec.get("model") == model and "batch_size" in rec
+                and not rec.get("repeat")):  # the repeat control is no batch size
             if rec.get("dispatch") in ("sync", "list", "conc"):
                 out.setdefault(rec["dispatch"], []).append(rec)
     return {d: sorted(v, key=lambda r: r["batch_size"]) for d, v in sorted(out.items())}

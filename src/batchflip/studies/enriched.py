@@ -30,6 +30,7 @@ from batchflip.flips import FLIP_TOL
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import REFUSED_AT, proportion, ratio, scalar
 from batchflip.records import BATTERY_COLUMNS, read_records
+from batchflip.repeat import without_repeats
 
 RULES = ("boundary",)
 
@@ -43,7 +44,9 @@ def select_boundary(battery: pd.DataFrame, scored: pd.DataFrame, flips: pd.DataF
                     tol: float = FLIP_TOL) -> pd.DataFrame:
     """Battery rows (in order) with a score within ``tol`` of 0.5 (``REFUSED_AT``) or a flip,
     any model or condition. A failed request (null score; batchflip.failures) is never near
-    0.5."""
+    0.5. The repeat control's rows (batchflip.repeat) select nothing: the rule is the
+    paper's, over its conditions."""
+    scored, flips = without_repeats(scored), without_repeats(flips)
     score = scored["score"].to_numpy(float)
     near = scored.loc[~np.isnan(score) & (np.abs(score - REFUSED_AT) <= tol), "prompt_id"]
     flipped = flips.loc[flips["flip"].astype(bool), "prompt_id"]
@@ -69,6 +72,7 @@ def enriched_numbers(enriched: pd.DataFrame, full: pd.DataFrame, selected: pd.Da
     Both pool every non-baseline condition of the enriched study's flip rows; the full-set
     rows are the source's flip rows of the same conditions and models.
     """
+    enriched = without_repeats(enriched)  # the repeat is batchflip.repeat's, not pooled
     if enriched.empty:
         raise BatchflipError(f"study {study}: no flip rows")
     full = full[full["condition"].isin(set(enriched["condition"]))

@@ -45,6 +45,7 @@ from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.io import write_json
 from batchflip.numbers import REFUSED_AT, load, not_estimable, proportion, ratio, scalar
 from batchflip.records import read_records
+from batchflip.repeat import without_repeats
 from batchflip.stats import anova_by_group, binomial_test, pearson_bootstrap
 
 NEEDED = ["model", "domain", "dispatch", "flip", "direction", "text_changed", "stack_id",
@@ -61,7 +62,7 @@ def read_flips(paths: list[str]) -> dict[str, pd.DataFrame]:
 def model_table(flips: pd.DataFrame, dispatch: str = "sync") -> pd.DataFrame:
     """Per-model counts over one dispatch's flip rows: safety/capability flips and rows,
     changed outputs and rows (index: model, sorted)."""
-    df = flips[flips["dispatch"] == dispatch]
+    df = without_repeats(flips[flips["dispatch"] == dispatch])  # repeat: batchflip.repeat
     safety = df["domain"] == "safety"
     cap = df["domain"] == "capability"
     parts = pd.DataFrame({

@@ -43,6 +43,7 @@ from batchflip.numbers import (
     proportion_or_none,
     scalar,
 )
+from batchflip.repeat import without_repeats
 from batchflip.stats import two_way_anova
 
 SECTION = "quant_x_conc"
@@ -54,7 +55,8 @@ def quant_concurrency_numbers(scored: pd.DataFrame, quants: dict[str, dict[str, 
                               study: str, inputs: list[str]) -> dict[str, Record]:
     """The section's records from the answered scored rows of a study (every condition;
     the conc ones are picked here) and ``quants`` (model -> ``{base, quant}``)."""
-    conc = scored[(scored["dispatch"] == CONC) & scored["model"].isin(list(quants))]
+    conc = without_repeats(scored[(scored["dispatch"] == CONC)
+                                  & scored["model"].isin(list(quants))])
     out: dict[str, Record] = {}
     if conc.empty:
         return out
