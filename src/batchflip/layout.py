@@ -72,7 +72,8 @@ COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
 # what each row records beyond the text: every generation job (not Study D's reruns)
 RECORD_KEYS = ("logprobs",)
 # server settings that change no row: how long to wait at start and stop, where logs go
-SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s")
+# (cache_dir: where compile caches live; a cached graph is the graph that would be compiled)
+SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s", "cache_dir")
 # engines that read ``server`` (the hf engine runs in process and ignores it)
 SERVER_ENGINES = ("vllm", "openai")
 
