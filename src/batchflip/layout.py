@@ -128,7 +128,21 @@ def ablation_settings(config: Config, study: str, model: str,
     out = {k: src[k] for k in SERVING_KEYS if k in src}
     out.update(study=study, model=model, kernel_mode=kernel_mode,
                engine=config["studies"][study]["engine"])
+    probe = config["studies"][study].get("invariance_probe")
+    if probe:  # batchflip.invariance_probe: runs before the reruns measure
+        out["invariance_probe"] = probe
     return out
+
+
+def probe_control_stack(config: Config, study: str, model: str, kernel_mode: str
+                        ) -> list[str]:
+    """The standard rerun's fingerprint, the invariance probe's negative control, for a
+    batch_invariant rerun of an ablation with a probe and both kernel modes (else [])."""
+    s = config["studies"][study]
+    if (kernel_mode != "batch_invariant" or not s.get("invariance_probe")
+            or "standard" not in s["kernel_modes"]):
+        return []
+    return [stack_path(ablation_run_path(study, model, "standard"))]
 
 
 # --- studies --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ rule ablation_candidates:
             )
         ),
         candidates=lambda w: study_cfg(w.study)["candidates"],
+        min_flips=lambda w: study_cfg(w.study).get("min_label_flips", 10),
         dispatches=lambda w: " ".join(
             f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
         ),
@@ -34,7 +35,8 @@ rule ablation_candidates:
     shell:
         "python -m batchflip ablation candidates --flips {input.flips:q} "
         "--generations {input.generations:q} --baseline {params.baseline} {params.own} "
-        "{params.dispatches} --candidates {params.candidates} --out {output:q} > {log:q} 2>&1"
+        "{params.dispatches} --candidates {params.candidates} "
+        "--min-label-flips {params.min_flips} --out {output:q} > {log:q} 2>&1"
 
 
 rule ablation_generate:
@@ -43,6 +45,8 @@ rule ablation_generate:
         candidates=layout.ablation_candidates_path("{study}", "{model}"),
         battery=lambda w: battery_of(ablation_source(w.study)),
         model=model_input,
+        # the invariance probe's negative control (batch_invariant after standard)
+        control=lambda w: layout.probe_control_stack(config, w.study, w.model, w.kernel_mode),
     output:
         runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
         stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
@@ -52,6 +56,7 @@ rule ablation_generate:
     params:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
+        control=lambda w, input: " ".join(f"--control-stack {p}" for p in input.control),
     threads: lambda w: study_threads(ablation_source(w.study))
     resources:
         gpu=ablation_gpu,
@@ -66,7 +71,7 @@ rule ablation_generate:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
-        "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+        "{params.control} --out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
 rule ablation_numbers:
