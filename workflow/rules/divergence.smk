@@ -61,6 +61,7 @@ rule divergence_numbers:
     params:
         bootstrap=config["divergence"]["bootstrap"],
         seed=config["divergence"]["seed"],
+        near_tie=config["divergence"]["near_tie"],
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -68,5 +69,6 @@ rule divergence_numbers:
     shell:
         "python -m batchflip divergence numbers {input.pairs:q} --screens {input.screens:q} "
         "--generations {input.gens:q} --study {wildcards.study} "
-        "--bootstrap {params.bootstrap} --seed {params.seed} --out {output.numbers:q} "
+        "--bootstrap {params.bootstrap} --seed {params.seed} --near-tie {params.near_tie} "
+        "--out {output.numbers:q} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"
