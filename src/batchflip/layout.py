@@ -40,7 +40,8 @@ rows and the ``attempts`` column; ``warmup_requests`` counts (server state befor
 first measured request). A server job runs several conditions, of one study or of several
 studies sharing the server (:func:`server_jobs`): its params cover them all.
 
-A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt),
+A model's own ``dtype`` and ``prompt_format`` override the study's (``raw`` drops the
+system prompt),
 and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
 jobs; its ``quant`` and ``base`` describe the weights and change no row.
 Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
@@ -108,6 +109,9 @@ def generation_settings(config: Config, study: str, model: str,
     served = config["models"][model].get("served_model")
     if served:  # the name an endpoint serves the model under: which weights answer
         out["served_model"] = served
+    dtype = config["models"][model].get("dtype")
+    if dtype:  # one set of weights at two dtypes: two model entries (a serving setting)
+        out["dtype"] = dtype
     fmt = config["models"][model].get("prompt_format")
     if fmt and fmt != out["prompt_format"]:
         out["prompt_format"] = fmt
