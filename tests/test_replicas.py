@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import textwrap
 import threading
 import time
 
@@ -261,3 +262,104 @@ def test_replica_texts_are_byte_identical_to_one_servers(tmp_path, monkeypatch):
     assert (one["error"] == "").all() and (two["error"] == "").all()
     assert one["token_ids"].map(list).tolist() == two["token_ids"].map(list).tolist()
     assert [t.encode() for t in one["text"]] == [t.encode() for t in two["text"]]
+
+
+# ---- the launch path with real processes (a stand-in server program, not vLLM) ------------
+
+# A stand-in OpenAI server: logs like vLLM's compile step (compiles into an empty
+# VLLM_CACHE_ROOT, loads from a filled one), answers each prompt with the prompt reversed,
+# and appends every prompt it serves to $FAKE_OUT/<port>.txt.
+FAKE_VLLM_DOUBLE = textwrap.dedent("""
+    import json, os, sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    port = int(sys.argv[sys.argv.index("--port") + 1])
+    root = os.environ["VLLM_CACHE_ROOT"]
+    if os.listdir(root):
+        print("INFO Directly load the compiled graph(s) for compile range (1, 2048) from "
+              "the cache, took 0.1 s", file=sys.stderr, flush=True)
+    else:
+        open(os.path.join(root, "graph.py"), "w").write("compiled")
+        print("INFO Compiling a graph for compile range (1, 2048) takes 1.0 s",
+              file=sys.stderr, flush=True)
+    class H(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+        def reply(self, body, ctype="application/json"):
+            data = body.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        def do_GET(self):
+            if self.path == "/v1/models":
+                self.reply(json.dumps({"data": [{"id": "fake"}]}))
+            elif self.path == "/version":
+                self.reply(json.dumps({"version": "0.0-fake"}))
+            else:
+                self.reply("")
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            prompt = body["prompt"]
+            with open(os.path.join(os.environ["FAKE_OUT"], f"{port}.txt"), "a") as fh:
+                fh.write(prompt + "\\n")
+            chunk = {"choices": [{"index": 0, "text": prompt[::-1], "finish_reason": "stop",
+                                  "token_ids": [len(prompt)]}]}
+            self.reply(f"data: {json.dumps(chunk)}\\n\\ndata: [DONE]\\n\\n",
+                       "text/event-stream")
+    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+""")
+
+
+def test_launched_replicas_start_in_turn_share_the_work_and_stop(tmp_path, monkeypatch):
+    import sys
+
+    from batchflip.engines import server as srv
+    from batchflip.engines import supervise
+
+    fake_probe = {"vllm_version": "0.26.0", "distribution": "vllm", "device_type": "cuda",
+                  "device": "GPU double", "compute_capability": "9.0",
+                  "attention_backend_env": False, "batch_invariant_env": True}
+    monkeypatch.setattr(srv, "probe_vllm", lambda python: fake_probe)
+    monkeypatch.setattr("batchflip.generate.model_fingerprint", lambda d: {"dir": d})
+    out = tmp_path / "served"
+    out.mkdir()
+    program = tmp_path / "fake_vllm.py"  # a file: the log's launch line stays one line
+    program.write_text(FAKE_VLLM_DOUBLE)
+    params = {**PARAMS, "server": {
+        "command": [sys.executable, str(program)], "log_dir": str(tmp_path / "logs"),
+        "cache_dir": str(tmp_path / "cache"), "gpu_memory_utilization": 0.8, "replicas": 2,
+        "extra_env": {"FAKE_OUT": str(out)}, "warmup_requests": 1, "stop_grace_s": 5}}
+    live = set(supervise._LIVE)
+    engine = srv.make_server_engine(params, "m")
+    try:
+        assert "--gpu-memory-utilization" in engine.server.argv
+        assert engine.server.argv[engine.server.argv.index("--gpu-memory-utilization") + 1] \
+            == "0.4"
+        assert engine.replicas == []  # the second starts only for a batch-1 condition
+        run_job(_battery(9), params, "sync_b4", "m", tmp_path / "b4.parquet",
+                tmp_path / "b4.json", engine=engine, progress=False)
+        assert engine.replicas == []
+        df = run_job(_battery(17), params, "sync_b1", "m", tmp_path / "b1.parquet",
+                     tmp_path / "b1.json", engine=engine, progress=False)
+        servers = [engine.server, engine.replicas[0][0]]
+    finally:
+        engine.close()
+    assert set(supervise._LIVE) == live  # both stopped
+    assert all(srv.process_tree(s.pid) == set() for s in servers)
+    assert (df["text"] == df["prompt_id"].map(
+        dict(zip(_battery(17)["prompt_id"], _battery(17)["prompt"].str[::-1],
+                 strict=True)))).all()
+    served = {p.name: [ln for ln in p.read_text().splitlines() if ln.startswith("prompt")]
+              for p in out.glob("*.txt")}
+    b1 = {k: [x for x in v if x in set(_battery(17)["prompt"])] for k, v in served.items()}
+    assert len(served) == 2 and all(b1.values())  # both replicas served sync_b1 prompts
+    assert sum(len(v) for v in b1.values()) >= 17
+    stack = json.loads((tmp_path / "b1.json").read_text())
+    # the first start compiled into the empty cache, the second loaded from it
+    assert [(s["replica"], s["cache"], s["compile"]) for s in stack["startup"]] == [
+        (0, "cold", "compiled"), (1, "warm", "loaded from cache")]
+    assert stack["server_settings"]["replicas"] == 2
+    assert "VLLM_CACHE_ROOT" not in stack["server_env"]  # a path, not a stack fact
+    assert sorted(p.name.endswith("_r1.log") for p in (tmp_path / "logs").iterdir()) == [
+        False, True]

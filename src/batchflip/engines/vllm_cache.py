@@ -59,8 +59,10 @@ def count_files(cache_dir: str | os.PathLike[str] | None) -> int:
 def compile_outcome(log_text: str) -> str:
     """What the server log says about compilation: ``loaded from cache`` (a load line and
     no compile line), ``compiled`` (a compile line and no load line), ``partly cached``
-    (both), or ``not logged`` (eager mode, a CPU build, or a vLLM that says neither)."""
-    loaded, compiled = bool(_LOADED.search(log_text)), bool(_COMPILED.search(log_text))
+    (both), or ``not logged`` (eager mode, a CPU build, or a vLLM that says neither).
+    batchflip's own header lines (``# ...``: the launch command) are skipped."""
+    text = "\n".join(ln for ln in log_text.splitlines() if not ln.startswith("# "))
+    loaded, compiled = bool(_LOADED.search(text)), bool(_COMPILED.search(text))
     if loaded and compiled:
         return "partly cached"
     if loaded:
