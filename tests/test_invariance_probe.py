@@ -185,3 +185,63 @@ def test_real_hf_engine_attested_on_cpu(model_dir):
     assert blocks["standard"]["verdict"] == "negative control: differs"
     assert blocks["batch_invariant"]["verdict"] == "attested"
     assert blocks["batch_invariant"]["outcome"]["tokens_compared"] > 0
+
+
+class RerunEngineDouble(ServedDouble):
+    """Test double for Study D's reruns: an hf-like engine whose batched log-probabilities
+    drift (standard kernels) or not (batch-invariant), logging every group it runs."""
+
+    name = "hf"
+
+    def close(self):
+        pass
+
+
+def _empty_candidates():
+    import pandas as pd
+
+    from batchflip.studies.ablation_runs import CANDIDATE_COLUMNS
+
+    return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+
+
+def _battery():
+    import pandas as pd
+
+    return pd.DataFrame({"prompt_id": [f"b{i}" for i in range(6)], "task": "t",
+                         "prompt": [f"battery prompt {i}" * (i + 1) for i in range(6)]})
+
+
+def test_study_d_probes_before_it_measures_and_records_the_verdict(tmp_path):
+    from batchflip.studies.ablation_runs import run_mode
+
+    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "float32",
+              "max_new_tokens": 4, "seed": 1, "prompt_format": "raw",
+              "invariance_probe": {"prompts": 4, "batch": 4, "max_new_tokens": 3}}
+    std = RerunEngineDouble(drift=True, facts={"engine": "hf"})
+    run_mode(_empty_candidates(), _battery(), params, "m", "standard", tmp_path / "s.parquet",
+             tmp_path / "s.stack.json", engine=std)
+    s_stack = json.loads((tmp_path / "s.stack.json").read_text())
+    block = s_stack["invariance_probe"]
+    assert block["verdict"] == "negative control: differs"
+    assert block["outcome"]["prompt_ids"] == ["b0", "b1", "b2", "b3"]  # battery order
+    control = control_outcome(s_stack, tmp_path / "s.stack.json")
+    bi = RerunEngineDouble(drift=False, facts={"engine": "hf"})
+    run_mode(_empty_candidates(), _battery(), params, "m", "batch_invariant",
+             tmp_path / "b.parquet", tmp_path / "b.stack.json", engine=bi, control=control)
+    b_stack = json.loads((tmp_path / "b.stack.json").read_text())
+    assert b_stack["invariance_probe"]["verdict"] == "attested"
+    # the probe block is a run fact: the same stack id as a run without a probe
+    plain = {k: v for k, v in params.items() if k != "invariance_probe"}
+    run_mode(_empty_candidates(), _battery(), plain, "m", "batch_invariant",
+             tmp_path / "p.parquet", tmp_path / "p.stack.json",
+             engine=RerunEngineDouble(drift=False, facts={"engine": "hf"}))
+    p_stack = json.loads((tmp_path / "p.stack.json").read_text())
+    assert "invariance_probe" not in p_stack and p_stack["stack_id"] == b_stack["stack_id"]
+    # a failing probe stops the job before anything is measured or written
+    bad = RerunEngineDouble(drift=True, facts={"engine": "hf"})
+    with pytest.raises(BatchflipError, match="invariance probe failed"):
+        run_mode(_empty_candidates(), _battery(), params, "m", "batch_invariant",
+                 tmp_path / "x.parquet", tmp_path / "x.stack.json", engine=bad,
+                 control=control)
+    assert not (tmp_path / "x.parquet").exists() and not (tmp_path / "x.stack.json").exists()
