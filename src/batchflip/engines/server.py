@@ -37,7 +37,14 @@ vLLM's ``system_fingerprint`` (a hash of its engine config), how token ids were 
 and, with logprobs, how the server named the tokens (``client.logprob_token_names``:
 ``token_id`` or ``text``, :mod:`batchflip.engines.openai_client`).
 Nothing run-specific (port, pid, log path, time, free memory) is included, so a resumed job
-gets the same stack id.
+gets the same stack id; the ``startup`` block (per launch: compile-cache state, what the log
+says about compilation, seconds to health; :mod:`batchflip.engines.vllm_cache`) is a run
+fact that the stack id leaves out.
+
+``server.replicas: k`` (engine ``vllm``, launched servers only): k servers of the model on
+one device, each with 1/k of ``gpu_memory_utilization``; replicas 1..k-1 start, one after
+another, the first time a batch-1 condition runs (:meth:`ServerEngine.run_replicated`,
+:mod:`batchflip.engines.replicas`).
 """
 
 from __future__ import annotations
