@@ -7,6 +7,8 @@ and records for each start the seconds to a healthy server (``startup_s``), the 
 an engine ready to measure (health + warm-up + checks), the cache state before it (cold /
 warm, files) and what the server log says about compilation (compiled / loaded from
 cache). Prints and writes (``--out``) the first start and the median of the later ones.
+The first ``ready_s`` also holds the one-off inspection of the vLLM install
+(``vllm_launch.probe_vllm``, cached for the later starts); compare ``startup_s``.
 
 On the GPU machine (after the gpu-kit's env.sh)::
 
