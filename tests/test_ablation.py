@@ -538,3 +538,35 @@ def test_a_candidate_is_rerun_alone_at_batch_one_of_its_dispatch():
     assert alone_condition("list").name == "list_b1"
     assert alone_condition("stagger").name == "cobatch_b1_solo"
     assert alone_condition("conc").name == "conc_c1"  # a stream's flip: one request at a time
+
+
+def test_label_flips_else_text_changes_switches_below_the_threshold(tmp_path):
+    gens = {p: pd.read_parquet(p) for p in _write_source(tmp_path).values()}
+    flips = _flips(FLIPPED)  # 5 label flips: 4 sync_b4, 1 cobatch_b4_benign
+    flips.loc[(flips["prompt_id"] == "q3") & ~flips["flip"], "text_changed"] = True
+    rule = "label_flips_else_text_changes"
+    labels = ablation.select_candidates(flips, gens, "sync_b1")
+    texts = ablation.select_candidates(flips, gens, "sync_b1", candidates="text_changes")
+    at = ablation.select_candidates(flips, gens, "sync_b1", candidates=rule, min_label_flips=5)
+    below = ablation.select_candidates(flips, gens, "sync_b1", candidates=rule,
+                                       min_label_flips=6)
+    assert list(at["candidate_id"]) == list(labels["candidate_id"])  # 5 >= 5: flips only
+    assert list(below["candidate_id"]) == list(texts["candidate_id"])  # 5 < 6: texts too
+    # the count is taken after `dispatches`: 4 synchronized flips < 5
+    sync = ablation.select_candidates(flips, gens, "sync_b1", candidates=rule,
+                                      min_label_flips=5, dispatches=["sync"])
+    assert "sync_b4/q3" in set(sync["candidate_id"]) and set(sync["dispatch"]) == {"sync"}
+    # the default threshold is 10, and the CLI passes --min-label-flips through
+    assert ablation.MIN_LABEL_FLIPS == 10
+    dflt = ablation.select_candidates(flips, gens, "sync_b1", candidates=rule)
+    assert list(dflt["candidate_id"]) == list(texts["candidate_id"])
+    paths = _write_source(tmp_path)
+    write_parquet(flips, tmp_path / "f.parquet")
+    for n, expected in ((5, labels), (6, texts)):
+        out = tmp_path / f"c{n}.parquet"
+        assert cli_main(["ablation", "candidates", "--flips", str(tmp_path / "f.parquet"),
+                         "--generations", *paths.values(), "--baseline", "sync_b1",
+                         "--candidates", rule, "--min-label-flips", str(n),
+                         "--out", str(out)]) == 0
+        assert sorted(pd.read_parquet(out)["candidate_id"]) == sorted(
+            expected["candidate_id"])

@@ -152,3 +152,62 @@ def test_screen_numbers() -> None:
     assert out["a/m/sync_b2/screen_auroc_flip"]["value"] == 1.0  # p1 has the lowest margin
     assert out["a/m/sync_b2/screen_auroc_text"]["value"] == 1.0
     assert out["a/m/sync_b2/screen_expected_text_changes"]["observed"] == 2
+
+
+def test_near_ties_count_and_tie_break_by_hand() -> None:
+    from batchflip.screen import near_tie_scores, near_ties
+
+    assert near_ties(np.array([0.05, 0.2, np.nan, 0.0, 0.1]), 0.1) == 2  # 0.1 is not < 0.1
+    assert near_ties(np.array([np.nan]), 0.1) == 0
+    # counts 2, 0, 2, 1 with minimum margins 0.3, 0.01, 0.02, 0.5: the two 2s are ordered by
+    # margin (0.02 riskier than 0.3), and every count stays ahead of any lower count
+    s = near_tie_scores(np.array([2, 0, 2, 1]), np.array([0.3, 0.01, 0.02, 0.5]))
+    assert list(np.argsort(-s)) == [2, 0, 3, 1]
+    assert np.all(np.floor(s) == [2, 0, 2, 1])
+
+
+def test_auroc_agrees_with_scipy_mann_whitney() -> None:
+    from scipy.stats import mannwhitneyu
+
+    rng = np.random.default_rng(3)
+    s = np.round(rng.normal(size=80), 1)  # rounded: many ties
+    y = rng.random(80) < 0.35
+    u = mannwhitneyu(s[y], s[~y], alternative="two-sided").statistic
+    assert auroc(s, y) == pytest.approx(u / (y.sum() * (~y).sum()), abs=1e-12)
+
+
+def test_auroc_difference_interval_is_paired() -> None:
+    from batchflip.screen import bootstrap_auroc_diff
+
+    rng = np.random.default_rng(5)
+    y = rng.random(120) < 0.3
+    good = y + rng.normal(scale=0.5, size=120)  # informative
+    noise = rng.normal(size=120)  # uninformative
+    lo, hi = bootstrap_auroc_diff(good, noise, y, 400, 1)
+    assert 0 < lo <= auroc(good, y) - auroc(noise, y) <= hi  # clearly better
+    # a predictor against itself: every resample gives exactly 0
+    assert bootstrap_auroc_diff(good, good, y, 200, 1) == (0.0, 0.0)
+    assert bootstrap_auroc_diff(good, noise, np.zeros(120, bool), 200, 1) is None
+
+
+def test_screen_numbers_report_the_near_tie_predictor_beside_the_margin() -> None:
+    pairs = pair_table(GENS, FLIPS, "sync_b1").assign(baseline_condition="sync_b1")
+    base = GENS[GENS["condition"] == "sync_b1"]
+    paths = path_margins(base)
+    out = screen_numbers(pairs, rank(base), paths, "a", ["x"], 200, 0, near_tie=0.6)
+    key = "a/m/sync_b2/screen"
+    for what in ("text", "flip"):
+        margin = out[f"{key}_auroc_{what}"]["value"]
+        ties = out[f"{key}_near_ties_auroc_{what}"]
+        assert "margins < 0.6" in ties["definition"]
+        diff = out[f"{key}_near_ties_minus_margin_auroc_{what}"]
+        assert diff["value"] == pytest.approx(ties["value"] - margin)
+    # by hand: baseline margins p1 [2.9, 0, 1.8], p2 [4.99, 3.98], p3 [0.5, 2.9] -> counts
+    # below 0.6: 1, 0, 1; scores p1 > p3 (margin 0 < 0.5) > p2; text changed: p1, p3 -> 1.0
+    from batchflip.screen import near_ties
+
+    assert {k[2]: near_ties(v, 0.6) for k, v in paths.items()} == {
+        "p1": 1, "p2": 0, "p3": 1, "p4": 0}
+    assert out[f"{key}_near_ties_auroc_text"]["value"] == 1.0
+    assert out[f"{key}_near_ties_auroc_flip"]["value"] == 1.0  # only p1 flipped
+    assert out[f"{key}_near_ties_minus_margin_auroc_text"]["value"] == 0.0

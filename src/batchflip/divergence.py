@@ -36,7 +36,7 @@ from batchflip.failures import answered
 from batchflip.io import read_parquet, write_json, write_parquet
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.records import LOGPROB_COLUMNS, read_records
-from batchflip.screen import margins, path_margins, screen_numbers
+from batchflip.screen import NEAR_TIE_MARGIN, margins, path_margins, screen_numbers
 
 PAIR_COLUMNS = [
     "model", "condition", "baseline_condition", "batch_size", "dispatch", "prompt_id",
@@ -244,6 +244,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     n.add_argument("--study", required=True)
     n.add_argument("--bootstrap", type=int, default=1000)
     n.add_argument("--seed", type=int, default=0)
+    n.add_argument("--near-tie", type=float, default=NEAR_TIE_MARGIN,
+                   help="margin (nats) below which a token is a near-tie (screen)")
     n.add_argument("--out", required=True)
     n.add_argument("--png", required=True)
     n.add_argument("--pdf", required=True)
@@ -271,7 +273,8 @@ def main(args: argparse.Namespace) -> int:
         all_m.setdefault(str(model), []).append(m)
     all_m = {k: np.concatenate(v) for k, v in all_m.items()}
     out = numbers(pairs, all_m, args.study, inputs)
-    out |= screen_numbers(pairs, ranked, paths, args.study, inputs, args.bootstrap, args.seed)
+    out |= screen_numbers(pairs, ranked, paths, args.study, inputs, args.bootstrap, args.seed,
+                          args.near_tie)
     write_json({"study": f"divergence_{args.study}", "numbers": out}, args.out)
     pooled = np.concatenate(list(all_m.values())) if all_m else np.array([])
     figure(pairs, pooled, f"Study {args.study}: where greedy paths diverge", args.png,

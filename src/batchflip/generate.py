@@ -25,6 +25,7 @@ from batchflip.checkpoint import Checkpoint, checkpoint_path
 from batchflip.conditions import BATCHED_DISPATCHES, CONC, Condition, parse_condition
 from batchflip.design import condition_params, select_subset
 from batchflip.engines import Engine, Group, Member, Result, StreamEngine
+from batchflip.engines.replicas import one_in_flight
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import lease_for
 from batchflip.io import read_parquet, write_json, write_parquet
@@ -130,11 +131,18 @@ def job_key(params: dict[str, Any], condition: str, battery_sha: str, stack_id: 
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+# fingerprint blocks that describe one run, not the stack: left out of the stack id, so a
+# resumed job keeps its id (startup: compile-cache state and start-up seconds of each
+# launch, batchflip.engines.vllm_cache; invariance_probe: batchflip.invariance_probe)
+RUN_FACTS = ("stack_id", "startup", "invariance_probe")
+
+
 def stack_fingerprint(engine: Engine, model_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """The engine's facts plus the model files and the job's own settings; with its id."""
+    """The engine's facts plus the model files and the job's own settings; with its id
+    (computed without :data:`RUN_FACTS`)."""
     stack = {**engine.fingerprint(), "model": model_fingerprint(model_dir), **extra}
     stack["stack_id"] = hashlib.sha256(
-        json.dumps({k: v for k, v in stack.items() if k != "stack_id"}, sort_keys=True,
+        json.dumps({k: v for k, v in stack.items() if k not in RUN_FACTS}, sort_keys=True,
                    default=str).encode()).hexdigest()[:12]
     return stack
 
@@ -238,7 +246,10 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
                 ckpt.add(group.group_id, _rows(group, results, base, bool(logprobs)))
                 bar.update()
 
-            if cond.dispatch == CONC:
+            if getattr(engine, "replica_count", 1) > 1 and one_in_flight(cond):
+                # server.replicas: batch-1 groups over k servers, merged in group order
+                engine.run_replicated(todo, cond, finished)  # type: ignore[attr-defined]
+            elif cond.dispatch == CONC:
                 stream_engine(engine, condition).run_stream(todo, cond, finished)
             else:
                 for group in todo:
@@ -249,6 +260,8 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
             engine.close()
     columns = GENERATION_COLUMNS + (LOGPROB_COLUMNS if logprobs else [])
     df = pd.DataFrame([r for g in sorted(done) for r in done[g]], columns=columns)
+    if getattr(engine, "startup", None):  # replicas started during this job: list them too
+        stack["startup"] = list(engine.startup)  # type: ignore[attr-defined]
     write_json(stack, stack_out)
     write_parquet(df, out)
     if not keep_checkpoint:

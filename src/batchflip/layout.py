@@ -42,7 +42,8 @@ rows and the ``attempts`` column; ``warmup_requests`` counts (server state befor
 first measured request). A server job runs several conditions, of one study or of several
 studies sharing the server (:func:`server_jobs`): its params cover them all.
 
-A model's own ``prompt_format`` overrides the study's (``raw`` drops the system prompt),
+A model's own ``dtype`` and ``prompt_format`` override the study's (``raw`` drops the
+system prompt),
 and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
 jobs; its ``quant`` and ``base`` describe the weights and change no row.
 Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
@@ -74,7 +75,8 @@ COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
 # what each row records beyond the text: every generation job (not Study D's reruns)
 RECORD_KEYS = ("logprobs",)
 # server settings that change no row: how long to wait at start and stop, where logs go
-SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s")
+# (cache_dir: where compile caches live; a cached graph is the graph that would be compiled)
+SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s", "cache_dir")
 # engines that read ``server`` (the hf engine runs in process and ignores it)
 SERVER_ENGINES = ("vllm", "openai")
 
@@ -117,6 +119,9 @@ def generation_settings(config: Config, study: str, model: str,
     served = config["models"][model].get("served_model")
     if served:  # the name an endpoint serves the model under: which weights answer
         out["served_model"] = served
+    dtype = config["models"][model].get("dtype")
+    if dtype:  # one set of weights at two dtypes: two model entries (a serving setting)
+        out["dtype"] = dtype
     fmt = config["models"][model].get("prompt_format")
     if fmt and fmt != out["prompt_format"]:
         out["prompt_format"] = fmt
@@ -137,7 +142,21 @@ def ablation_settings(config: Config, study: str, model: str,
     out = {k: src[k] for k in SERVING_KEYS if k in src}
     out.update(study=study, model=model, kernel_mode=kernel_mode,
                engine=config["studies"][study]["engine"])
+    probe = config["studies"][study].get("invariance_probe")
+    if probe:  # batchflip.invariance_probe: runs before the reruns measure
+        out["invariance_probe"] = probe
     return out
+
+
+def probe_control_stack(config: Config, study: str, model: str, kernel_mode: str
+                        ) -> list[str]:
+    """The standard rerun's fingerprint, the invariance probe's negative control, for a
+    batch_invariant rerun of an ablation with a probe and both kernel modes (else [])."""
+    s = config["studies"][study]
+    if (kernel_mode != "batch_invariant" or not s.get("invariance_probe")
+            or "standard" not in s["kernel_modes"]):
+        return []
+    return [stack_path(ablation_run_path(study, model, "standard"))]
 
 
 # --- studies --------------------------------------------------------------------------------

@@ -11,6 +11,13 @@ per model and condition:
 - **AUROC** of the baseline's minimum margin (lower = more likely) for predicting a text
   change and a label flip, with a percentile bootstrap 95% interval (resampled prompts,
   fixed seed). 0.5 = no better than chance; ties count one half (Mann-Whitney U).
+- **near-tie count** (a second one-run predictor): how many tokens of the baseline's
+  greedy path have a margin below ``near_tie`` (config ``divergence.near_tie``, default
+  0.1 nats), ties between equal counts broken by the minimum margin (lower = riskier). A
+  path with several near-ties offers several chances for a perturbation to win, which the
+  minimum alone does not see. Its AUROC (with the same bootstrap interval) is reported
+  beside the minimum margin's, with a paired bootstrap interval of the difference
+  (near-tie minus minimum margin, the same resampled prompts for both).
 - **capture**: the share of all label flips (and text changes) among the lowest-margin
   10% and 25% of prompts.
 - **expected counts**: with the condition's pre-divergence noise ε (the empirical
@@ -39,6 +46,8 @@ from batchflip.io import write_text
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.records import LOGPROB_COLUMNS, read_records
 
+# below this top-1/top-2 margin (nats) a token counts as a near-tie (divergence.near_tie)
+NEAR_TIE_MARGIN = 0.1
 RANK_COLUMNS = ["rank", "prompt_id", "min_margin", "min_index", "n_tokens", "condition",
                 "model", "stack_id"]
 
@@ -107,6 +116,43 @@ def bootstrap_auroc(scores: np.ndarray, labels: np.ndarray, n_boot: int,
     return float(lo), float(hi)
 
 
+def near_ties(path: np.ndarray, near_tie: float) -> int:
+    """Tokens of a greedy path whose top-1/top-2 margin is below ``near_tie`` (tokens
+    without a margin do not count)."""
+    m = np.asarray(path, dtype=float)
+    return int((m[np.isfinite(m)] < near_tie).sum())
+
+
+def near_tie_scores(counts: np.ndarray, min_margin: np.ndarray) -> np.ndarray:
+    """The near-tie predictor's score (higher = riskier): the count, with equal counts
+    ordered by the minimum margin (lower margin higher); the tie-break adds less than 1."""
+    c = np.asarray(counts, dtype=float)
+    if not len(c):
+        return c
+    tie_break = rankdata(-np.asarray(min_margin, dtype=float)) / (len(c) + 1)
+    return c + tie_break
+
+
+def bootstrap_auroc_diff(first: np.ndarray, second: np.ndarray, labels: np.ndarray,
+                         n_boot: int, seed: int) -> tuple[float, float] | None:
+    """Percentile 95% interval of AUROC(first) - AUROC(second), both on the same prompts
+    resampled with replacement (resamples without both classes skipped); None when fewer
+    than 100 count."""
+    rng = np.random.default_rng(seed)
+    a, b = np.asarray(first, dtype=float), np.asarray(second, dtype=float)
+    y = np.asarray(labels, dtype=bool)
+    vals = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        x1, x2 = auroc(a[idx], y[idx]), auroc(b[idx], y[idx])
+        if x1 is not None and x2 is not None:
+            vals.append(x1 - x2)
+    if len(vals) < min(100, n_boot):
+        return None
+    lo, hi = np.quantile(vals, [0.025, 0.975])
+    return float(lo), float(hi)
+
+
 def capture(min_margin: np.ndarray, labels: np.ndarray, share: float) -> tuple[int, int]:
     """(positives among the ceil(share * n) lowest-margin prompts, all positives)."""
     y = np.asarray(labels, dtype=bool)
@@ -137,9 +183,11 @@ def path_margins(gens: pd.DataFrame) -> dict[tuple[str, str, str], np.ndarray]:
 
 def screen_numbers(pairs: pd.DataFrame, ranked: pd.DataFrame,
                    paths: dict[tuple[str, str, str], np.ndarray], study: str,
-                   inputs: list[str], n_boot: int, seed: int) -> dict[str, Record]:
-    """AUROCs, capture shares and expected counts per (model, condition): ``ranked`` are
-    the baseline runs' screens (:func:`rank`), ``paths`` their :func:`path_margins`."""
+                   inputs: list[str], n_boot: int, seed: int,
+                   near_tie: float = NEAR_TIE_MARGIN) -> dict[str, Record]:
+    """AUROCs (minimum margin and near-tie count), capture shares and expected counts per
+    (model, condition): ``ranked`` are the baseline runs' screens (:func:`rank`), ``paths``
+    their :func:`path_margins`."""
     mm = ranked.set_index(["model", "condition", "prompt_id"])
     out: dict[str, Record] = {}
     for model, part in pairs.groupby("model", sort=True):
@@ -152,10 +200,18 @@ def screen_numbers(pairs: pd.DataFrame, ranked: pd.DataFrame,
             ok = np.isfinite(m)
             stacks = sorted(set(p["stack_id"]) | set(p["baseline_stack_id"]))
             key = f"{study}/{model}/{cond}/screen"
+            counts = np.array([near_ties(paths[k], near_tie) for k in keys])[ok]
+            ties = near_tie_scores(counts, m[ok])
             for what, col in (("text", "text_changed"), ("flip", "flip")):
                 y = p[col].to_numpy(dtype=bool)[ok]
                 out |= _auroc_record(f"{key}_auroc_{what}", -m[ok], y, cond, col, inputs,
                                      stacks, n_boot, seed)
+                out |= _auroc_record(
+                    f"{key}_near_ties_auroc_{what}", ties, y, cond, col, inputs, stacks,
+                    n_boot, seed, predictor=f"near-tie count (margins < {near_tie:g}, equal "
+                    "counts ordered by the minimum margin; more = riskier)")
+                out |= _diff_record(f"{key}_near_ties_minus_margin_auroc_{what}", ties,
+                                    -m[ok], y, cond, col, inputs, stacks, n_boot, seed)
                 for share in (0.10, 0.25):
                     k, n = capture(m[ok], y, share)
                     name = f"{key}_capture{int(share * 100)}_{what}"
@@ -176,11 +232,28 @@ def screen_numbers(pairs: pd.DataFrame, ranked: pd.DataFrame,
     return out
 
 
+def _diff_record(name: str, first: np.ndarray, second: np.ndarray, y: np.ndarray,
+                 cond: str, col: str, inputs: list[str], stacks: list[str], n_boot: int,
+                 seed: int) -> dict[str, Record]:
+    what = (f"AUROC of the near-tie count minus AUROC of the minimum margin for predicting "
+            f"{col} under {cond} (same prompts); paired bootstrap 95% interval")
+    a, b = auroc(first, y), auroc(second, y)
+    if a is None or b is None:
+        return {name: not_estimable(f"{int(y.sum())} of {len(y)} pairs are {col}", what,
+                                    inputs, stacks)}
+    ci = bootstrap_auroc_diff(first, second, y, n_boot, seed)
+    extra: dict[str, Any] = {"positives": int(y.sum()), "n": int(len(y))}
+    if ci is not None:
+        extra.update(ci_low=ci[0], ci_high=ci[1])
+    return {name: scalar(a - b, what, inputs, stacks, **extra)}
+
+
 def _auroc_record(name: str, score: np.ndarray, y: np.ndarray, cond: str, col: str,
-                  inputs: list[str], stacks: list[str], n_boot: int, seed: int
+                  inputs: list[str], stacks: list[str], n_boot: int, seed: int,
+                  predictor: str = "minimum top-1/top-2 margin (lower = riskier)"
                   ) -> dict[str, Record]:
-    what = (f"AUROC of the baseline's minimum top-1/top-2 margin (lower = riskier) for "
-            f"predicting {col} under {cond}; bootstrap 95% interval over prompts")
+    what = (f"AUROC of the baseline's {predictor} for predicting {col} under {cond}; "
+            f"bootstrap 95% interval over prompts")
     a = auroc(score, y)
     if a is None:
         return {name: not_estimable(f"{int(y.sum())} of {len(y)} pairs are {col}", what,

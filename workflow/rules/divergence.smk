@@ -57,6 +57,7 @@ rule divergence_numbers:
     params:
         bootstrap=config["divergence"]["bootstrap"],
         seed=config["divergence"]["seed"],
+        near_tie=config["divergence"]["near_tie"],
     conda:
         "../../envs/analysis.yaml"
     log:
@@ -64,5 +65,6 @@ rule divergence_numbers:
     shell:
         "python -m batchflip divergence numbers {input.pairs:q} --screens {input.screens:q} "
         "--generations {input.gens:q} --study {wildcards.study:q} "
-        "--bootstrap {params.bootstrap:q} --seed {params.seed:q} --out {output.numbers:q} "
+        "--bootstrap {params.bootstrap:q} --seed {params.seed:q} "
+        "--near-tie {params.near_tie:q} --out {output.numbers:q} "
         "--png {output.png:q} --pdf {output.pdf:q} > {log:q} 2>&1"

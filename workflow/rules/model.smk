@@ -16,12 +16,12 @@ rule model:
         "resources/models/{model}/model.json",
     params:
         # what the weights are made from (requantize included); alignment, chat,
-        # prompt_format, quant, base and served_model describe the weights or how a study
-        # uses them and change none
+        # prompt_format, quant, base, served_model and dtype describe the weights or how a
+        # study uses them and change none
         spec=lambda w: json.dumps(
             {k: v for k, v in config["models"][w.model].items()
              if k not in ("alignment", "chat", "prompt_format", "quant", "base",
-                          "served_model")},
+                          "served_model", "dtype")},
             sort_keys=True,
         ),
         out=lambda w: f"resources/models/{w.model}",

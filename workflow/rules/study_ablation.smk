@@ -19,6 +19,7 @@ rule ablation_candidates:
         baseline=lambda w: study_cfg(ablation_source(w.study))["baseline"],
         own=lambda w: dispatch_baseline_args(ablation_source(w.study)),
         candidates=lambda w: study_cfg(w.study)["candidates"],
+        min_flips=lambda w: study_cfg(w.study).get("min_label_flips", 10),
         dispatches=lambda w: [
             a for d in study_cfg(w.study).get("dispatches", []) for a in ("--dispatch", d)
         ],
@@ -29,7 +30,8 @@ rule ablation_candidates:
     shell:
         "python -m batchflip ablation candidates --flips {input.flips:q} "
         "--generations {input.generations:q} --baseline {params.baseline:q} {params.own:q} "
-        "{params.dispatches:q} --candidates {params.candidates:q} --out {output:q} "
+        "{params.dispatches:q} --candidates {params.candidates:q} "
+        "--min-label-flips {params.min_flips:q} --out {output:q} "
         "> {log:q} 2>&1"
 
 
@@ -39,6 +41,8 @@ rule ablation_generate:
         candidates=layout.ablation_candidates_path("{study}", "{model}"),
         battery=lambda w: battery_of(ablation_source(w.study)),
         model=model_input,
+        # the invariance probe's negative control (batch_invariant after standard)
+        control=lambda w: layout.probe_control_stack(config, w.study, w.model, w.kernel_mode),
     output:
         runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
         stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
@@ -48,6 +52,7 @@ rule ablation_generate:
     params:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
+        control=lambda w, input: " ".join(f"--control-stack {p}" for p in input.control),
     threads: lambda w: study_threads(ablation_source(w.study))
     resources:
         gpu=ablation_gpu,
@@ -62,7 +67,7 @@ rule ablation_generate:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
-        "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+        "{params.control} --out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
 rule ablation_numbers:

@@ -39,7 +39,14 @@ vLLM's ``system_fingerprint`` (a hash of its engine config), how token ids were 
 and, with logprobs, how the server named the tokens (``client.logprob_token_names``:
 ``token_id`` or ``text``, :mod:`batchflip.engines.openai_client`).
 Nothing run-specific (port, pid, log path, time, free memory) is included, so a resumed job
-gets the same stack id.
+gets the same stack id; the ``startup`` block (per launch: compile-cache state, what the log
+says about compilation, seconds to health; :mod:`batchflip.engines.vllm_cache`) is a run
+fact that the stack id leaves out.
+
+``server.replicas: k`` (engine ``vllm``, launched servers only): k servers of the model on
+one device, each with 1/k of ``gpu_memory_utilization``; replicas 1..k-1 start, one after
+another, the first time a batch-1 condition runs (:meth:`ServerEngine.run_replicated`,
+:mod:`batchflip.engines.replicas`).
 """
 
 from __future__ import annotations
@@ -52,13 +59,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 from batchflip.conditions import Condition
 from batchflip.engines import Group, Result
 from batchflip.engines.openai_client import ClientSettings, CompletionClient
+from batchflip.engines.replicas import ReplicaPool
 from batchflip.engines.supervise import VLLMServer, process_tree, stop_all_servers
+from batchflip.engines.vllm_cache import cache_env, count_files, startup_facts
 from batchflip.engines.vllm_launch import (
     BATCH_INVARIANT_SIGNS,
     KERNEL_MODES,
@@ -73,6 +82,7 @@ from batchflip.engines.vllm_launch import (
     parse_attention_backend,
     probe_vllm,
     recorded_env,
+    replica_count,
     server_environ,
     server_settings,
 )
@@ -93,10 +103,17 @@ class ServerEngine:
     def __init__(self, name: str, client: CompletionClient, facts: dict[str, Any],
                  server: VLLMServer | None = None) -> None:
         self.name, self.client, self.facts, self.server = name, client, facts, server
+        # server.replicas (batchflip.engines.replicas): k, and how to start replica i >= 1
+        self.replica_count = 1
+        self.replica_factory: Callable[[int], Any] | None = None
+        self.replicas: list[tuple[VLLMServer | None, CompletionClient]] = []
+        self.startup: list[dict[str, Any]] = []  # per launch: cache state, compile, seconds
 
     def fingerprint(self) -> dict[str, Any]:
-        """Stack facts for .stack.json (nothing run-specific, so resume keeps its id)."""
-        return {**self.facts, "system_fingerprint": self.client.system_fingerprint,
+        """Stack facts for .stack.json (nothing run-specific, so resume keeps its id; the
+        ``startup`` block is a run fact that the stack id leaves out)."""
+        return {**self.facts, **({"startup": list(self.startup)} if self.startup else {}),
+                "system_fingerprint": self.client.system_fingerprint,
                 "token_ids_source": self.client.token_ids_source,
                 "client": {"endpoint": "/v1/completions", "stream": True,
                            "temperature": 0.0,
@@ -109,10 +126,52 @@ class ServerEngine:
         """Switch to a study's request settings (new tokens, logprobs) between the studies
         of a shared server job; the launch settings are the same by construction
         (batchflip.layout.LAUNCH_KEYS)."""
-        self.client.s.max_tokens = int(params["max_new_tokens"])
-        self.client.s.logprobs = int(params.get("logprobs", 0))
-        if self.client.warmed_up:  # logprobs switched on after the warm-up: settle names
-            self.client.negotiate_logprobs()
+        for client in self._clients():
+            client.s.max_tokens = int(params["max_new_tokens"])
+            client.s.logprobs = int(params.get("logprobs", 0))
+            if client.warmed_up:  # logprobs switched on after the warm-up: settle names
+                client.negotiate_logprobs()
+
+    def _clients(self) -> list[CompletionClient]:
+        return [self.client, *(c for _, c in self.replicas)]
+
+    def start_replicas(self) -> None:
+        """Start replicas 1..k-1 one after another (each measures free memory at start-up,
+        so they cannot start side by side), once; their clients take the first client's
+        request settings and must have negotiated the same response fields."""
+        if self.replica_factory is None or self.replicas:
+            return
+        for i in range(1, self.replica_count):
+            launched = self.replica_factory(i)
+            self.replicas.append((launched.server, launched.client))
+            self.startup.append(launched.startup)
+            theirs, ours = launched.client, self.client
+            theirs.s.max_tokens, theirs.s.logprobs = ours.s.max_tokens, ours.s.logprobs
+            theirs.negotiate_logprobs()
+            for what in ("return_token_ids", "token_id_names", "logprob_token_names"):
+                if getattr(theirs, what) != getattr(ours, what):
+                    raise BatchflipError(
+                        f"replica {i} ({theirs.base_url}) negotiated {what}="
+                        f"{getattr(theirs, what)!r}, the first server {getattr(ours, what)!r}")
+            for what in ("attention_backend", "batch_invariant_verified"):
+                mine = launched.backend if what == "attention_backend" else launched.verified
+                if mine != self.facts.get(what):
+                    raise BatchflipError(
+                        f"replica {i}: {what} {mine!r}, the first server "
+                        f"{self.facts.get(what)!r} (log {launched.server.log_path})")
+
+    def run_replicated(self, groups: Sequence[Group], condition: Condition,
+                       on_group: Callable[[Group, list[Result]], None]) -> None:
+        """A batch-1 condition over all replicas, one request in flight on each
+        (:class:`batchflip.engines.replicas.ReplicaPool`); ``on_group`` in group order."""
+        self._check_server()
+        self.start_replicas()
+
+        def done(group: Group, results: list[Result]) -> None:
+            self._check_results(group, results)
+            on_group(group, results)
+
+        ReplicaPool(self._clients()).run(groups, condition, done)
 
     def run_group(self, group: Group, condition: Condition) -> list[Result]:
         """Dispatch one group; a dead launched server or unreachable endpoint is an error."""
@@ -142,21 +201,27 @@ class ServerEngine:
                                      f"group {group.group_id}: {results[0].error}")
 
     def _check_server(self) -> None:
-        if self.server is not None and not self.server.alive():
-            raise BatchflipError(self.server._failure("the vLLM server died during the run"))
+        for server in [self.server, *(r for r, _ in self.replicas)]:
+            if server is not None and not server.alive():
+                raise BatchflipError(server._failure("the vLLM server died during the run"))
 
     def close(self) -> None:
-        """Close the client and stop the server this engine launched (idempotent)."""
+        """Close the clients and stop the servers this engine launched (idempotent)."""
         try:
+            for _, client in self.replicas:
+                client.close()
             self.client.close()
         finally:
-            if self.server is not None:
-                self.server.stop()
+            for server in [*(r for r, _ in self.replicas), self.server]:
+                if server is not None:
+                    server.stop()
 
 
-def _log_name(params: dict[str, Any], kernel_mode: str) -> str:
+def _log_name(params: dict[str, Any], kernel_mode: str, replica: int = 0) -> str:
     parts = [str(params.get("study", "study")), str(params.get("model", "model")), kernel_mode,
              time.strftime("%Y%m%d-%H%M%S"), str(os.getpid())]
+    if replica:
+        parts.append(f"r{replica}")
     return "_".join(re.sub(r"[^A-Za-z0-9.-]+", "-", p) for p in parts) + ".log"
 
 
@@ -252,6 +317,9 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
                                  "http://127.0.0.1:8000)")
         if kernel_mode not in KERNEL_MODES:
             raise BatchflipError(f"kernel_mode '{kernel_mode}': must be one of {KERNEL_MODES}")
+        if replica_count(cfg) > 1:
+            raise BatchflipError(f"server.replicas {cfg['replicas']}: replicas are servers "
+                                 "this engine launches; a server.base_url cannot have them")
         client = _client_for(params, cfg, cfg["base_url"], model_dir)
         try:
             models = _prepare_client(client, cfg, cfg["base_url"])
@@ -274,15 +342,66 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
     probe = probe_vllm(python)
     check_kernel_mode(kernel_mode, probe)
     check_host(cfg)
-    port = int(cfg["port"]) if cfg["port"] else free_port(cfg["host"])
+    eff = launch_settings(params, probe)  # checks server.replicas
+    first = _launch(params, cfg, probe, model_dir, 0)
+    facts = {
+        "engine": "vllm",
+        "engine_version": first.version or probe.get("vllm_version"),
+        "vllm_distribution": probe.get("distribution"),
+        "torch": probe.get("torch"), "transformers": probe.get("transformers"),
+        "device": probe.get("device"), "device_type": probe.get("device_type"),
+        "compute_capability": probe.get("compute_capability"),
+        "dtype": launch_dtype(params, probe),
+        **({"dtype_rule": "auto"} if params.get("dtype") == "auto" else {}),
+        "attention_backend": first.backend, "attention_backend_source": first.backend_source,
+        "kernel_mode": kernel_mode,
+        "kernel_flags": {"VLLM_BATCH_INVARIANT": first.env["VLLM_BATCH_INVARIANT"]},
+        "batch_invariant_verified": first.verified,
+        "server_settings": eff,
+        "server_flags": first.flags, "server_env": recorded_env(first.env), "launched": True,
+        "host": probe.get("host"), "flash_attn": probe.get("flash_attn"),
+    }
+    engine = ServerEngine("vllm", first.client, facts, first.server)
+    engine.startup = [first.startup]
+    k = int(eff.get("replicas", 1))
+    if k > 1:
+        engine.replica_count = k
+        engine.replica_factory = lambda i: _launch(params, cfg, probe, model_dir, i)
+    return engine
+
+
+class _Launched(NamedTuple):
+    """One launched, warmed-up and checked server with its client."""
+
+    server: VLLMServer
+    client: CompletionClient
+    env: dict[str, str | None]
+    flags: list[str]
+    version: str | None
+    backend: str | None
+    backend_source: str
+    verified: str | None
+    startup: dict[str, Any]
+
+
+def _launch(params: dict[str, Any], cfg: dict[str, Any], probe: dict[str, Any],
+            model_dir: str, replica: int) -> _Launched:
+    """Start one server (replica ``replica``: its own port and log), wait for health, warm
+    it up and check its log (attention backend, kernel-mode signs); stopped on failure."""
+    kernel_mode = params.get("kernel_mode", "standard")
+    if cfg["port"]:
+        port = int(cfg["port"]) + replica
+    else:
+        port = free_port(cfg["host"])
     argv, env, flags = build_launch(params, model_dir, port, probe)
     # a random key per launch, in the environment (not argv: other users can read a
     # process's argv): only this job's requests are served, nobody else's get batched in
     key = secrets.token_urlsafe(32)
     env["VLLM_API_KEY"] = key
-    log_path = Path(cfg["log_dir"]) / _log_name(params, kernel_mode)
-    server = VLLMServer(argv, env, log_path, cfg["host"], port, float(cfg["startup_timeout_s"]),
-                        float(cfg["stop_grace_s"]))
+    log_path = Path(cfg["log_dir"]) / _log_name(params, kernel_mode, replica)
+    cache_files = count_files(cfg["cache_dir"])
+    server = VLLMServer(argv, {**env, **cache_env(cfg["cache_dir"])}, log_path, cfg["host"],
+                        port, float(cfg["startup_timeout_s"]), float(cfg["stop_grace_s"]))
     server.start()
     client = _client_for(params, cfg, server.base_url, model_dir, launched_key=key)
     try:
@@ -302,22 +421,8 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
         client.close()
         server.stop()
         raise
-    facts = {
-        "engine": "vllm",
-        "engine_version": (version.get("version") if isinstance(version, dict) else None)
-        or probe.get("vllm_version"),
-        "vllm_distribution": probe.get("distribution"),
-        "torch": probe.get("torch"), "transformers": probe.get("transformers"),
-        "device": probe.get("device"), "device_type": probe.get("device_type"),
-        "compute_capability": probe.get("compute_capability"),
-        "dtype": launch_dtype(params, probe),
-        **({"dtype_rule": "auto"} if params.get("dtype") == "auto" else {}),
-        "attention_backend": backend, "attention_backend_source": source,
-        "kernel_mode": kernel_mode,
-        "kernel_flags": {"VLLM_BATCH_INVARIANT": env["VLLM_BATCH_INVARIANT"]},
-        "batch_invariant_verified": verified,
-        "server_settings": launch_settings(params, probe),
-        "server_flags": flags, "server_env": recorded_env(env), "launched": True,
-        "host": probe.get("host"), "flash_attn": probe.get("flash_attn"),
-    }
-    return ServerEngine("vllm", client, facts, server)
+    return _Launched(server, client, env, flags,
+                     version.get("version") if isinstance(version, dict) else None,
+                     backend, source, verified,
+                     {"replica": replica,
+                      **startup_facts(cfg["cache_dir"], cache_files, log, server.startup_s)})

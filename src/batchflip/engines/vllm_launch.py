@@ -55,6 +55,13 @@ key                        default                 meaning
 ``retry_backoff_s``        1.0                     first retry delay (doubles, max 30 s)
 ``warmup_requests``        3                       unrecorded requests before measuring
 ``log_dir``                ``"results/logs/vllm"`` server logs, one file per launch
+``replicas``               1                       k servers of the model on one device for
+                                                   batch-1 conditions, each with 1/k of
+                                                   ``gpu_memory_utilization``
+                                                   (:mod:`batchflip.engines.replicas`)
+``cache_dir``              ``"resources/vllm-      compile caches kept across launches
+                           cache"``                (:mod:`batchflip.engines.vllm_cache`);
+                                                   None: vLLM's own (~/.cache/vllm)
 =========================  ======================  =========================================
 
 The remaining study settings used here: ``dtype`` (``--dtype``), ``seed`` (``--seed`` and the
@@ -134,6 +141,8 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "retry_backoff_s": 1.0,
     "warmup_requests": 3,
     "log_dir": "results/logs/vllm",
+    "replicas": 1,
+    "cache_dir": "resources/vllm-cache",
 }
 KERNEL_MODES = ("standard", "batch_invariant")
 # thread-count variables a job inherits (Snakemake sets them from a rule's threads)
@@ -294,13 +303,28 @@ def launch_settings(params: dict[str, Any], probe: dict[str, Any]) -> dict[str, 
     if util is None and cpu:
         util = CPU_GPU_MEMORY_UTILIZATION
     eager = cfg["enforce_eager"] if cfg["enforce_eager"] is not None else cpu
-    return {"max_model_len": cfg["max_model_len"],
-            "gpu_memory_utilization": util if util is not None else "vLLM default",
-            "enforce_eager": bool(eager),
-            "enable_prefix_caching": bool(cfg["enable_prefix_caching"]),
-            "attention_backend": cfg["attention_backend"],
-            "kv_cache_space_gib": cfg["kv_cache_space_gib"],
-            "executor": cfg["executor"] or ("uni" if cpu else "vLLM default")}
+    k = replica_count(cfg)
+    if k > 1:  # each replica gets its share (batchflip.engines.replicas)
+        if util is None:
+            raise BatchflipError(f"server.replicas {k}: set server.gpu_memory_utilization "
+                                 "(the device's share all replicas divide between them)")
+        util = round(float(util) / k, 6)
+    out = {"max_model_len": cfg["max_model_len"],
+           "gpu_memory_utilization": util if util is not None else "vLLM default",
+           "enforce_eager": bool(eager),
+           "enable_prefix_caching": bool(cfg["enable_prefix_caching"]),
+           "attention_backend": cfg["attention_backend"],
+           "kv_cache_space_gib": cfg["kv_cache_space_gib"],
+           "executor": cfg["executor"] or ("uni" if cpu else "vLLM default")}
+    return {**out, "replicas": k} if k > 1 else out  # one server's fingerprint unchanged
+
+
+def replica_count(cfg: dict[str, Any]) -> int:
+    """``server.replicas`` as a positive int (a clear error otherwise)."""
+    k = cfg.get("replicas", 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise BatchflipError(f"server.replicas must be a positive integer, got {k!r}")
+    return k
 
 
 def launch_dtype(params: dict[str, Any], probe: dict[str, Any]) -> str:

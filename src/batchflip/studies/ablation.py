@@ -86,6 +86,7 @@ from batchflip.studies.ablation_runs import (
     CANDIDATE_SETS,
     FLIP_NEEDED,
     GEN_NEEDED,
+    MIN_LABEL_FLIPS,
     RUN_COLUMNS,
     RUNS,
     RerunStats,
@@ -101,7 +102,8 @@ from batchflip.studies.ablation_runs import (
 )
 
 __all__ = [
-    "CANDIDATE_COLUMNS", "CANDIDATE_SETS", "FACETS", "FLIP_NEEDED", "GEN_NEEDED", "MODES",
+    "CANDIDATE_COLUMNS", "CANDIDATE_SETS", "FACETS", "FLIP_NEEDED", "GEN_NEEDED",
+    "MIN_LABEL_FLIPS", "MODES",
     "RUNS", "RUN_COLUMNS", "RerunStats", "ablation_figure", "ablation_numbers",
     "alone_condition", "compare_runs", "condition_of", "configure", "main", "mcnemar_block",
     "members_of", "mode_block", "reconstruct_group", "rerun_candidates", "run_mode",
@@ -279,7 +281,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--dispatch", action="append", default=None, metavar="DISPATCH",
                    help="keep only flips of this dispatch mode (repeat; default: all)")
     c.add_argument("--candidates", default="label_flips", choices=CANDIDATE_SETS,
-                   help="label_flips (Study D proper) or text_changes (every changed text)")
+                   help="label_flips (Study D proper), text_changes (every changed text) or "
+                        "label_flips_else_text_changes")
+    c.add_argument("--min-label-flips", type=int, default=MIN_LABEL_FLIPS,
+                   help="label_flips_else_text_changes: fewer label flips than this rerun "
+                        "the text changes too (default %(default)s)")
     c.add_argument("--out", required=True)
     g = sub.add_parser("generate", help="rerun candidates alone and in group, one kernel mode")
     g.add_argument("--candidates", required=True)
@@ -289,6 +295,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kernel-mode", required=True, choices=MODES)
     g.add_argument("--out", required=True, type=Path)
     g.add_argument("--stack-out", required=True, type=Path)
+    g.add_argument("--control-stack", type=Path,
+                   help="the standard job's stack fingerprint (the invariance probe's "
+                        "negative control, for --kernel-mode batch_invariant)")
     n = sub.add_parser("numbers", help="Study D numbers")
     n.add_argument("--study", required=True)
     n.add_argument("--source", help="the source study (default: from the candidates)")
@@ -363,7 +372,8 @@ def _candidates_main(args: argparse.Namespace) -> int:
     gens = {p: read_records(p, GEN_NEEDED) for p in args.generations}
     own = dict(x.split("=", 1) for x in args.dispatch_baseline)
     cands = select_candidates(flips, gens, args.baseline, own, flips_path=args.flips,
-                              dispatches=args.dispatch, candidates=args.candidates)
+                              dispatches=args.dispatch, candidates=args.candidates,
+                              min_label_flips=args.min_label_flips)
     write_parquet(cands, args.out)
     print(f"{args.out}: {len(cands)} candidates")
     return 0
@@ -371,15 +381,20 @@ def _candidates_main(args: argparse.Namespace) -> int:
 
 def _generate_main(args: argparse.Namespace) -> int:
     from batchflip.gpu_lease import lease_for  # only the rerun job leases a GPU
+    from batchflip.invariance_probe import control_outcome
 
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
     params = json.loads(args.params)
     check_model_dir(args.model_dir, params.get("model"))
     # a GPU job holds its own device (batchflip.gpu_lease)
+    control = None
+    if args.control_stack is not None:
+        control = control_outcome(json.loads(args.control_stack.read_text()),
+                                  args.control_stack)
     with lease_for({**params, "kernel_mode": args.kernel_mode}):
         runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), params,
                                args.model_dir, args.kernel_mode, args.out, args.stack_out,
-                               source=args.candidates)
+                               source=args.candidates, control=control)
     rate = stats.tokens / stats.seconds if stats.seconds else 0.0
     print(f"{args.out}: {len(runs)} runs of {len(cands)} candidates; {stats.groups} "
           f"executions, {stats.tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s)")

@@ -21,6 +21,7 @@ from batchflip.engines import Engine, Group, Member, Result
 from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import failed_mask
 from batchflip.flips import FLIP_TOL
+from batchflip.invariance_probe import attest, probe_settings
 from batchflip.io import write_json, write_parquet
 from batchflip.numbers import direction
 from batchflip.records import require_columns
@@ -44,7 +45,9 @@ RUN_COLUMNS = [
 ]
 RUNS = ("alone", "group")
 # which source rows Study D reruns (config key `candidates`)
-CANDIDATE_SETS = ("label_flips", "text_changes")
+CANDIDATE_SETS = ("label_flips", "text_changes", "label_flips_else_text_changes")
+# label_flips_else_text_changes: below this many label flips, text changes are rerun too
+MIN_LABEL_FLIPS = 10
 
 
 # --------------------------------------------------------------------------- candidates
@@ -90,11 +93,14 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
                       baseline: str, dispatch_baselines: dict[str, str] | None = None,
                       flips_path: object = "flips",
                       dispatches: Sequence[str] | None = None,
-                      candidates: str = "label_flips") -> pd.DataFrame:
+                      candidates: str = "label_flips",
+                      min_label_flips: int = MIN_LABEL_FLIPS) -> pd.DataFrame:
     """Label-flip rows of ``flips`` with their original groups (``CANDIDATE_COLUMNS``).
 
     ``candidates="text_changes"`` takes every row whose text changed (label flips
     included), for models that change text under batching but rarely flip a label.
+    ``"label_flips_else_text_changes"`` takes the label flips when there are at least
+    ``min_label_flips`` of them (counted after ``dispatches``), else every text change.
 
     ``generations`` maps a generation file's path to its frame (one condition per file).
     The baseline text comes from ``dispatch_baselines[dispatch]`` or ``baseline`` when its
@@ -114,12 +120,19 @@ def select_candidates(flips: pd.DataFrame, generations: dict[str, pd.DataFrame],
     if candidates not in CANDIDATE_SETS:
         raise BatchflipError(f"candidates '{candidates}': must be one of {CANDIDATE_SETS}")
     chosen = flips["flip"].astype(bool)
+    kept = (flips["dispatch"].astype(str).isin(list(dispatches)) if dispatches is not None
+            else pd.Series(True, index=flips.index))
+    # a repeat's changes are the noise floor, never candidates
+    kept = kept & flips.index.isin(without_repeats(flips).index)
+    if candidates == "label_flips_else_text_changes":
+        n_flips = int((chosen & kept).sum())
+        candidates = "label_flips" if n_flips >= min_label_flips else "text_changes"
+        print(f"candidates: {n_flips} label flips (threshold {min_label_flips}): rerunning "
+              f"{candidates.replace('_', ' ')}")
     if candidates == "text_changes":
         require_columns(flips, ["text_changed"], flips_path)
         chosen = chosen | flips["text_changed"].astype(bool)
-    flipped = without_repeats(flips[chosen])  # a repeat's changes are the noise floor
-    if dispatches is not None:
-        flipped = flipped[flipped["dispatch"].astype(str).isin(list(dispatches))]
+    flipped = flips[chosen & kept]
     flipped = flipped.sort_values(["model", "condition", "prompt_id"], kind="stable")
     own = dict(dispatch_baselines or {})
     out = []
@@ -277,11 +290,25 @@ def _run_row(base: dict[str, Any], cand: pd.Series, run: str, cond: Condition,
             "role": "target", "prompt_id": str(cand["prompt_id"]), **rec}
 
 
+def probe_prompts(candidates: pd.DataFrame, sent: dict[str, str], n: int
+                  ) -> list[tuple[str, str]]:
+    """The invariance probe's prompts: the candidates' own prompts (in candidate order,
+    each once), then the battery's in order, ``n`` in all."""
+    ids = list(dict.fromkeys(str(p) for p in candidates.get("prompt_id", [])))
+    ids += [p for p in sent if p not in ids]
+    return [(p, sent[p]) for p in ids[:n] if p in sent]
+
+
 def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, Any],
              model_dir: str, kernel_mode: str, out: Path, stack_out: Path,
              engine: Engine | None = None, source: object = "candidates",
+             control: dict[str, Any] | None = None,
              ) -> tuple[pd.DataFrame, RerunStats]:
     """Rerun the candidates under one kernel mode; write the run records and the stack.
+
+    With ``params["invariance_probe"]`` the served stack is probed first
+    (:mod:`batchflip.invariance_probe`; ``control`` is the standard job's outcome) and the
+    verdict goes into the fingerprint; a failed batch-invariant probe stops the job.
 
     ``params`` are the source study's generation settings (engine, dtype, max_new_tokens,
     seed, threads, prompt_format, system_prompt) plus ``study`` and ``model``; the kernel
@@ -301,6 +328,12 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
         stack = stack_fingerprint(engine, model_dir, {
             "prompt_format": params["prompt_format"], "max_new_tokens": params["max_new_tokens"],
             "seed": params["seed"], "kernel_mode": kernel_mode})
+        probe = probe_settings(params.get("invariance_probe"))
+        if probe:  # before anything is measured
+            stack["invariance_probe"] = attest(
+                engine, probe_prompts(candidates, sent, probe["prompts"]), probe,
+                kernel_mode, control)
+            print(f"invariance probe ({kernel_mode}): {stack['invariance_probe']['verdict']}")
         src = sorted(set(candidates["source_study"])) if len(candidates) else []
         base = {"study": params["study"], "source_study": src[0] if src else "",
                 "model": params["model"], "kernel_mode": kernel_mode,
