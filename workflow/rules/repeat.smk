@@ -13,15 +13,12 @@ rule repeat_numbers:
         study=repeat_studies(),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study).get("dispatch_baselines", {}).items())
-        ),
+        own=lambda w: dispatch_baseline_args(w.study),
     conda:
         "../../envs/analysis.yaml"
     log:
         "results/logs/repeat/{study}.log",
     shell:
-        "python -m batchflip repeat numbers --study {wildcards.study} "
-        "--baseline {params.baseline} {params.own} --scored {input:q} --out {output:q} "
+        "python -m batchflip repeat numbers --study {wildcards.study:q} "
+        "--baseline {params.baseline:q} {params.own:q} --scored {input:q} --out {output:q} "
         "> {log:q} 2>&1"

@@ -52,7 +52,7 @@ rule ablation_generate:
     params:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
-        control=lambda w, input: " ".join(f"--control-stack {p}" for p in input.control),
+        control=lambda w, input: [a for p in input.control for a in ("--control-stack", p)],
     threads: lambda w: study_threads(ablation_source(w.study))
     resources:
         gpu=ablation_gpu,
@@ -67,7 +67,7 @@ rule ablation_generate:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
-        "{params.control} --out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+        "{params.control:q} --out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
 rule ablation_numbers:
