@@ -58,7 +58,7 @@ if restoring():
             "> {log:q} 2>&1"
 
     ruleorder: restore_battery > battery
-    ruleorder: restore_ablation > ablation_generate
+    ruleorder: restore_ablation > ablation_pick
 
 
 rule verify:

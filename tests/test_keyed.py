@@ -1,0 +1,189 @@
+"""Content-keyed generation downstream of scoring (batchflip.keyed): a scorer change never
+regenerates, and a changed Study D candidate list reruns only its new candidates.
+
+The plan tests run Snakemake on config/paper.yaml (the synthetic battery of the paper's task
+names when ../shared is absent) in a finished state: every planned output present and in
+order (the real battery job, then `snakemake --touch`). `--touch` records no metadata, so a
+scorer change is applied as Snakemake's params trigger would apply it: the jobs whose shell
+command changes with the new scorer versions (compared over the whole forced plan) are
+forced, and the dry run of the new config shows everything that would rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import ROOT, paper_battery
+
+from batchflip import keyed, layout
+from batchflip.cli import main as cli
+from batchflip.errors import BatchflipError
+from batchflip.scoring import SCORER_VERSIONS
+from batchflip.studies.ablation_runs import CANDIDATE_COLUMNS, RUN_COLUMNS
+
+BLOCK = re.compile(r"^(?:local)?(?:rule|checkpoint) (\w+):\n(.*?)(?=\n\n|\Z)", re.M | re.S)
+# rules that start a server, load a model or send a request
+GENERATING = re.compile(r"^(generate|generate_keyed|generate_server_\w+|ablation_generate|model)$")
+
+
+def snakemake(ws: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "-d", str(ws),
+           "--cores", "1", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ws, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def jobs(out: str) -> dict[str, tuple[str, str]]:
+    """{first output: (rule, shell command)} of every job a dry run prints."""
+    found = {}
+    for m in BLOCK.finditer(out):
+        outs = re.search(r"^\s+output: (.*)$", m[2], re.M)
+        cmd = re.search(r"^Shell command: (.*)$", m[2], re.M)
+        if outs:
+            found[outs[1].split(", ")[0]] = (m[1], cmd[1] if cmd else "")
+    return found
+
+
+def finish(ws: Path, config: str) -> None:
+    """Every output of the plan present and up to date: the real battery job, then each
+    planned file created (checkpoint outputs as valid parquet) and `snakemake --touch`."""
+    snakemake(ws, "results/battery/paper.parquet", "--configfile", config)
+    battery = pd.read_parquet(ws / "results/battery/paper.parquet")
+    for _ in range(4):
+        out = snakemake(ws, "-n", "results/paper", "--configfile", config)
+        if "Nothing to be done" in out.stdout + out.stderr:
+            return
+        for block in BLOCK.finditer(out.stdout):
+            outs = re.search(r"^\s+output: (.*)$", block[2], re.M)
+            for o in outs[1].split(", ") if outs else []:
+                f = ws / o
+                f.parent.mkdir(parents=True, exist_ok=True)
+                if f.exists():
+                    continue
+                if f.name == "candidates.parquet":
+                    pd.DataFrame(columns=CANDIDATE_COLUMNS).to_parquet(f, index=False)
+                elif o.startswith("results/battery/enriched/"):
+                    battery.head(5).to_parquet(f, index=False)
+                elif not f.suffix:
+                    f.mkdir()
+                else:
+                    f.touch()
+        snakemake(ws, "--touch", "results/paper", "--configfile", config)
+    pytest.fail("the touched run is still not complete")
+
+
+@pytest.fixture(scope="module")
+def finished_paper(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("paper-run")
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    cfg["batteries"]["paper"]["paths"] = [str(paper_battery(ws))]
+    (ws / "paper.yaml").write_text(yaml.safe_dump(cfg))
+    finish(ws, "paper.yaml")
+    forced = jobs(snakemake(ws, "-n", "--forceall", "results/paper", "--configfile",
+                            "paper.yaml").stdout)
+    return ws, cfg, forced
+
+
+@pytest.mark.parametrize("scorer", sorted(SCORER_VERSIONS))
+def test_scorer_change_plans_no_generation_on_the_paper_plan(finished_paper, scorer):
+    ws, cfg, before = finished_paper
+    new = {**cfg, "scorers": {**cfg["scorers"]}}
+    new["scorers"][scorer] = next(v for v in SCORER_VERSIONS[scorer]
+                                  if v != cfg["scorers"][scorer])
+    (ws / f"{scorer}.yaml").write_text(yaml.safe_dump(new))
+    after = jobs(snakemake(ws, "-n", "--forceall", "results/paper", "--configfile",
+                           f"{scorer}.yaml").stdout)
+    assert set(after) == set(before)
+    changed = sorted(o for o in after if after[o][1] != before[o][1])
+    rules = {after[o][0] for o in changed}
+    assert "score" in rules  # the change reaches the scorer: score jobs rerun
+    assert not any(GENERATING.match(r) for r in rules), rules
+    plan = snakemake(ws, "-n", "results/paper", "--configfile", f"{scorer}.yaml",
+                     "--forcerun", *changed).stdout
+    planned = {rule for rule, _ in jobs(plan).values()}
+    assert {"score", "flips", "paper"} <= planned
+    # the candidate list and the enriched subset are rewritten, and their consumers rerun
+    assert {"ablation_candidates", "ablation_pick", "enriched_battery",
+            "enriched_pick"} <= planned
+    # but no server starts, no model loads, no request is sent
+    assert not any(GENERATING.match(r) for r in planned), sorted(planned)
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def _candidates(n: int = 2) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        members = [{"position": 0, "role": "target", "prompt_id": f"p{i}"},
+                   {"position": 1, "role": "target", "prompt_id": f"q{i}"}]
+        rows.append({c: None for c in CANDIDATE_COLUMNS} | {
+            "candidate_id": f"sync_b2/p{i}", "source_study": "a", "model": "m", "task": "t",
+            "domain": "safety", "prompt_id": f"p{i}", "condition": "sync_b2",
+            "dispatch": "sync", "batch_size": 2, "group_id": i, "position": 0,
+            "group_size": 2, "members": json.dumps(members), "direction": "to_unsafe",
+            "baseline_score": 1.0, "condition_score": 0.0})
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
+def test_candidates_key_ignores_scores_and_order_but_not_groups():
+    cands = _candidates()
+    key = keyed.candidates_key(cands)
+    assert len(key) == keyed.KEY_LEN and re.fullmatch(keyed.KEY_PATTERN, key)
+    rescored = cands.assign(baseline_score=0.5, condition_score=1.0, direction="to_safe")
+    assert keyed.candidates_key(rescored) == key  # a scorer change keeps the key
+    assert keyed.candidates_key(cands.iloc[::-1]) == key
+    moved = cands.copy()
+    moved.loc[0, "position"] = 1
+    assert keyed.candidates_key(moved) != key
+    assert keyed.candidates_key(_candidates(3)) != key
+    with pytest.raises(BatchflipError, match="members"):
+        keyed.candidates_key(cands.drop(columns=["members"]))
+
+
+def test_battery_key_follows_content_and_order(tmp_path):
+    df = pd.DataFrame({"prompt_id": ["a", "b"], "prompt": ["x", "y"]})
+    df.to_parquet(tmp_path / "1.parquet", index=False)
+    df.to_parquet(tmp_path / "2.parquet", index=False)
+    df.iloc[::-1].to_parquet(tmp_path / "3.parquet", index=False)
+    df.assign(prompt=["x", "z"]).to_parquet(tmp_path / "4.parquet", index=False)
+    k = [keyed.battery_key(tmp_path / f"{i}.parquet") for i in range(1, 5)]
+    assert k[0] == k[1] and len({k[0], k[2], k[3]}) == 3
+    assert keyed.combined_key([k[0]]) == k[0]
+    assert keyed.combined_key([k[0], k[2]]) != keyed.combined_key([k[2], k[0]])
+
+
+def test_check_and_pick_cli(tmp_path, capsys):
+    df = pd.DataFrame({"prompt_id": ["a"], "prompt": ["x"]})
+    df.to_parquet(tmp_path / "b.parquet", index=False)
+    key = keyed.battery_key(tmp_path / "b.parquet")
+    assert cli(["keyed", "check", "--file", str(tmp_path / "b.parquet"), "--kind", "battery",
+                "--key", key]) == 0
+    assert cli(["keyed", "check", "--file", str(tmp_path / "b.parquet"), "--kind", "battery",
+                "--key", "0" * 16]) == 1
+    assert f"content key {key}, but this job is for {'0' * 16}" in capsys.readouterr().err
+    (tmp_path / "s.json").write_text("{}")
+    assert cli(["keyed", "pick", "--src", str(tmp_path / "b.parquet"), str(tmp_path / "s.json"),
+                "--dst", str(tmp_path / "o/x.parquet"), str(tmp_path / "o/x.stack.json")]) == 0
+    assert (tmp_path / "o/x.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+    assert cli(["keyed", "pick", "--src", str(tmp_path / "nope"), "--dst",
+                str(tmp_path / "y")]) == 1
+    assert not (tmp_path / "y").exists()
+
+
+def test_keyed_paths_never_match_the_fixed_ones():
+    keyed_gen = layout.keyed_generation_path("ae", "m", "sync_b2", "0123456789abcdef")
+    assert not re.fullmatch(r"results/generations/[^/]+/[^/]+/[a-z0-9_]+\.parquet", keyed_gen)
+    keyed_run = layout.ablation_keyed_run_path("d", "m", "standard", "0123456789abcdef")
+    assert keyed_run.startswith(layout.ablation_run_path("d", "m", "standard")[:-8] + "/")
+    assert set(RUN_COLUMNS) >= {"candidate_id", "run"}
