@@ -187,3 +187,70 @@ def test_keyed_paths_never_match_the_fixed_ones():
     keyed_run = layout.ablation_keyed_run_path("d", "m", "standard", "0123456789abcdef")
     assert keyed_run.startswith(layout.ablation_run_path("d", "m", "standard")[:-8] + "/")
     assert set(RUN_COLUMNS) >= {"candidate_id", "run"}
+
+
+# --- Study D: an added candidate is the only one rerun (tiny workflow, real SmolLM2) -------
+
+
+def _add_candidate(ws: Path, model: str) -> str:
+    """Append to Study D's candidate list one source row it does not hold yet (chosen as
+    the candidates rule chooses: select_candidates on the real flips and generations)."""
+    from batchflip.studies.ablation_runs import select_candidates
+
+    path = ws / layout.ablation_candidates_path("d", model)
+    cands = pd.read_parquet(path)
+    flips = pd.read_parquet(ws / layout.flips_path("a", model))
+    gens = {str(p): pd.read_parquet(p)
+            for p in sorted((ws / "results/generations/a" / model).glob("*.parquet"))}
+    ids = flips["condition"].astype(str) + "/" + flips["prompt_id"].astype(str)
+    free = flips[~ids.isin(set(cands["candidate_id"]))].iloc[:1].assign(flip=True)
+    new = select_candidates(free, gens, "sync_b1")
+    (pd.concat([cands, new], ignore_index=True) if len(cands) else new).to_parquet(
+        path, index=False)
+    return str(new["candidate_id"].iloc[0])
+
+
+@pytest.mark.workflow
+def test_added_candidate_is_the_only_one_rerun(tmp_path, model_dir):
+    model = "smollm2-135m"
+    cfg = yaml.safe_load((ROOT / "tests/fixtures/tiny_config.yaml").read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"][model] = {"source": "path", "path": str(model_dir)}
+    cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4"]
+    cfg["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
+                           "kernel_modes": ["standard"]}
+    cfg["paper"]["studies"] = ["a", "d"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    run = ("results/numbers/d.json", "--configfile", "config.yaml")
+    snakemake(tmp_path, *run)
+    mode_dir = tmp_path / "results/ablation/d" / model / "standard"
+    first = sorted(mode_dir.glob("*.parquet"))
+    assert len(first) == 1  # one keyed rerun file: the first candidate list's
+    fixed = tmp_path / layout.ablation_run_path("d", model, "standard")
+    assert fixed.read_bytes() == first[0].read_bytes()
+
+    added = []
+    for _ in range(2):
+        before = pd.read_parquet(fixed)
+        added.append(_add_candidate(tmp_path, model))
+        plan = {rule for rule, _ in jobs(snakemake(tmp_path, "-n", *run).stdout).values()}
+        assert {"ablation_generate", "ablation_pick", "ablation_numbers"} <= plan
+        assert not plan & {"generate", "score", "flips", "ablation_candidates"}, plan
+        out = snakemake(tmp_path, *run)
+        assert "rule generate:" not in out.stdout + out.stderr
+        cands = pd.read_parquet(tmp_path / layout.ablation_candidates_path("d", model))
+        key = keyed.candidates_key(cands)
+        record = json.loads((mode_dir / f"{key}.reuse.json").read_text())
+        assert record["generated"] == [added[-1]]  # only the new candidate ran
+        assert record["reused"] == sorted(before["candidate_id"].unique())
+        after = pd.read_parquet(fixed)
+        old = after[after["candidate_id"].isin(set(before["candidate_id"]))]
+        assert old.to_dict("records") == before.to_dict("records")
+        assert set(after["candidate_id"]) == set(before["candidate_id"]) | {added[-1]}
+        assert len(after) == 2 * after["candidate_id"].nunique()  # alone and in group
+    # the rule's own candidate list again (a forced rerun rewrites it): its key's reruns
+    # exist, so nothing is generated
+    out = snakemake(tmp_path, *run, "--forcerun", "ablation_candidates")
+    assert "ablation_generate" not in out.stdout + out.stderr
+    assert fixed.read_bytes() == first[0].read_bytes()
+    assert len(sorted(mode_dir.glob("*.parquet"))) == 3

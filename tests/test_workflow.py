@@ -125,8 +125,16 @@ def test_tiny_dag_end_to_end(tiny_run):
     assert len(rec["stack_ids"]) == 1 and rec["definition"]
     assert "a/smollm2-135m/cobatch_b4_benign/refusal_rate" in numbers
     assert all("value" in r and "definition" in r for r in numbers.values())
+    # the fidelity records depend on the paper's published inputs only, never on this run:
+    # the run's file is the one `batchflip fidelity` writes on its own (their values are
+    # checked against scipy/statsmodels and the printed digits in tests/test_fidelity.py)
+    from batchflip.bundled import PUBLISHED, bundled_path
+    from batchflip.fidelity import compute_fidelity, load_published
+
     fidelity = json.loads((tmp_path / "results/numbers/fidelity.json").read_text())
-    assert fidelity["summary"]["all_match"] is True  # the published statistics, recomputed
+    alone = compute_fidelity(load_published(bundled_path(PUBLISHED)))
+    assert json.loads(json.dumps(alone)) == fidelity
+    assert fidelity["numbers"]["studyC_direction_wilson_low_pct"]["formatted"] == "75.1"
     assert "studyD_label_mcnemar_p" in recomputed and "studyD_label_mcnemar_p" not in numbers
     for ext in ("png", "pdf"):
         assert (paper / f"figures/a_flip_rates.{ext}").stat().st_size > 1000

@@ -376,7 +376,6 @@ def _candidates_main(args: argparse.Namespace) -> int:
 
 def _generate_main(args: argparse.Namespace) -> int:
     from batchflip.gpu_lease import lease_for  # only the rerun job leases a GPU
-
     from batchflip.keyed import candidates_key
 
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
