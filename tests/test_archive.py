@@ -176,10 +176,25 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     same = make_workspace(tmp_path / "other_gpu", stack_id="stackB")
     report = _verify(same.parent, arc)
     assert {f["mode"] for f in report["files"]} == {"rate"}
-    assert report["passed"] is True and report["rates"]
+    # another stack is never a pass by default: agreement is reported for judgement
+    assert report["passed"] is None and report["stack"] == "other" and report["rates"]
+    assert "never a pass by default" in report["expectation"]
     for r in report["rates"]:
         lo, hi = r["archive"]["wilson"]
         assert lo <= r["fresh"]["rate"] <= hi
+    from statsmodels.stats.proportion import proportion_confint
+
+    for f in report["files"]:
+        agree = f["agreement"]
+        fresh = pd.read_parquet(same.parent / f["file"])
+        n = int((fresh["role"] == "target").sum())
+        assert agree["rows"] == n and agree["unpaired"] == 0
+        # the same scripted texts on both stacks: every row agrees (k = n), and the
+        # interval is statsmodels' Wilson interval of n / n
+        for name in ("text_identical", "label_agreement"):
+            assert (agree[name]["k"], agree[name]["n"]) == (n, n)
+            assert agree[name]["wilson"] == pytest.approx(
+                list(proportion_confint(n, n, alpha=0.05, method="wilson")))
 
     # every refusal inverted in every condition but the baseline: a safety rate disagrees
     flipped = make_workspace(tmp_path / "flipped", stack_id="stackB")
@@ -193,6 +208,10 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     assert report["passed"] is False
     bad = [r for r in report["rates"] if not r["passed"]]
     assert bad and all(r["domain"] == "safety" for r in bad)
+    # the inverted refusals lower the text agreement of those files by hand-countable rows
+    b4 = next(f for f in report["files"] if f["condition"] == "sync_b4")
+    harm = [p for p in bat["prompt_id"] if p.startswith("tiny_harm")]
+    assert b4["agreement"]["text_identical"]["k"] == len(bat) - len(harm)
 
 
 def _rewrite(arc: Path, out: Path, change: dict[str, bytes]) -> None:
