@@ -293,7 +293,9 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
     for rule, outs, res in jobs:
         produced = [re.match(r"results/(generations|ablation)/(\w+)/[^/]+/(\w+)\.parquet$", o)
                     for o in outs]
-        runs = [m for m in produced if m and not (m[1] == "ablation" and m[3] == "candidates")]
+        # pick jobs only copy keyed files to these paths (batchflip.keyed): CPU jobs
+        runs = [m for m in produced if m and not (m[1] == "ablation" and m[3] == "candidates")
+                and not rule.endswith("_pick")]
         gpu_job = bool(runs) and all(loads_model(m[2]) for m in runs)
         assert "gres" not in res, (rule, res)  # the plugin refuses gres together with gpu
         if gpu_job:
@@ -310,11 +312,15 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
     # openai studies (the remote one, a_quant's Ollama endpoint): planned, on the CPU
     cpu_servers = {r for r in server_rules if not any(map(loads_model, studies_of(r)))}
     assert {"generate_server_remote", "generate_server_a_quant"} <= cpu_servers
-    assert gpu_rules == {"ablation_generate"} | (server_rules - cpu_servers)
+    assert gpu_rules == server_rules - cpu_servers
+    # the pick jobs (local rules: they copy keyed files) are not sent to the cluster
+    assert "localrule ablation_pick:" in proc.stdout and "localrule enriched_pick:" in proc.stdout
     # every GPU server study runs in some server rule: generate_server_<study>[__<study>...]
-    # with _<i> when scopes split the models into several condition lists
-    served = {st for r in gpu_rules - {"ablation_generate"} for st in studies_of(r)}
-    assert {"a", "ae", "b", "c"} <= served, sorted(gpu_rules)
+    # with _<i> when scopes split the models into several condition lists. Study D's reruns
+    # and the enriched study's generations are written under the content key of their
+    # checkpoint's output (batchflip.keyed), so they are planned once it has run
+    served = {st for r in gpu_rules for st in studies_of(r)}
+    assert {"a", "b", "c"} <= served, sorted(gpu_rules)
 
 
 @needs_shared

@@ -81,23 +81,26 @@ rule ablation_generate:
         "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
 
 
-rule ablation_pick:
-    """The reruns of the current candidate list's key, at the fixed path."""
-    input:
-        ablation_keyed_runs,
-    output:
-        runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
-        stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
-    wildcard_constraints:
-        study=studies_of("ablation"),
-        kernel_mode="standard|batch_invariant",
-    localrule: True
-    conda:
-        "../../envs/analysis.yaml"
-    log:
-        "results/logs/ablation/{study}/{model}/{kernel_mode}_pick.log",
-    shell:
-        "python -m batchflip keyed pick --src {input:q} --dst {output:q} > {log:q} 2>&1"
+# When restoring, the fixed paths come out of the archive (restore.smk).
+if not restoring():
+
+    rule ablation_pick:
+        """The reruns of the current candidate list's key, at the fixed path."""
+        input:
+            ablation_keyed_runs,
+        output:
+            runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
+            stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
+        wildcard_constraints:
+            study=studies_of("ablation"),
+            kernel_mode="standard|batch_invariant",
+        localrule: True
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/ablation/{study}/{model}/{kernel_mode}_pick.log",
+        shell:
+            "python -m batchflip keyed pick --src {input:q} --dst {output:q} > {log:q} 2>&1"
 
 
 rule ablation_numbers:
