@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -397,13 +398,17 @@ def fill_sheets(ws: Path, study: str, raters: list[str]) -> int:
     shutil.copy(ws / layout.adjudication_key_path(study), ws / layout.pinned_key_path(study))
     n = 0
     for r, rater in enumerate(raters):
-        lines = (ws / layout.adjudication_sheet_path(study, rater)).read_text().splitlines()
-        comments = [x for x in lines if x.startswith("#")]
-        sheet = pd.read_csv(io.StringIO("\n".join(x for x in lines if not x.startswith("#"))),
-                            dtype=str, keep_default_na=False)
-        sheet["verdict"] = [verdicts[(i + r) % 3] for i in range(len(sheet))]
-        (dest / f"{rater}.csv").write_text("\n".join(comments) + "\n" + sheet.to_csv(index=False))
-        n = len(sheet)
+        text = (ws / layout.adjudication_sheet_path(study, rater)).read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        top = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+        records = list(csv.reader(io.StringIO("".join(lines[top:]), newline="")))
+        iv = records[0].index("verdict")
+        for i, rec in enumerate(records[1:]):
+            rec[iv] = verdicts[(i + r) % 3]
+        buf = io.StringIO(newline="")
+        csv.writer(buf, lineterminator="\r\n").writerows(records)
+        (dest / f"{rater}.csv").write_bytes(("".join(lines[:top]) + buf.getvalue()).encode())
+        n = len(records) - 1
     return n
 
 
