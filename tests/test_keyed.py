@@ -217,6 +217,9 @@ def test_added_candidate_is_the_only_one_rerun(tmp_path, model_dir):
     cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
     cfg["models"][model] = {"source": "path", "path": str(model_dir)}
     cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4"]
+    # one prompt of each task: 3 generation groups, 2 conditioned rows to add as candidates
+    cfg["studies"]["a"]["subset"] = {"method": "head", "per_task": {"tiny_refusal": 1,
+                                                                    "tiny_mc": 1}}
     cfg["studies"]["d"] = {"kind": "ablation", "source": "a", "engine": "hf",
                            "kernel_modes": ["standard"]}
     cfg["paper"]["studies"] = ["a", "d"]
