@@ -468,6 +468,8 @@ def test_reviewer_reproduces_a_real_tiny_run(tmp_path, model_dir):
     cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
     cfg["models"]["smollm2-135m"] = {"source": "path", "path": str(model_dir)}
     cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4"]
+    cfg["studies"]["a"]["subset"] = {"method": "head", "per_task": {"tiny_refusal": 2,
+                                                                    "tiny_mc": 2}}
     # every changed text is sent for review too, so the real run has items to rate
     cfg["adjudication"] = {"raters": ["rater1"], "domains": ["safety", "capability"],
                            "phase": "all", "include_text_changes": True}
