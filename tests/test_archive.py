@@ -398,16 +398,23 @@ def fill_sheets(ws: Path, study: str, raters: list[str]) -> int:
     shutil.copy(ws / layout.adjudication_key_path(study), ws / layout.pinned_key_path(study))
     n = 0
     for r, rater in enumerate(raters):
-        text = (ws / layout.adjudication_sheet_path(study, rater)).read_text(encoding="utf-8")
-        lines = text.splitlines(keepends=True)
-        top = next(i for i, line in enumerate(lines) if not line.startswith("#"))
-        records = list(csv.reader(io.StringIO("".join(lines[top:]), newline="")))
-        iv = records[0].index("verdict")
-        for i, rec in enumerate(records[1:]):
-            rec[iv] = verdicts[(i + r) % 3]
+        sheet = ws / layout.adjudication_sheet_path(study, rater)
+        # the export writes a BOM and '#' instruction lines (one cell each, no commas)
+        records = list(csv.reader(io.StringIO(sheet.read_bytes().decode("utf-8-sig"),
+                                              newline="")))
+        top = next(i for i, rec in enumerate(records) if rec and not rec[0].startswith("#"))
+        iv = records[top].index("verdict")
         buf = io.StringIO(newline="")
-        csv.writer(buf, lineterminator="\r\n").writerows(records)
-        (dest / f"{rater}.csv").write_bytes(("".join(lines[:top]) + buf.getvalue()).encode())
+        writer = csv.writer(buf, lineterminator="\r\n")
+        for i, rec in enumerate(records):
+            if i > top:
+                rec[iv] = verdicts[(i + r) % 3]
+            if rec and rec[0].startswith("#"):
+                buf.write(rec[0] + "\r\n")
+            else:
+                writer.writerow(rec)
+        (dest / f"{rater}.csv").write_bytes(buf.getvalue().encode("utf-8"))
+        records = records[top:]
         n = len(records) - 1
     return n
 

@@ -257,3 +257,86 @@ def test_added_candidate_is_the_only_one_rerun(tmp_path, model_dir):
     assert "ablation_generate" not in out.stdout + out.stderr
     assert fixed.read_bytes() == first[0].read_bytes()
     assert len(sorted(mode_dir.glob("*.parquet"))) == 3
+
+
+# --- Study D reuse, unit level (a recording engine double) ----------------------------------
+
+
+class RecordingEngineDouble:
+    """Test double of an engine: answers each member with '<condition>:<prompt id>' and
+    records every group it is asked to run."""
+
+    name = "double"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, tuple[str, ...]]] = []
+
+    def fingerprint(self) -> dict:
+        return {"engine": "double"}
+
+    def run_group(self, group, cond):
+        from batchflip.engines import Result
+
+        self.calls.append((cond.name, tuple(m.prompt_id for m in group.members)))
+        return [Result(f"{cond.name}:{m.prompt_id}", [1], "stop", 1, 0.0, 0.0, 0.0)
+                for m in group.members]
+
+    def close(self) -> None:
+        pass
+
+
+def _tiny_candidates(battery: pd.DataFrame, n: int) -> pd.DataFrame:
+    ids = battery["prompt_id"].tolist()
+    rows = []
+    for i in range(n):
+        pair = [ids[2 * i], ids[2 * i + 1]]
+        members = [{"position": j, "role": "target", "prompt_id": p} for j, p in enumerate(pair)]
+        rows.append({c: None for c in CANDIDATE_COLUMNS} | {
+            "candidate_id": f"sync_b2/{pair[0]}", "source_study": "a", "model": "m",
+            "task": "t", "domain": "safety", "prompt_id": pair[0], "condition": "sync_b2",
+            "dispatch": "sync", "batch_size": 2, "group_id": i, "position": 0,
+            "group_size": 2, "members": json.dumps(members), "direction": "to_unsafe",
+            "baseline_score": 1.0, "condition_score": 0.0})
+    return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
+
+
+def test_run_mode_reruns_only_new_candidates_and_starts_no_engine_without_any(tmp_path):
+    from batchflip.battery import build_battery
+    from batchflip.studies.ablation_runs import reuse_path, run_mode
+
+    battery = build_battery([ROOT / "tests/fixtures/battery"])
+    params = {"study": "d", "model": "m", "engine": "no-engine-may-start", "dtype": "float32",
+              "max_new_tokens": 4, "seed": 1, "prompt_format": "raw"}
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    mode_dir = tmp_path / "standard"
+    mode_dir.mkdir()
+
+    def run(cands, name, engine=None, **over):
+        out = mode_dir / f"{name}.parquet"
+        runs, _ = run_mode(cands, battery, {**params, **over}, str(model_dir), "standard", out,
+                           Path(layout.stack_path(str(out))), engine=engine, reuse=True)
+        return runs, json.loads(reuse_path(out).read_text())
+
+    two, three = _tiny_candidates(battery, 2), _tiny_candidates(battery, 3)
+    first = RecordingEngineDouble()
+    runs2, rec = run(two, "k2", first)
+    assert len(first.calls) == 4 and rec["reused"] == [] and len(rec["generated"]) == 2
+    second = RecordingEngineDouble()
+    runs3, rec = run(three, "k3", second)
+    new = three["candidate_id"].iloc[2]
+    assert rec["generated"] == [new] and rec["reused"] == sorted(two["candidate_id"])
+    # only the new candidate ran: alone, then in its group
+    assert second.calls == [("sync_b1", (three["prompt_id"].iloc[2],)),
+                            ("sync_b2", tuple(json.loads(three["members"].iloc[2])[j]["prompt_id"]
+                                              for j in range(2)))]
+    assert runs3.iloc[:4].to_dict("records") == runs2.to_dict("records")
+    assert runs3["candidate_id"].tolist() == [c for c in three["candidate_id"] for _ in range(2)]
+    # a subset of what was run: no engine at all (make_engine would fail on this name)
+    runs_again, rec = run(two, "k2b")
+    assert rec["generated"] == [] and runs_again.to_dict("records") == runs2.to_dict("records")
+    assert (mode_dir / "k2b.stack.json").read_text() == (mode_dir / "k2.stack.json").read_text()
+    # other settings: nothing carries over
+    third = RecordingEngineDouble()
+    _, rec = run(two, "k2c", third, max_new_tokens=5)
+    assert rec["reused"] == [] and len(third.calls) == 4
