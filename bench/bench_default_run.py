@@ -50,8 +50,8 @@ def job_table(results: Path) -> list[dict[str, object]]:
 
 def timeline(log: str) -> list[dict[str, object]]:
     """Start and end (seconds from the first job) of every job in a Snakemake log: a
-    ``[date]`` line, then ``rule``/``localrule``/``checkpoint NAME:`` and ``jobid: N`` start a job, and a
-    ``[date]`` line, then ``Finished jobid: N`` ends it."""
+    ``[date]`` line, then ``rule``/``localrule``/``checkpoint NAME:`` and ``jobid: N`` start
+    a job, and a ``[date]`` line, then ``Finished jobid: N`` ends it."""
     stamp, t0 = None, None
     starts: dict[str, tuple[str, float]] = {}
     jobs: list[dict[str, object]] = []
