@@ -248,7 +248,8 @@ def test_added_candidate_is_the_only_one_rerun(tmp_path, model_dir):
         assert record["reused"] == sorted(before["candidate_id"].unique())
         after = pd.read_parquet(fixed)
         old = after[after["candidate_id"].isin(set(before["candidate_id"]))]
-        assert old.to_dict("records") == before.to_dict("records")
+        pd.testing.assert_frame_equal(old.reset_index(drop=True), before.reset_index(drop=True),
+                                      check_dtype=False)
         assert set(after["candidate_id"]) == set(before["candidate_id"]) | {added[-1]}
         assert len(after) == 2 * after["candidate_id"].nunique()  # alone and in group
     # the rule's own candidate list again (a forced rerun rewrites it): its key's reruns
