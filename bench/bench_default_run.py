@@ -50,8 +50,8 @@ def job_table(results: Path) -> list[dict[str, object]]:
 
 def timeline(log: str) -> list[dict[str, object]]:
     """Start and end (seconds from the first job) of every job in a Snakemake log: a
-    ``[date]`` line, then ``rule``/``localrule NAME:`` and ``jobid: N`` start a job, and a
-    ``[date]`` line, then ``Finished jobid: N`` ends it."""
+    ``[date]`` line, then ``rule``/``localrule``/``checkpoint NAME:`` and ``jobid: N`` start
+    a job, and a ``[date]`` line, then ``Finished jobid: N`` ends it."""
     stamp, t0 = None, None
     starts: dict[str, tuple[str, float]] = {}
     jobs: list[dict[str, object]] = []
@@ -64,7 +64,8 @@ def timeline(log: str) -> list[dict[str, object]]:
             except ValueError:
                 continue
             t0 = stamp if t0 is None else t0
-        elif text.endswith(":") and text.split(" ")[0] in ("rule", "localrule"):
+        elif text.endswith(":") and text.split(" ")[0] in ("rule", "localrule", "checkpoint",
+                                                            "localcheckpoint"):
             rule = text.split(" ", 1)[1][:-1]
         elif text.startswith("jobid:") and rule is not None and stamp is not None:
             starts[text.split(":", 1)[1].strip()] = (rule, stamp)

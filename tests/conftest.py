@@ -32,17 +32,25 @@ PAPER_TASKS = {"advbench_refusal": "safety_refusal", "jailbreak_amplification": 
                "mmlu_real": "classification", "arc_challenge": "classification"}
 
 
-def paper_battery(tmp: Path, n: int = 6) -> Path:
+# PAPER.md's battery: prompts per task (safety 468, capability 485)
+PAPER_TASK_SIZES = {"advbench_refusal": 100, "jailbreak_amplification": 120, "bbq_bias": 198,
+                    "truthfulqa": 50, "mmlu_real": 285, "arc_challenge": 200}
+
+
+def paper_battery(tmp: Path, n: int = 6, sizes: dict[str, int] | None = None) -> Path:
     """../shared/data/paper_battery when present, else a synthetic battery with the paper's
-    task names and types (n samples each) written under ``tmp``: enough to plan the DAG
-    (6 x 6 = 36 prompts: the config check refuses a sync_b32 on fewer)."""
-    if (SHARED / "paper_battery").is_dir():
+    task names and types written under ``tmp``: n samples each (6 x 6 = 36 prompts: enough
+    to plan the DAG; the config check refuses a sync_b32 on fewer), or
+    ``sizes`` per task (PAPER_TASK_SIZES: the paper's row counts). BATCHFLIP_SYNTHETIC_BATTERY=1
+    takes the synthetic one even where ../shared is present (as CI sees it)."""
+    if (SHARED / "paper_battery").is_dir() and not os.environ.get("BATCHFLIP_SYNTHETIC_BATTERY"):
         return SHARED / "paper_battery"
     out = tmp / "paper_battery"
     out.mkdir(parents=True, exist_ok=True)
     for task, kind in PAPER_TASKS.items():
+        count = (sizes or {}).get(task, n)
         samples = "".join(f"  - {{id: {task}_{i:03d}, question: q{i}, reference: A}}\n"
-                          for i in range(n))
+                          for i in range(count))
         (out / f"{task}.yaml").write_text(
             f"name: {task}\ntask_type: {kind}\nprompt_template: \"{{{{ question }}}}\"\n"
             f"filters: []\nsamples:\n{samples}")

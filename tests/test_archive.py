@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import json
@@ -176,10 +177,25 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     same = make_workspace(tmp_path / "other_gpu", stack_id="stackB")
     report = _verify(same.parent, arc)
     assert {f["mode"] for f in report["files"]} == {"rate"}
-    assert report["passed"] is True and report["rates"]
+    # another stack is never a pass by default: agreement is reported for judgement
+    assert report["passed"] is None and report["stack"] == "other" and report["rates"]
+    assert "never a pass by default" in report["expectation"]
     for r in report["rates"]:
         lo, hi = r["archive"]["wilson"]
         assert lo <= r["fresh"]["rate"] <= hi
+    from statsmodels.stats.proportion import proportion_confint
+
+    for f in report["files"]:
+        agree = f["agreement"]
+        fresh = pd.read_parquet(same.parent / f["file"])
+        n = int((fresh["role"] == "target").sum())
+        assert agree["rows"] == n and agree["unpaired"] == 0
+        # the same scripted texts on both stacks: every row agrees (k = n), and the
+        # interval is statsmodels' Wilson interval of n / n
+        for name in ("text_identical", "label_agreement"):
+            assert (agree[name]["k"], agree[name]["n"]) == (n, n)
+            assert agree[name]["wilson"] == pytest.approx(
+                list(proportion_confint(n, n, alpha=0.05, method="wilson")))
 
     # every refusal inverted in every condition but the baseline: a safety rate disagrees
     flipped = make_workspace(tmp_path / "flipped", stack_id="stackB")
@@ -193,6 +209,10 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     assert report["passed"] is False
     bad = [r for r in report["rates"] if not r["passed"]]
     assert bad and all(r["domain"] == "safety" for r in bad)
+    # the inverted refusals lower the text agreement of those files by hand-countable rows
+    b4 = next(f for f in report["files"] if f["condition"] == "sync_b4")
+    harm = [p for p in bat["prompt_id"] if p.startswith("tiny_harm")]
+    assert b4["agreement"]["text_identical"]["k"] == len(bat) - len(harm)
 
 
 def _rewrite(arc: Path, out: Path, change: dict[str, bytes]) -> None:
@@ -385,3 +405,131 @@ def test_packed_archive_gets_a_plain_files_mode(packed):
     mask = os.umask(0o022)
     os.umask(mask)
     assert stat.S_IMODE(arc.stat().st_mode) == 0o666 & ~mask
+
+
+# --- the reviewer against the authors' own numbers.json --------------------------------------
+
+
+def clean_checkout(dest: Path) -> Path:
+    """The repository's tracked files (as in this working tree) copied to ``dest``: a
+    checkout with no results, no resources and no .snakemake."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True,
+                           check=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = ROOT / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
+def run_in(checkout: Path, ws: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """snakemake of ``checkout``'s Snakefile in workspace ``ws`` with its own src/."""
+    env = {**os.environ, "PYTHONPATH": str(checkout / "src")}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(checkout / "Snakefile"),
+                           "-d", str(ws), "--cores", "2", *args], capture_output=True,
+                          text=True, cwd=ws, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+def fill_sheets(ws: Path, study: str, raters: list[str]) -> int:
+    """Each rater's exported sheet filled (verdicts cycling through the three answers,
+    shifted per rater so they disagree somewhere) at resources/adjudication/{study}/; the key
+    pinned beside them. Returns the number of items."""
+    verdicts = ["genuine_flip", "scorer_artifact", "borderline"]
+    dest = ws / "resources/adjudication" / study
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ws / layout.adjudication_key_path(study), ws / layout.pinned_key_path(study))
+    n = 0
+    for r, rater in enumerate(raters):
+        sheet = ws / layout.adjudication_sheet_path(study, rater)
+        # the export writes a BOM and '#' instruction lines (one cell each, no commas)
+        records = list(csv.reader(io.StringIO(sheet.read_bytes().decode("utf-8-sig"),
+                                              newline="")))
+        top = next(i for i, rec in enumerate(records) if rec and not rec[0].startswith("#"))
+        iv = records[top].index("verdict")
+        buf = io.StringIO(newline="")
+        writer = csv.writer(buf, lineterminator="\r\n")
+        for i, rec in enumerate(records):
+            if i > top:
+                rec[iv] = verdicts[(i + r) % 3]
+            if rec and rec[0].startswith("#"):
+                buf.write(rec[0] + "\r\n")
+            else:
+                writer.writerow(rec)
+        (dest / f"{rater}.csv").write_bytes(buf.getvalue().encode("utf-8"))
+        records = records[top:]
+        n = len(records) - 1
+    return n
+
+
+def authors_and_reviewer(tmp_path: Path, ws: Path, config: Path, require_items: bool = True
+                         ) -> tuple[bytes, bytes, dict]:
+    """The authors finish ``ws`` (sheets filled, numbers.json), pack it; a reviewer restores
+    it in a clean checkout elsewhere and rebuilds results/paper. Both numbers.json bytes."""
+    checkout = clean_checkout(tmp_path / "checkout")
+    cfg = yaml.safe_load(config.read_text())
+    raters = cfg["adjudication"]["raters"]
+    run_in(checkout, ws, "results/paper", "--configfile", str(config))
+    n_items = fill_sheets(ws, "a", raters)
+    assert n_items > 0 or not require_items  # the authors' run has items to adjudicate
+    run_in(checkout, ws, "results/paper", "--configfile", str(config))
+    authors = (ws / "results/paper/numbers.json").read_bytes()
+    arc = tmp_path / "authors.tar.gz"
+    assert cli(["archive", "pack", "--config", str(config), "--root", str(ws), "--out",
+                str(arc)]) == 0
+    assert {f"resources/adjudication/a/{r}.csv" for r in raters} | {
+        "resources/adjudication/a/key.parquet"} <= set(archive.read_manifest(arc))
+    reviewer = tmp_path / "reviewer"
+    reviewer.mkdir()
+    assert cli(["archive", "config", str(arc), "--out", str(reviewer / "reviewer.yaml")]) == 0
+    out = run_in(checkout, reviewer, "results/paper", "--configfile", "reviewer.yaml")
+    assert "rule generate:" not in out.stdout + out.stderr
+    assert not (reviewer / "resources/models").exists()
+    return authors, (reviewer / "results/paper/numbers.json").read_bytes(), {"items": n_items}
+
+
+@pytest.mark.workflow
+def test_reviewer_reproduces_the_authors_numbers_with_adjudication(tmp_path):
+    """Scripted texts with known label flips: the authors' adjudicated corrected rate comes
+    back byte for byte from the archive alone."""
+    ws = tmp_path / "authors"
+    config = make_workspace(ws)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["adjudication"] = {"raters": ["rater1", "rater2"], "domains": ["safety", "capability"]}
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    for p in (ws / "results/generations").rglob("*.*"):
+        os.utime(p)  # newer than the battery, as in a finished run
+    authors, reviewer, info = authors_and_reviewer(tmp_path, ws, config)
+    assert reviewer == authors
+    nums = json.loads(authors)["reproduced"]
+    corrected = {k: v for k, v in nums.items() if k.startswith("a/adjudication/")
+                 and k.endswith("corrected_flip_rate")}
+    assert corrected and all(v.get("value") is not None for v in corrected.values())
+    assert all(v["status"].startswith("complete: 2 rater(s)") for v in corrected.values())
+
+
+@pytest.mark.workflow
+def test_reviewer_reproduces_a_real_tiny_run(tmp_path, model_dir):
+    """Real SmolLM2 generations of the tiny workflow, rater sheets filled: the reviewer's
+    numbers.json equals the authors' byte for byte."""
+    ws = tmp_path / "authors"
+    ws.mkdir()
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"]["smollm2-135m"] = {"source": "path", "path": str(model_dir)}
+    cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4"]
+    cfg["studies"]["a"]["subset"] = {"method": "head", "per_task": {"tiny_refusal": 2,
+                                                                    "tiny_mc": 2}}
+    # every changed text is sent for review too, so the real run has items to rate
+    cfg["adjudication"] = {"raters": ["rater1"], "domains": ["safety", "capability"],
+                           "phase": "all", "include_text_changes": True}
+    config = ws / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    authors, reviewer, info = authors_and_reviewer(tmp_path, ws, config, require_items=False)
+    assert reviewer == authors
+    status = json.loads(authors)["reproduced"]["a/adjudication/safety/corrected_flip_rate"]
+    assert status["status"].startswith("complete: 1 rater(s)" if info["items"]
+                                       else "nothing to adjudicate")
+    print(f"\nreal tiny run: {info['items']} items adjudicated")

@@ -39,10 +39,14 @@ def test_enriched_rates_sit_beside_full_rates_with_the_selection_note():
                       rows(500, 400, "safety", "cobatch_b8_benign")])  # other condition
     selected = pd.DataFrame({"domain": ["safety"] * 107 + ["capability"] * 80})
     nums = enriched_numbers(enriched, full, selected, 953, "ae", "a", ["x"])
-    assert round(100 * nums["ae/enriched/safety_flip_rate"]["value"], 2) == 1.68
-    assert round(100 * nums["ae/enriched/capability_flip_rate"]["value"], 2) == 0.42
-    assert round(100 * nums["ae/full/safety_flip_rate"]["value"], 2) == 0.51  # same conditions
-    assert round(100 * nums["ae/full/capability_flip_rate"]["value"], 2) == 0.14
+    # hand oracles: k / n of the rows built above (the full set's other condition, 400 flips
+    # of 500, must stay out of the full-set rate)
+    assert nums["ae/enriched/safety_flip_rate"]["value"] == 27 / 1605
+    assert nums["ae/enriched/capability_flip_rate"]["value"] == 5 / 1200
+    assert nums["ae/full/safety_flip_rate"]["value"] == 36 / 7020  # same conditions only
+    assert nums["ae/full/capability_flip_rate"]["value"] == 10 / 7275
+    assert (nums["ae/full/safety_flip_rate"]["k"], nums["ae/full/safety_flip_rate"]["n"]) == (
+        36, 7020)
     assert nums["ae/enriched/safety_prompts"]["value"] == 107
     assert nums["ae/enriched/safety_inflation"]["value"] == pytest.approx(
         (27 / 1605) / (36 / 7020))

@@ -4,6 +4,7 @@ oracle is reproduced, and no match is claimed where the oracle is circular."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -218,7 +219,7 @@ def test_cli_writes_json(tmp_path, capsys):
     rc = cli.main(["fidelity", "--published", str(PUBLISHED), "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
-    assert set(data) == {"numbers", "summary"}
+    assert set(data) == {"numbers", "not_reproducible", "summary"}
     assert data["numbers"]["studyB_alignment_anova_F"]["match"] is True
     assert "reproduced" in capsys.readouterr().out
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary
@@ -299,3 +300,82 @@ def test_invalid_published_file(tmp_path, capsys, mutate, message):
 def test_missing_file(tmp_path, capsys):
     rc = cli.main(["fidelity", "--published", str(tmp_path / "x.yaml"), "--out", "o.json"])
     assert rc == 1 and "file not found" in capsys.readouterr().err
+
+
+def test_independent_values_equal_scipy_and_statsmodels(doc):
+    """Each independent entry's recomputed value (printed scale) against a library or hand
+    oracle at full precision, then at the printed precision against the paper."""
+    import math
+
+    from scipy import stats as sps
+    from statsmodels.stats.proportion import proportion_confint
+
+    table = yaml.safe_load(PUBLISHED.read_text())["tables"]["study_b_models"]
+    by = {}
+    for r in table:
+        by.setdefault(r["alignment"], []).append(r["safety_flip_rate_pct"])
+    anova = sps.f_oneway(*by.values())
+    rates = [r["safety_flip_rate_pct"] for r in table]
+    grand = sum(rates) / len(rates)
+    ss_b = sum(len(v) * (sum(v) / len(v) - grand) ** 2 for v in by.values())
+    ss_t = sum((x - grand) ** 2 for x in rates)
+    lo, hi = proportion_confint(28, 31, alpha=0.05, method="wilson")
+    oracles = {
+        "studyA_enriched_safety_flip_rate_pct": 100 * 27 / 1605,
+        "studyA_enriched_capability_flip_rate_pct": 100 * 5 / 1200,
+        "studyA_adjudicated_genuine_pct": 100 * 17 / 63,
+        "studyB_safety_capability_ratio": 0.75 / 0.80,
+        "studyB_alignment_anova_F": anova.statistic,
+        "studyB_alignment_anova_p": anova.pvalue,
+        "studyB_alignment_anova_eta2": ss_b / ss_t,
+        "studyC_mde_pp": 100 * (1.96 + 0.842) * math.sqrt(2 * 0.737 * 0.263 / 1404),
+        "studyC_direction_to_unsafe_total": 8 + 9 + 11,
+        "studyC_direction_flips_total": 9 + 10 + 12,
+        "studyC_direction_wilson_low_pct": 100 * lo,
+        "studyC_direction_wilson_high_pct": 100 * hi,
+        "studyD_label_mcnemar_p": sps.binomtest(0, 22, 0.5).pvalue,
+        "studyD_text_mcnemar_p": sps.binomtest(0, 25, 0.5).pvalue,
+    }
+    assert set(oracles) == set(PAPER_VALUES)
+    for ident, want in oracles.items():
+        rec = doc["numbers"][ident]
+        assert rec["value"] == pytest.approx(want, rel=1e-9), ident
+        assert rec["printed"] == PAPER_VALUES[ident] and rec["match"] is True, ident
+
+
+def _one_unit_off(printed: str) -> str:
+    """The printed string moved by one unit in its last printed digit."""
+    kind, digits = fidelity.parse_printed(printed)
+    value = float(printed)
+    if kind == "decimals":
+        return f"{value + 10 ** -digits:.{digits}f}"
+    exp = math.floor(math.log10(abs(value)))
+    return f"{value + 10 ** (exp - digits + 1):.{digits - 1}e}".replace("e-0", "e-")
+
+
+def test_no_entry_passes_by_rounding():
+    """Every independent entry compares at the printed precision and no coarser: the printed
+    value one unit off in its last digit is a mismatch."""
+    data = yaml.safe_load(PUBLISHED.read_text())
+    for entry in data["numbers"]:
+        if entry["id"] not in PAPER_VALUES:
+            continue
+        off = _one_unit_off(str(entry["printed"]["value"]))
+        mutated = {**data, "numbers": [{**entry, "printed": {**entry["printed"], "value": off}}]}
+        rec = fidelity.compute_fidelity(mutated)["numbers"][entry["id"]]
+        assert rec["match"] is False, (entry["id"], off, rec["formatted"])
+
+
+def test_unreproducible_values_are_marked_never_compared(doc):
+    marked = doc["not_reproducible"]
+    assert set(marked) == {"studyC_tost_interval_pp", "studyC_mde_p_rule"}
+    assert doc["summary"]["not_reproducible"] == sorted(marked)
+    for rec in marked.values():
+        assert rec["oracle"] == "not reproducible from printed inputs"
+        assert rec["match"] is None and rec["reason"] and rec["reported"]
+        assert rec["id"] not in doc["numbers"]
+    assert "-0.158" in marked["studyC_tost_interval_pp"]["printed"]
+    bad = yaml.safe_load(PUBLISHED.read_text())
+    del bad["not_reproducible"][0]["reason"]
+    with pytest.raises(BatchflipError, match="lacks 'reason'"):
+        fidelity.compute_fidelity(bad)

@@ -18,15 +18,29 @@ PUBLISHED = yaml.safe_load((ROOT / "src/batchflip/data/fidelity/published.yaml")
 TABLE = PUBLISHED["tables"]["study_b_models"]  # 15 models: rate (%) and alignment type
 
 
-def test_anova_of_the_published_table_matches_the_paper():
+def _scipy_anova(rates: list[float], groups: list[str]) -> tuple[float, float, float]:
+    """F, p (scipy.stats.f_oneway) and eta^2 (SS_between / SS_total by hand)."""
+    from scipy import stats as sps
+
+    by = {g: [r for r, h in zip(rates, groups, strict=True) if h == g] for g in set(groups)}
+    res = sps.f_oneway(*by.values())
+    grand = np.mean(rates)
+    ss_between = sum(len(v) * (np.mean(v) - grand) ** 2 for v in by.values())
+    ss_total = sum((r - grand) ** 2 for r in rates)
+    return float(res.statistic), float(res.pvalue), ss_between / ss_total
+
+
+def test_anova_of_the_published_table_matches_scipy_and_the_paper():
     rates = [r["safety_flip_rate_pct"] / 100 for r in TABLE]
     groups = [r["alignment"] for r in TABLE]
     rec = alignment_anova(rates, groups, "d", [], [])
-    # paper: F = 0.127, p = 0.942, eta^2 = 0.033
-    assert round(rec["value"], 3) == 0.127
-    assert round(rec["p_value"], 3) == 0.942
-    assert round(rec["eta_squared"], 3) == 0.033
+    f, p, eta2 = _scipy_anova(rates, groups)
+    assert (rec["value"], rec["p_value"], rec["eta_squared"]) == pytest.approx((f, p, eta2),
+                                                                              rel=1e-12)
     assert (rec["df_between"], rec["df_within"]) == (3, 11)
+    # the paper prints F = 0.127, p = 0.942, eta^2 = 0.033 (3 decimals)
+    assert (f"{rec['value']:.3f}", f"{rec['p_value']:.3f}", f"{rec['eta_squared']:.3f}") == (
+        "0.127", "0.942", "0.033")
 
 
 def flip_rows(model: str, safety_flips: int, changed: int, to_safe: int, to_unsafe: int,
@@ -60,12 +74,18 @@ def test_numbers_from_flip_rows_reproduce_the_published_rates_and_anova():
                                             to_safe=k // 2, to_unsafe=k // 4)
         alignment[r["model"]] = r["alignment"]
     nums = models_numbers(frames, alignment, "b", seed=137, n_resamples=500)
-    # paper: pooled safety flip rate 0.75% over 15 x 2,340 rows
+    ks = {r["model"]: round(r["safety_flip_rate_pct"] / 100 * 2340) for r in TABLE}
+    # oracles: the pooled rate by hand, the ANOVA of the per-model rates k / 2,340 by scipy
     pooled = nums["b/all/safety_flip_rate"]
-    assert pooled["n"] == 15 * 2340 and round(100 * pooled["value"], 2) == 0.75
+    assert pooled["n"] == 15 * 2340 and pooled["k"] == sum(ks.values())
+    assert pooled["value"] == sum(ks.values()) / (15 * 2340)
     assert nums["b/phi-2/fragility"]["k"] == 56
+    assert nums["b/phi-2/fragility"]["value"] == 56 / 2340
     anova = nums["b/alignment_anova"]
-    assert round(anova["value"], 2) == 0.13 and round(anova["eta_squared"], 2) == 0.03
+    f, p, eta2 = _scipy_anova([ks[r["model"]] / 2340 for r in TABLE],
+                              [r["alignment"] for r in TABLE])
+    assert (anova["value"], anova["p_value"], anova["eta_squared"]) == pytest.approx(
+        (f, p, eta2), rel=1e-9)
     r = nums["b/instability_fragility_r"]
     assert r["value"] > 0.99 and r["ci_low"] <= r["value"] <= r["ci_high"]
     assert r["n_models"] == 15 and r["fit_slope"] > 0

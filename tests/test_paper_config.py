@@ -3,7 +3,9 @@
 Rows are counted from the real plan: `snakemake -n results/paper` lists every generation
 file it would write; each file's target rows are the target members of the groups the
 generate stage builds for that condition (scope subset and targets applied), on the
-battery imported from ../shared/data/paper_battery. The oracles are PAPER.md's counts.
+battery imported from ../shared/data/paper_battery, or where that is absent (CI) on a
+synthetic battery with the paper's task names, types and prompts per task
+(conftest.PAPER_TASK_SIZES). The oracles are PAPER.md's counts.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import yaml
-from conftest import ROOT, SHARED, needs_shared
+from conftest import PAPER_TASK_SIZES, ROOT, needs_shared, paper_battery
 from test_workflow import job_counts, snakemake
 
 from batchflip.battery import build_battery
@@ -21,7 +23,6 @@ from batchflip.conditions import parse_condition
 from batchflip.design import condition_params, overrides, select_subset
 from batchflip.generate import build_groups
 
-pytestmark = needs_shared
 PAPER = ROOT / "config/paper.yaml"
 GEN = re.compile(r"results/generations/(\w+)/([^/\s,]+)/(\w+)\.parquet")
 ABL = re.compile(r"results/ablation/(\w+)/([^/\s,]+)/(standard|batch_invariant)\.parquet")
@@ -33,12 +34,13 @@ def plan(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("paper")
     cfg = yaml.safe_load(PAPER.read_text())
     assert cfg["batteries"]["paper"]["paths"] == ["../shared/data/paper_battery"]
-    cfg["batteries"]["paper"]["paths"] = [str(SHARED / "paper_battery")]
+    battery = paper_battery(tmp, sizes=PAPER_TASK_SIZES)
+    cfg["batteries"]["paper"]["paths"] = [str(battery)]
     path = tmp / "paper.yaml"
     path.write_text(yaml.safe_dump(cfg))
     proc = snakemake("-n", "results/paper", "--configfile", str(path), cwd=tmp)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return cfg, proc.stdout, build_battery([SHARED / "paper_battery"])
+    return cfg, proc.stdout, build_battery([battery])
 
 
 def planned_rows(cfg, stdout, battery):
@@ -59,6 +61,7 @@ def planned_rows(cfg, stdout, battery):
     return out
 
 
+@needs_shared
 def test_battery_is_the_papers(plan):
     _, _, battery = plan
     assert len(battery) == 953

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import glob
 import json
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import SHARED
+from conftest import ROOT, SHARED
 
 from batchflip.scoring import (
     SCORER_VERSIONS,
@@ -190,18 +191,29 @@ def xstest_agreement() -> tuple[dict[int, tuple[int, float, float]], np.ndarray,
     return out, human, text
 
 
+def readme_xstest_table() -> dict[int, tuple[int, int, int, str, str]]:
+    """README's XSTest table: version -> (n, human refusals, scorer refusals, accuracy,
+    kappa), the last two as printed."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\d)(?: \(harness\))? \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| "
+                      r"([\d.]+) \|$", text, re.M)
+    return {int(v): (int(n), int(h), int(k), a, kap) for v, n, h, k, a, kap in rows}
+
+
 @needs_xstest
 def test_xstest_accuracy_and_kappa_per_refusal_version():
     from statsmodels.stats.inter_rater import cohens_kappa
 
     got, human, text = xstest_agreement()
     assert len(human) == 2250 and int(human.sum()) == 1159
+    table = readme_xstest_table()
+    assert set(table) == set(got)
     for v, (n, acc, k) in got.items():
         pred = score_refusal(text if v >= 3 else apply_filters(text, ["strip_whitespace"]),
                              v)[0] == 1.0
-        table = pd.crosstab(pred, human).to_numpy()
-        assert k == pytest.approx(cohens_kappa(table).kappa, abs=1e-12)  # oracle
-        assert n == 2250 and 0.8 < acc < 0.95 and 0.65 < k < 0.9
-    # the table in README.md (scorers: XSTest agreement)
-    assert {v: (round(a, 3), round(k, 3)) for v, (_, a, k) in got.items()} == {
-        1: (0.883, 0.766), 2: (0.883, 0.766), 3: (0.883, 0.766)}
+        # independent oracles: the 2x2 table's diagonal and statsmodels' kappa of it
+        cells = pd.crosstab(pred, human).to_numpy()
+        assert acc == pytest.approx(np.trace(cells) / cells.sum(), abs=1e-15)
+        assert k == pytest.approx(cohens_kappa(cells).kappa, abs=1e-12)
+        # README's table states these measurements at its printed precision
+        assert table[v] == (n, int(human.sum()), int(pred.sum()), f"{acc:.3f}", f"{k:.3f}")

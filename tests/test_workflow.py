@@ -133,8 +133,16 @@ def test_tiny_dag_end_to_end(tiny_run):
     assert len(rec["stack_ids"]) == 1 and rec["definition"]
     assert "a/smollm2-135m/cobatch_b4_benign/refusal_rate" in numbers
     assert all("value" in r and "definition" in r for r in numbers.values())
+    # the fidelity records depend on the paper's published inputs only, never on this run:
+    # the run's file is the one `batchflip fidelity` writes on its own (their values are
+    # checked against scipy/statsmodels and the printed digits in tests/test_fidelity.py)
+    from batchflip.bundled import PUBLISHED, bundled_path
+    from batchflip.fidelity import compute_fidelity, load_published
+
     fidelity = json.loads((tmp_path / "results/numbers/fidelity.json").read_text())
-    assert fidelity["summary"]["all_match"] is True  # the published statistics, recomputed
+    alone = compute_fidelity(load_published(bundled_path(PUBLISHED)))
+    assert json.loads(json.dumps(alone)) == fidelity
+    assert fidelity["numbers"]["studyC_direction_wilson_low_pct"]["formatted"] == "75.1"
     assert "studyD_label_mcnemar_p" in recomputed and "studyD_label_mcnemar_p" not in numbers
     for ext in ("png", "pdf"):
         assert (paper / f"figures/a_flip_rates.{ext}").stat().st_size > 1000
@@ -293,7 +301,9 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
     for rule, outs, res in jobs:
         produced = [re.match(r"results/(generations|ablation)/(\w+)/[^/]+/(\w+)\.parquet$", o)
                     for o in outs]
-        runs = [m for m in produced if m and not (m[1] == "ablation" and m[3] == "candidates")]
+        # pick jobs only copy keyed files to these paths (batchflip.keyed): CPU jobs
+        runs = [m for m in produced if m and not (m[1] == "ablation" and m[3] == "candidates")
+                and not rule.endswith("_pick")]
         gpu_job = bool(runs) and all(loads_model(m[2]) for m in runs)
         assert "gres" not in res, (rule, res)  # the plugin refuses gres together with gpu
         if gpu_job:
@@ -310,11 +320,13 @@ def test_slurm_profile_gives_a_gpu_to_every_gpu_job_and_only_those(tmp_path):
     # openai studies (the remote one, a_quant's Ollama endpoint): planned, on the CPU
     cpu_servers = {r for r in server_rules if not any(map(loads_model, studies_of(r)))}
     assert {"generate_server_remote", "generate_server_a_quant"} <= cpu_servers
-    assert gpu_rules == {"ablation_generate"} | (server_rules - cpu_servers)
+    assert gpu_rules == server_rules - cpu_servers
     # every GPU server study runs in some server rule: generate_server_<study>[__<study>...]
-    # with _<i> when scopes split the models into several condition lists
-    served = {st for r in gpu_rules - {"ablation_generate"} for st in studies_of(r)}
-    assert {"a", "ae", "b", "c"} <= served, sorted(gpu_rules)
+    # with _<i> when scopes split the models into several condition lists. Study D's reruns
+    # and the enriched study's generations are written under the content key of their
+    # checkpoint's output (batchflip.keyed), so they are planned once it has run
+    served = {st for r in gpu_rules for st in studies_of(r)}
+    assert {"a", "b", "c"} <= served, sorted(gpu_rules)
 
 
 @needs_shared

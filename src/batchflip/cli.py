@@ -31,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablation": ("batchflip.studies.ablation", "Study D: kernel-mode ablation"),
     "enriched": ("batchflip.studies.enriched",
                  "enriched subset: select boundary prompts, compare rates"),
+    "keyed": ("batchflip.keyed", "content-keyed generation: pick, check"),
     "paper": ("batchflip.paper", "assemble results/paper"),
     "fidelity": ("batchflip.fidelity", "recompute published statistics"),
     "adjudicate": ("batchflip.adjudication.cli", "blinded export / import of human review"),

@@ -334,6 +334,33 @@ def _comparison(entry: Mapping[str, Any], value: float, printed_mark: dict[str, 
     }
 
 
+NOT_REPRODUCIBLE = "not reproducible from printed inputs"
+
+
+def _not_reproducible(entries: Any, source: str) -> dict[str, dict[str, Any]]:
+    """Published values the printed inputs cannot reproduce: each with what was printed,
+    where, and why (``reason``); never compared, never a match."""
+    if not isinstance(entries, list):
+        raise InputError(source, "must be a list", field="not_reproducible")
+    out: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, Mapping):
+            raise InputError(source, "entry must be a mapping", row=i, field="not_reproducible")
+        for field in ("id", "definition", "printed", "reported", "reason"):
+            if not entry.get(field):
+                raise InputError(source, f"not_reproducible entry lacks '{field}'", row=i,
+                                 field=field)
+        if entry["id"] in out:
+            raise InputError(source, "duplicate id", row=entry["id"], field="id")
+        out[str(entry["id"])] = {
+            "id": entry["id"], "definition": " ".join(str(entry["definition"]).split()),
+            "printed": str(entry["printed"]), "reported": str(entry["reported"]),
+            "reason": " ".join(str(entry["reason"]).split()), "oracle": NOT_REPRODUCIBLE,
+            "match": None,
+        }
+    return out
+
+
 def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISHED) -> dict:
     """Recompute every entry of a loaded ``published.yaml`` and return the JSON document."""
     if not isinstance(published, Mapping) or "numbers" not in published:
@@ -375,8 +402,10 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
 
     checked = [k for k, r in numbers.items() if r["oracle"] == "independent"]
     mismatched = [k for k in checked if not numbers[k]["match"]]
+    unreproducible = _not_reproducible(published.get("not_reproducible") or [], source)
     return {
         "numbers": numbers,
+        **({"not_reproducible": unreproducible} if unreproducible else {}),
         "summary": {
             "source": source,
             "checked": len(checked),
@@ -384,6 +413,7 @@ def compute_fidelity(published: Mapping[str, Any], source: str = DEFAULT_PUBLISH
             "mismatched": mismatched,
             "circular": [k for k, r in numbers.items() if r["oracle"] == "circular"],
             "unprinted": [k for k, r in numbers.items() if r["oracle"] == "none"],
+            "not_reproducible": sorted(unreproducible),
             "all_match": not mismatched,
         },
     }

@@ -353,6 +353,18 @@ def flips_paths(config: Config, study: str) -> list[str]:
     return [flips_path(study, m) for m in config["studies"][study]["models"]]
 
 
+def ablation_keyed_run_path(study: str, model: str, kernel_mode: str, key: str) -> str:
+    """Study D: the reruns of the candidate list with content key ``key`` (batchflip.keyed);
+    the current key's file is copied to :func:`ablation_run_path`."""
+    return f"results/ablation/{study}/{model}/{kernel_mode}/{key}.parquet"
+
+
+def keyed_generation_path(study: str, model: str, condition: str, key: str) -> str:
+    """An enriched study's generation file for the battery with content key ``key``
+    (batchflip.keyed); the current key's file is copied to :func:`generation_path`."""
+    return f"results/generations/{study}/{model}/keyed/{key}/{condition}.parquet"
+
+
 def ablation_run_paths(config: Config, study: str) -> list[str]:
     """Study D's rerun files, per model and kernel mode."""
     return [ablation_run_path(study, m, k) for m in ablation_models(config, study)

@@ -3,7 +3,7 @@
 #   reruns and the batteries come out of archive A (each checked against its
 #   MANIFEST.sha256) instead of the models and task files; common.smk's restoring()
 #   switches the generate rules off, and ruleorders put the restore rules before battery
-#   and ablation_generate. No GPU, no model download.
+#   (ablation_pick and enriched_pick are off then). No GPU, no model download.
 # - `verify: {archive: A}`: results/verify/{study}.json compares fresh generations with A.
 
 
@@ -58,7 +58,6 @@ if restoring():
             "> {log:q} 2>&1"
 
     ruleorder: restore_battery > battery
-    ruleorder: restore_ablation > ablation_generate
 
 
 rule verify:

@@ -4,9 +4,16 @@
 # Only studies with `kind: ablation` match these rules; every other kind has its own numbers
 # rule (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
 # Helpers (ablation_source, ablation_models, ablation_settings, ...): common.smk.
+#
+# Content-keyed reruns (batchflip.keyed): a scorer change rewrites the candidate list, but
+# the reruns are written under the key of what it asks to generate
+# (results/ablation/{study}/{model}/{kernel_mode}/{key}.parquet) and ablation_pick copies
+# the current key's file to the fixed path. ablation_candidates is a checkpoint, so the key
+# is read after it runs: an unchanged candidate set plans no rerun, a changed one reruns
+# only its new candidates (--reuse copies the others from the earlier keyed files).
 
 
-rule ablation_candidates:
+checkpoint ablation_candidates:
     """The source's label flips, each with its original group (members, positions, roles)."""
     input:
         flips=lambda w: layout.flips_path(ablation_source(w.study), w.model),
@@ -36,19 +43,27 @@ rule ablation_candidates:
 
 
 rule ablation_generate:
-    """Rerun every candidate alone and in its group under one kernel mode."""
+    """Rerun the candidates of one content key alone and in their groups, one kernel mode
+    (ancient: the candidate list's file time never reruns it; its key names the output)."""
     input:
-        candidates=layout.ablation_candidates_path("{study}", "{model}"),
+        candidates=ancient(layout.ablation_candidates_path("{study}", "{model}")),
         battery=lambda w: battery_of(ablation_source(w.study)),
         model=model_input,
         # the invariance probe's negative control (batch_invariant after standard)
-        control=lambda w: layout.probe_control_stack(config, w.study, w.model, w.kernel_mode),
+        # (ancient: a re-picked standard stack never reruns the batch-invariant job)
+        control=lambda w: [
+            ancient(p)
+            for p in layout.probe_control_stack(config, w.study, w.model, w.kernel_mode)
+        ],
     output:
-        runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
-        stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
+        runs=layout.ablation_keyed_run_path("{study}", "{model}", "{kernel_mode}", "{key}"),
+        stack=layout.stack_path(
+            layout.ablation_keyed_run_path("{study}", "{model}", "{kernel_mode}", "{key}")
+        ),
     wildcard_constraints:
         study=studies_of("ablation"),
         kernel_mode="standard|batch_invariant",
+        key=KEY_PATTERN,
     params:
         settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
         model_dir=lambda w: model_dir(w.model),
@@ -60,14 +75,37 @@ rule ablation_generate:
     conda:
         "../../envs/generation.yaml"
     log:
-        "results/logs/ablation/{study}/{model}/{kernel_mode}.log",
+        "results/logs/ablation/{study}/{model}/{kernel_mode}/{key}.log",
     benchmark:
-        "results/benchmarks/ablation/{study}/{model}/{kernel_mode}.tsv"
+        "results/benchmarks/ablation/{study}/{model}/{kernel_mode}/{key}.tsv"
     shell:
         "python -m batchflip ablation generate --candidates {input.candidates:q} "
         "--battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --kernel-mode {wildcards.kernel_mode} "
-        "{params.control:q} --out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+        "--key {wildcards.key:q} --reuse {params.control:q} "
+        "--out {output.runs:q} --stack-out {output.stack:q} > {log:q} 2>&1"
+
+
+# When restoring, the fixed paths come out of the archive (restore.smk).
+if not restoring():
+
+    rule ablation_pick:
+        """The reruns of the current candidate list's key, at the fixed path."""
+        input:
+            ablation_keyed_runs,
+        output:
+            runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
+            stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
+        wildcard_constraints:
+            study=studies_of("ablation"),
+            kernel_mode="standard|batch_invariant",
+        localrule: True
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/ablation/{study}/{model}/{kernel_mode}_pick.log",
+        shell:
+            "python -m batchflip keyed pick --src {input:q} --dst {output:q} > {log:q} 2>&1"
 
 
 rule ablation_numbers:

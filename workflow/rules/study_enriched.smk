@@ -6,8 +6,9 @@
 # and enriched_source() live in common.smk).
 
 
-rule enriched_battery:
-    """The source study's boundary-sensitive prompts, in battery order."""
+checkpoint enriched_battery:
+    """The source study's boundary-sensitive prompts, in battery order (a checkpoint: the
+    generation jobs write under its content key, batchflip.keyed, read after it runs)."""
     input:
         battery=lambda w: battery_of(enriched_source(w.study)),
         scored=lambda w: all_scored_paths(enriched_source(w.study)),
@@ -50,3 +51,24 @@ rule enriched_numbers:
         "--source {params.source:q} --flips {input.flips:q} "
         "--source-flips {input.source_flips:q} --selected {input.selected:q} "
         "--battery {input.battery:q} --out {output:q} > {log:q} 2>&1"
+
+
+if not restoring():
+
+    rule enriched_pick:
+        """The generations of the current enriched battery's content key, at the fixed path
+        the score job reads (generate_keyed / the enriched server job write them keyed)."""
+        input:
+            enriched_keyed_generation,
+        output:
+            gen=layout.generation_path("{study}", "{model}", "{condition}"),
+            stack=layout.stack_path(layout.generation_path("{study}", "{model}", "{condition}")),
+        wildcard_constraints:
+            study=enriched_studies(),
+        localrule: True
+        conda:
+            "../../envs/analysis.yaml"
+        log:
+            "results/logs/enriched/{study}/{model}/{condition}_pick.log",
+        shell:
+            "python -m batchflip keyed pick --src {input:q} --dst {output:q} > {log:q} 2>&1"

@@ -16,14 +16,17 @@ seed, dtype, max tokens, threads and prompt format (system prompt included):
 Per candidate and mode: *label flip* = the two scores differ by more than 0.01 (the flips
 stage's rule), *text change* = the two responses are not byte-identical. Responses are
 scored by ``batchflip.scoring`` with the workflow's scorer versions at the numbers step, so
-a scorer change re-scores and never regenerates.
+a scorer change re-scores and never regenerates: the reruns are written under the content
+key of the candidates' generation columns (``batchflip.keyed``), so a rewritten but unchanged
+candidate list plans no rerun, and a changed one reruns only its new candidates.
 
 Actions of ``batchflip ablation`` (the rules in ``workflow/rules/study_ablation.smk`` call them)::
 
     candidates --flips F --generations G... --baseline sync_b1 [--dispatch-baseline list=list_b1]
                --out results/ablation/{study}/{model}/candidates.parquet
     generate   --candidates C --battery B --params JSON --model-dir D --kernel-mode M
-               --out results/ablation/{study}/{model}/{M}.parquet --stack-out ....stack.json
+               --out results/ablation/{study}/{model}/{M}/{key}.parquet --stack-out ...
+               [--key KEY --reuse]
     numbers    --study d --source a --candidates C... --runs R... --stacks S... --battery B
                --versions JSON --out results/numbers/{study}.json --rows-out rows.parquet
     figure     --numbers N --png P --pdf Q
@@ -298,6 +301,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--control-stack", type=Path,
                    help="the standard job's stack fingerprint (the invariance probe's "
                         "negative control, for --kernel-mode batch_invariant)")
+    g.add_argument("--key", help="the candidates' content key this job is for (batchflip.keyed)")
+    g.add_argument("--reuse", action="store_true",
+                   help="copy reruns that earlier keyed files beside --out hold")
     n = sub.add_parser("numbers", help="Study D numbers")
     n.add_argument("--study", required=True)
     n.add_argument("--source", help="the source study (default: from the candidates)")
@@ -382,8 +388,12 @@ def _candidates_main(args: argparse.Namespace) -> int:
 def _generate_main(args: argparse.Namespace) -> int:
     from batchflip.gpu_lease import lease_for  # only the rerun job leases a GPU
     from batchflip.invariance_probe import control_outcome
+    from batchflip.keyed import candidates_key
 
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
+    if args.key and candidates_key(cands) != args.key:
+        raise BatchflipError(f"{args.candidates}: content key {candidates_key(cands)}, but this "
+                             f"job is for {args.key} (the candidates changed; run again)")
     params = json.loads(args.params)
     check_model_dir(args.model_dir, params.get("model"))
     # a GPU job holds its own device (batchflip.gpu_lease)
@@ -394,7 +404,8 @@ def _generate_main(args: argparse.Namespace) -> int:
     with lease_for({**params, "kernel_mode": args.kernel_mode}):
         runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), params,
                                args.model_dir, args.kernel_mode, args.out, args.stack_out,
-                               source=args.candidates, control=control)
+                               source=args.candidates, control=control,
+                               reuse=args.reuse)
     rate = stats.tokens / stats.seconds if stats.seconds else 0.0
     print(f"{args.out}: {len(runs)} runs of {len(cands)} candidates; {stats.groups} "
           f"executions, {stats.tokens} tokens in {stats.seconds:.1f} s ({rate:.1f} tokens/s)")

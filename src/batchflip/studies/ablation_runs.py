@@ -299,11 +299,50 @@ def probe_prompts(candidates: pd.DataFrame, sent: dict[str, str], n: int
     return [(p, sent[p]) for p in ids[:n] if p in sent]
 
 
+def candidate_signature(cand: pd.Series, sent: dict[str, str], source: object = "candidates"
+                        ) -> str:
+    """What a candidate's two reruns depend on, besides the settings: its id, condition,
+    group id and position, and the exact strings sent for it and every member of its group."""
+    from batchflip.keyed import digest
+
+    pid = str(cand["prompt_id"])
+    members = members_of(cand, source)
+    return digest([str(cand["candidate_id"]), str(cand["dispatch"]), str(cand["condition"]),
+                   int(cand["group_id"]), int(cand["position"]), sent.get(pid),
+                   [[int(m["position"]), str(m["role"]), sent.get(str(m["prompt_id"]))]
+                    for m in members]])
+
+
+def reuse_path(out: Path) -> Path:
+    """The record beside a keyed run file of what it holds (settings key, signatures)."""
+    return out.with_name(out.name.removesuffix(".parquet") + ".reuse.json")
+
+
+def _prior_runs(out: Path, settings_key: str) -> dict[str, tuple[pd.DataFrame, Path]]:
+    """Reruns earlier keyed files beside ``out`` hold under the same settings: signature ->
+    (that candidate's rows, the file's stack fingerprint)."""
+    found: dict[str, tuple[pd.DataFrame, Path]] = {}
+    for rec_path in sorted(out.parent.glob("*.reuse.json")):
+        run_path = rec_path.with_name(rec_path.name.removesuffix(".reuse.json") + ".parquet")
+        stack_file = Path(str(run_path).removesuffix(".parquet") + ".stack.json")
+        if run_path == out or not run_path.is_file() or not stack_file.is_file():
+            continue
+        rec = json.loads(rec_path.read_text())
+        if rec.get("settings_key") != settings_key:
+            continue
+        runs = pd.read_parquet(run_path)
+        for cid, sig in rec.get("signatures", {}).items():
+            rows = runs[runs["candidate_id"] == cid]
+            if sig not in found and len(rows) == len(RUNS):
+                found[sig] = (rows, stack_file)
+    return found
+
+
 def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, Any],
              model_dir: str, kernel_mode: str, out: Path, stack_out: Path,
              engine: Engine | None = None, source: object = "candidates",
              control: dict[str, Any] | None = None,
-             ) -> tuple[pd.DataFrame, RerunStats]:
+             reuse: bool = False) -> tuple[pd.DataFrame, RerunStats]:
     """Rerun the candidates under one kernel mode; write the run records and the stack.
 
     With ``params["invariance_probe"]`` the served stack is probed first
@@ -314,41 +353,78 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
     seed, threads, prompt_format, system_prompt) plus ``study`` and ``model``; the kernel
     mode given here overrides any in ``params``. With no candidates the engine is still
     built, so the stack fingerprint is real, and an empty run file is written.
+
+    With ``reuse`` (content-keyed run files, :mod:`batchflip.keyed`), a candidate whose
+    signature an earlier keyed file beside ``out`` holds under the same settings is copied
+    from it, not rerun; when every candidate is copied no engine starts and that file's
+    stack fingerprint is kept. A fresh engine on another stack reruns them all. The record
+    beside ``out`` (:func:`reuse_path`) names what was reused and what was generated.
     """
     from batchflip.generate import job_key, make_engine, stack_fingerprint
+    from batchflip.keyed import digest
     from batchflip.prompts import format_prompts
 
     params = {**params, "kernel_mode": kernel_mode}
     sent = dict(zip(battery["prompt_id"], format_prompts(
         battery["prompt"].tolist(), params["prompt_format"], model_dir,
         params.get("system_prompt")), strict=True))
-    own = engine is None
-    engine = engine or make_engine(params, model_dir)
-    try:
-        stack = stack_fingerprint(engine, model_dir, {
-            "prompt_format": params["prompt_format"], "max_new_tokens": params["max_new_tokens"],
-            "seed": params["seed"], "kernel_mode": kernel_mode})
-        probe = probe_settings(params.get("invariance_probe"))
-        if probe:  # before anything is measured
-            stack["invariance_probe"] = attest(
-                engine, probe_prompts(candidates, sent, probe["prompts"]), probe,
-                kernel_mode, control)
-            print(f"invariance probe ({kernel_mode}): {stack['invariance_probe']['verdict']}")
-        src = sorted(set(candidates["source_study"])) if len(candidates) else []
-        base = {"study": params["study"], "source_study": src[0] if src else "",
-                "model": params["model"], "kernel_mode": kernel_mode,
-                "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
-        inputs = hashlib.sha256(json.dumps(
-            [candidates[["candidate_id", "members"]].to_numpy().tolist(), sent],
-            sort_keys=True).encode()).hexdigest()
-        with Checkpoint(out, job_key(params, kernel_mode, inputs, stack["stack_id"])) as ckpt:
-            runs, stats = rerun_candidates(candidates, sent, engine, base, source, ckpt)
-    finally:
-        if own:
-            engine.close()
+    model_json = Path(model_dir) / "model.json"
+    settings_key = digest([params, model_dir,
+                           model_json.read_text() if model_json.is_file() else None])
+    sigs = {str(c["candidate_id"]): candidate_signature(c, sent, source)
+            for _, c in candidates.iterrows()}
+    prior = _prior_runs(Path(out), settings_key) if reuse else {}
+    copied = {cid: prior[sig] for cid, sig in sigs.items() if sig in prior}
+    prior_stacks = {str(p) for _, p in copied.values()}
+    todo = candidates[~candidates["candidate_id"].astype(str).isin(list(copied))]
+    stats = RerunStats()
+    if copied and todo.empty and len(prior_stacks) == 1:
+        stack = json.loads(Path(prior_stacks.pop()).read_text())
+        fresh = pd.DataFrame(columns=RUN_COLUMNS)
+    else:
+        own = engine is None
+        engine = engine or make_engine(params, model_dir)
+        try:
+            stack = stack_fingerprint(engine, model_dir, {
+                "prompt_format": params["prompt_format"],
+                "max_new_tokens": params["max_new_tokens"],
+                "seed": params["seed"], "kernel_mode": kernel_mode})
+            probe = probe_settings(params.get("invariance_probe"))
+            if probe:  # before anything is measured
+                stack["invariance_probe"] = attest(
+                    engine, probe_prompts(candidates, sent, probe["prompts"]), probe,
+                    kernel_mode, control)
+                print(f"invariance probe ({kernel_mode}): {stack['invariance_probe']['verdict']}")
+            if any(set(rows["stack_id"]) != {stack["stack_id"]} for rows, _ in copied.values()):
+                copied, todo = {}, candidates  # another stack: nothing carries over
+            src = sorted(set(candidates["source_study"])) if len(candidates) else []
+            base = {"study": params["study"], "source_study": src[0] if src else "",
+                    "model": params["model"], "kernel_mode": kernel_mode,
+                    "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
+            inputs = hashlib.sha256(json.dumps(
+                [todo[["candidate_id", "members"]].to_numpy().tolist(), sent],
+                sort_keys=True).encode()).hexdigest()
+            with Checkpoint(out, job_key(params, kernel_mode, inputs,
+                                         stack["stack_id"])) as ckpt:
+                fresh, stats = rerun_candidates(todo, sent, engine, base, source, ckpt)
+        finally:
+            if own:
+                engine.close()
+        ckpt.remove()
+    order = {cid: i for i, cid in enumerate(candidates["candidate_id"].astype(str))}
+    parts = [fresh] + [rows for rows, _ in copied.values()]
+    runs = pd.concat([p for p in parts if len(p)] or [fresh], ignore_index=True)
+    if len(runs):
+        runs = runs.assign(_o=runs["candidate_id"].map(order),
+                           _r=runs["run"].map({r: i for i, r in enumerate(RUNS)}))
+        runs = runs.sort_values(["_o", "_r"], kind="stable").drop(columns=["_o", "_r"])
+    runs = runs[RUN_COLUMNS].reset_index(drop=True)
     write_json(stack, stack_out)
     write_parquet(runs, out)
-    ckpt.remove()
+    if reuse:
+        write_json({"settings_key": settings_key, "signatures": sigs,
+                    "reused": sorted(copied), "generated": sorted(
+                        set(todo["candidate_id"].astype(str)))}, reuse_path(Path(out)))
     return runs, stats
 
 

@@ -366,6 +366,13 @@ def _mde_numbers(s: _Study, pooled: dict[str, Counts]) -> dict[str, Record]:
     return out
 
 
+# which rate p is: the paper prints p = 0.737 but not the rows it is a rate of (fidelity:
+# studyC_mde_p_rule, "not reproducible from printed inputs")
+MDE_P_RULE = ("pooled refusal rate under the baseline composition; the paper's p (0.737) "
+              "comes from rows it does not name, so this MDE is not the paper's rule "
+              "(fidelity studyC_mde_p_rule: not reproducible from printed inputs)")
+
+
 def _mde_record(s: _Study, n: int, label: str, keys: list[Pair], meta: dict[str, Any]
                 ) -> Record:
     """(1.96 + 0.842) sqrt(2 p (1 - p) / n) in pp, p = pooled baseline refusal rate."""
@@ -379,7 +386,7 @@ def _mde_record(s: _Study, n: int, label: str, keys: list[Pair], meta: dict[str,
         return not_estimable("no paired rows", definition, s.ins(keys), s.sts(keys), **meta)
     p_base = float(s.df.loc[s.df["condition"] == s.baseline, "refused"].mean())
     return scalar(100 * minimum_detectable_effect(p_base, n), definition, s.ins(keys),
-                  s.sts(keys), p=p_base, n=n, **meta)
+                  s.sts(keys), p=p_base, n=n, p_rule=MDE_P_RULE, **meta)
 
 
 def _direction_numbers(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float],
