@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -73,14 +74,13 @@ def snakemake_cmd(ws: Path, cfg: Path, *args: str) -> list[str]:
 
 
 def workspace(tmp: Path, name: str, model_dir: Path) -> tuple[Path, Path]:
-    """The tiny config with two conditions and 16 new tokens (so that a generation job
-    runs long enough to be cancelled mid-way), in its own directory."""
+    """The tiny config (6 prompts, 4 new tokens) with two conditions, in its own directory."""
     ws = tmp / name
     ws.mkdir()
     cfg = tiny_config(ws, model_dir)
     doc = yaml.safe_load(cfg.read_text())
     study = doc["studies"]["a"]
-    study.update(conditions=["sync_b1", "sync_b4"], max_new_tokens=16)
+    study["conditions"] = ["sync_b1", "sync_b4"]
     for key in ("cobatch_targets", "filler_pools"):
         study.pop(key)
     cfg.write_text(yaml.safe_dump(doc))
@@ -92,6 +92,21 @@ def checkpoint_groups(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(x) for x in path.read_text().splitlines()[1:] if x.endswith("}")]
+
+
+def generation_process(ws: Path, out: str) -> int | None:
+    """The pid of the `batchflip generate` process writing ``out`` in workspace ``ws``
+    (the cluster's one node is this host)."""
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            cwd = os.readlink(proc / "cwd")
+        except (OSError, ValueError):
+            continue
+        if b"batchflip" in cmd and b"generate" in cmd and out.encode() in cmd \
+                and Path(cwd) == ws:
+            return int(proc.name)
+    return None
 
 
 def squeue_job(comment: str) -> str | None:
@@ -128,28 +143,35 @@ def test_tiny_workflow_through_slurm(cluster, model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     t_local = time.monotonic() - t0
 
-    # 1st invocation through the profile; sync_b1's generation job is cancelled with
-    # scancel once it has checkpointed a group (--retries 0: the cancel ends this run
-    # instead of being retried in it)
+    # 1st invocation through the profile. sync_b1's generation job is cancelled with scancel
+    # once it has checkpointed a group; so that "mid-run" does not depend on how fast this
+    # machine generates, its process is stopped (SIGSTOP) the moment the group is there and
+    # scancel then ends it (SLURM sends SIGCONT, SIGTERM). --retries 0: the cancel ends this
+    # run instead of being retried in it.
     ws, cfg = workspace(tmp_path, "slurm", model_dir)
     profile = ["--profile", str(ROOT / "profiles/slurm"), *FAST_POLL]
-    first = subprocess.Popen(snakemake_cmd(ws, cfg, *profile, "--retries", "0"), cwd=ws,
-                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True)
+    log1 = tmp_path / "first.log"
+    with log1.open("w") as sink:
+        first = subprocess.Popen(snakemake_cmd(ws, cfg, *profile, "--retries", "0"), cwd=ws,
+                                 env=env, stdout=sink, stderr=subprocess.STDOUT)
     ckpt = ws / (SYNC_B1 + ".partial.jsonl")
     comment = "rule_generate_wildcards_a_smollm2-135m_sync_b1"
-    job, deadline = None, time.monotonic() + 600
+    job = pid = None
+    deadline = time.monotonic() + 900
     while time.monotonic() < deadline and first.poll() is None:
         job = job or squeue_job(comment)
-        if job and len(checkpoint_groups(ckpt)) >= 1:
+        pid = pid or (generation_process(ws, SYNC_B1) if job else None)
+        if pid and len(checkpoint_groups(ckpt)) >= 1:
+            os.kill(pid, signal.SIGSTOP)
             sh("scancel", job)
             break
-        time.sleep(0.05)
+        time.sleep(0.01 if pid else 0.2)
     else:
         first.kill()
-        pytest.fail(f"sync_b1 never checkpointed a group under SLURM (job {job}):\n"
-                    f"{first.communicate()[0][-3000:]}")
-    out1, _ = first.communicate(timeout=600)
+        pytest.fail(f"sync_b1 never checkpointed a group under SLURM (job {job}, pid {pid}):"
+                    f"\n{log1.read_text()[-3000:]}")
+    first.wait(timeout=600)
+    out1 = log1.read_text()
     done_before = checkpoint_groups(ckpt)
     assert first.returncode != 0, out1[-3000:]
     assert f"SLURM-job '{job}' failed, SLURM status is: 'CANCELLED'" in out1, out1[-3000:]
@@ -178,7 +200,8 @@ def test_tiny_workflow_through_slurm(cluster, model_dir, tmp_path):
     # every job went through sbatch and sacct knows it. 1st run: battery, both generation
     # jobs (sync_b1 cancelled); 2nd: sync_b1 again, 2 score, flips, discovery_numbers
     ids = SUBMITTED.findall(out1) + SUBMITTED.findall(out2)
-    assert "localrule" not in out1 + out2
+    assert len(SUBMITTED.findall(out1)) == 3  # battery and both generate jobs
+    assert len(SUBMITTED.findall(out2)) == sum(job_counts(out2).values()) == 5
     jobs = sacct_jobs(ids)
     assert sorted(j["id"] for j in jobs) == sorted(ids) and len(set(ids)) == 8, jobs
     assert len({j["name"] for j in jobs}) == 2  # the plugin names a job by its run's uuid
