@@ -2,7 +2,8 @@
 
 The cluster (slurmctld, slurmd, slurmdbd with MariaDB accounting, munge) is started by the
 repo's own ci/slurm/start.sh and stopped by ci/slurm/stop.sh. Every job goes through sbatch
-via profiles/slurm and the SLURM executor plugin, which follows it with sacct.
+via profiles/slurm and the SLURM executor plugin (job states from squeue, as the profile
+says); the test reads what SLURM recorded with sacct.
 
 Skips only where the cluster cannot exist: outside CI, when this is not root or Debian's
 slurm packages are absent (a developer's laptop). In CI (.ci/run installs the packages and
@@ -34,7 +35,7 @@ TARGET = "results/numbers/a.json"
 SYNC_B1 = "results/generations/a/smollm2-135m/sync_b1.parquet"
 TIMING = ["t_submit", "t_first", "t_done"]  # wall-clock columns of a generation record
 SUBMITTED = re.compile(r"has been submitted with SLURM jobid (\d+)")
-# the plugin only polls sacct after this many seconds (default 40, then +10 s per idle poll);
+# the plugin polls job states after this many seconds (default 40, then +10 s per idle poll);
 # 2 s keeps the test short and changes nothing the jobs compute
 FAST_POLL = ["--slurm-init-seconds-before-status-checks", "2"]
 
