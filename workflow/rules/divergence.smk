@@ -29,11 +29,7 @@ rule divergence_pairs:
         study=lp_studies(),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-            if c in conditions_of(w.study, w.model)
-        ),
+        own=lambda w: layout.dispatch_baseline_flags(config, w.study, w.model),
     conda:
         "../../envs/analysis.yaml"
     log:

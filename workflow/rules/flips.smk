@@ -6,11 +6,8 @@ rule flips:
         layout.flips_path("{study}", "{model}"),
     params:
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-            if c in conditions_of(w.study, w.model)  # a scope may leave a dispatch out
-        ),
+        # a scope may leave a dispatch out (layout.dispatch_baselines)
+        own=lambda w: layout.dispatch_baseline_flags(config, w.study, w.model),
         # the flips-file layout (records.FLIPS_FORMAT): a new format re-pairs old files
         flips_format=FLIPS_FORMAT,
     conda:

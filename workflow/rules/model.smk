@@ -15,15 +15,8 @@ rule model:
     output:
         "resources/models/{model}/model.json",
     params:
-        # what the weights are made from (requantize included); alignment, chat,
-        # prompt_format, quant, base and served_model describe the weights or how a study
-        # uses them and change none
-        spec=lambda w: json.dumps(
-            {k: v for k, v in config["models"][w.model].items()
-             if k not in ("alignment", "chat", "prompt_format", "quant", "base",
-                          "served_model")},
-            sort_keys=True,
-        ),
+        # what the weights are made from (an inclusion list: layout.MODEL_BUILD_KEYS)
+        spec=lambda w: layout.model_build_spec(config, w.model),
         out=lambda w: f"resources/models/{w.model}",
     conda:
         "../../envs/generation.yaml"

@@ -73,10 +73,8 @@ rule verify:
     params:
         versions=json.dumps(config["scorers"], sort_keys=True),
         baseline=lambda w: study_cfg(w.study)["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(study_cfg(w.study)["dispatch_baselines"].items())
-        ),
+        # every model's; the verify command keeps, per model, those the model runs
+        own=lambda w: layout.dispatch_baseline_flags(config, w.study),
         confidence=lambda w: config["verify"]["confidence"],
     conda:
         "../../envs/analysis.yaml"

@@ -17,12 +17,7 @@ rule ablation_candidates:
         study=studies_of("ablation"),
     params:
         baseline=lambda w: study_cfg(ablation_source(w.study))["baseline"],
-        own=lambda w: " ".join(
-            f"--dispatch-baseline {d}={c}"
-            for d, c in sorted(
-                study_cfg(ablation_source(w.study))["dispatch_baselines"].items()
-            )
-        ),
+        own=lambda w: layout.dispatch_baseline_flags(config, ablation_source(w.study), w.model),
         candidates=lambda w: study_cfg(w.study)["candidates"],
         dispatches=lambda w: " ".join(
             f"--dispatch {d}" for d in study_cfg(w.study).get("dispatches", [])
