@@ -62,8 +62,7 @@ def hub_unpinned():
 def gen_settings(study, model, conditions):
     """The settings that change a generation job's rows, as JSON (a params value; the
     inclusion rule: batchflip.layout.generation_settings)."""
-    return json.dumps(layout.generation_settings(config, study, model, conditions),
-                      sort_keys=True)
+    return json.dumps(layout.generation_settings(config, study, model, conditions), sort_keys=True)
 
 
 def conditions_of(study, model):
@@ -196,8 +195,10 @@ def paper_stacks(wildcards):
 
 
 def figure_captions():
-    names = sorted({n for names in layout.FIGURES_BY_KIND.values() for n in names}
-                   | set(layout.LOGPROB_FIGURES))
+    names = sorted(
+        {n for names in layout.FIGURES_BY_KIND.values() for n in names}
+        | set(layout.LOGPROB_FIGURES)
+    )
     return [repo_path(f"workflow/report/{n}.rst") for n in names]
 
 
@@ -251,8 +252,7 @@ def ablation_models(study):
 def ablation_settings(study, model, kernel_mode):
     """The source's serving settings for this model with this study and kernel mode (JSON,
     a params value; batchflip.layout.ablation_settings)."""
-    return json.dumps(layout.ablation_settings(config, study, model, kernel_mode),
-                      sort_keys=True)
+    return json.dumps(layout.ablation_settings(config, study, model, kernel_mode), sort_keys=True)
 
 
 def ablation_source_generations(study, model):
@@ -317,6 +317,7 @@ def inherit_profile_settings(name, family):
         if table is None:
             raise WorkflowError(
                 f"this Snakemake has no ResourceSettings.{attr}: set-resources/set-threads "
-                f"for '{family}' cannot reach rule '{name}'; name that rule in the profile")
+                f"for '{family}' cannot reach rule '{name}'; name that rule in the profile"
+            )
         if family in table and name not in table:
             table[name] = table[family]

@@ -46,10 +46,16 @@ for _job in server_jobs():
             battery=[battery_of(_study) for _study, _ in _job.parts],
             model=model_input,
         output:
-            gen=[layout.generation_path(_study, "{model}", c)
-                 for _study, _conds in _job.parts for c in _conds],
-            stack=[layout.stack_path(layout.generation_path(_study, "{model}", c))
-                   for _study, _conds in _job.parts for c in _conds],
+            gen=[
+                layout.generation_path(_study, "{model}", c)
+                for _study, _conds in _job.parts
+                for c in _conds
+            ],
+            stack=[
+                layout.stack_path(layout.generation_path(_study, "{model}", c))
+                for _study, _conds in _job.parts
+                for c in _conds
+            ],
         wildcard_constraints:
             model="|".join(re.escape(m) for m in _job.models),
         params:
