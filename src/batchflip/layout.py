@@ -1,4 +1,5 @@
-"""The results layout and the generation-settings rule, in one place.
+"""The results layout, the generation-settings rule and the rules' shared arguments, in one
+place.
 
 Everything the workflow writes lives under ``results/`` at the paths below; the rules
 (``workflow/rules/*.smk``, through thin wrappers in ``common.smk``) and ``batchflip archive``
@@ -53,6 +54,7 @@ settings; what they rerun comes from the candidates file.
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -157,6 +159,73 @@ def probe_control_stack(config: Config, study: str, model: str, kernel_mode: str
             or "standard" not in s["kernel_modes"]):
         return []
     return [stack_path(ablation_run_path(study, model, "standard"))]
+
+
+# --- rule arguments -------------------------------------------------------------------------
+
+# a wildcard constraint that no value matches: the rules of a kind, engine or feature no
+# configured study has stay inert
+NEVER_MATCHES = "(?!x)x"
+
+# the keys of a model entry its build reads (the model rule's params, so a change rebuilds
+# it); every other key (alignment, chat, prompt_format, quant, base, served_model)
+# describes the weights or how a study uses them and changes none
+MODEL_BUILD_KEYS = ("source", "package", "version", "gguf", "sha256", "chunks", "requantize",
+                    "path", "id", "revision", "allow_patterns")
+
+
+def name_pattern(names: Iterable[str]) -> str:
+    """A wildcard constraint matching exactly ``names`` (identifiers, joined with ``|``),
+    :data:`NEVER_MATCHES` when there are none."""
+    return "|".join(names) or NEVER_MATCHES
+
+
+def dispatch_baselines(config: Config, study: str, model: str | None = None
+                       ) -> dict[str, str]:
+    """A study's ``dispatch_baselines`` (dispatch -> its own baseline condition) that apply:
+    for ``model``, those whose baseline condition the model runs (a scope may leave a
+    dispatch out); for the whole study (None), those some model of it runs."""
+    own = config["studies"][study].get("dispatch_baselines", {})
+    models = [model] if model else config["studies"][study]["models"]
+    runs = {c for m in models for c in conditions_of(config, study, m)}
+    return {d: c for d, c in sorted(own.items()) if c in runs}
+
+
+def dispatch_baseline_flags(config: Config, study: str, model: str | None = None) -> str:
+    """``--dispatch-baseline d=c`` for each of :func:`dispatch_baselines` (the flips,
+    divergence, verify and ablation-candidates commands take them)."""
+    return " ".join(f"--dispatch-baseline {d}={c}"
+                    for d, c in dispatch_baselines(config, study, model).items())
+
+
+def model_build_spec(config: Config, model: str) -> str:
+    """The model rule's spec: the entry's :data:`MODEL_BUILD_KEYS`, as canonical JSON."""
+    spec = config["models"][model]
+    return json.dumps({k: v for k, v in spec.items() if k in MODEL_BUILD_KEYS},
+                      sort_keys=True)
+
+
+def server_job_args(config: Config, job: ServerJob, model: str, gens: list[str],
+                    stacks: list[str]) -> str:
+    """The ``batchflip generate`` arguments of one server job for ``model``: per part
+    ``--battery`` and ``--params`` (its generation settings as canonical JSON), then a
+    ``--condition``/``--out``/``--stack-out`` triple per condition; ``gens`` and
+    ``stacks`` are the job's outputs in part and condition order. As a params value it
+    carries every part's settings, so a change in any part reruns the job."""
+    n = sum(len(conds) for _, conds in job.parts)
+    if n != len(gens) or n != len(stacks):
+        raise BatchflipError(f"server job {job.name}: {n} conditions but {len(gens)} "
+                             f"outputs and {len(stacks)} stack files")
+    args: list[str] = []
+    i = 0
+    for study, conds in job.parts:
+        settings = json.dumps(generation_settings(config, study, model, conds),
+                              sort_keys=True)
+        args += ["--battery", study_battery(config, study), "--params", settings]
+        for c in conds:
+            args += ["--condition", c, "--out", gens[i], "--stack-out", stacks[i]]
+            i += 1
+    return " ".join(shlex.quote(str(a)) for a in args)
 
 
 # --- studies --------------------------------------------------------------------------------

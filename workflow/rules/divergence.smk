@@ -42,12 +42,15 @@ rule divergence_pairs:
 rule divergence_numbers:
     """A study's divergence, noise and screen numbers, and the divergence figure."""
     input:
-        pairs=lambda w: [layout.divergence_pairs_path(w.study, m)
-                         for m in study_cfg(w.study)["models"]],
+        pairs=lambda w: [
+            layout.divergence_pairs_path(w.study, m) for m in study_cfg(w.study)["models"]
+        ],
         screens=lambda w: layout.screen_paths(config, w.study),
-        gens=lambda w: [layout.generation_path(w.study, m, c)
-                        for m in study_cfg(w.study)["models"]
-                        for c in layout.baseline_conditions(config, w.study, m)],
+        gens=lambda w: [
+            layout.generation_path(w.study, m, c)
+            for m in study_cfg(w.study)["models"]
+            for c in layout.baseline_conditions(config, w.study, m)
+        ],
     output:
         numbers=layout.numbers_path("divergence_{study}"),
         png=layout.figure_path("{study}", "divergence", "png"),

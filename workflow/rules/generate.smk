@@ -84,13 +84,18 @@ for _job in server_jobs():
         name:
             _job.name
         input:
-            battery=[ancient(battery_of(_study)) if job_keyed(_job) else battery_of(_study)
-                     for _study, _ in _job.parts],
+            battery=[
+                ancient(battery_of(_study)) if job_keyed(_job) else battery_of(_study)
+                for _study, _ in _job.parts
+            ],
             model=model_input,
         output:
             gen=[job_gen_path(_job, _study, c) for _study, _conds in _job.parts for c in _conds],
-            stack=[job_gen_path(_job, _study, c, stack=True)
-                   for _study, _conds in _job.parts for c in _conds],
+            stack=[
+                job_gen_path(_job, _study, c, stack=True)
+                for _study, _conds in _job.parts
+                for c in _conds
+            ],
         wildcard_constraints:
             model="|".join(re.escape(m) for m in _job.models),
             key=KEY_PATTERN,
@@ -98,8 +103,7 @@ for _job in server_jobs():
             model_dir=lambda w: model_dir(w.model),
             jobs=lambda w, output, _j=_job: server_job_args(_j, w.model, output),
             # an enriched job first checks that its batteries still have its key
-            check=(lambda w, input: keyed_check(w.key, input.battery))
-            if job_keyed(_job) else "",
+            check=(lambda w, input: keyed_check(w.key, input.battery)) if job_keyed(_job) else "",
         threads: max(study_threads(_study) for _study, _ in _job.parts)
         # a server job is the longest job of a study: start it as soon as its model is
         # there, so that shorter jobs fill the other cores beside it

@@ -19,9 +19,20 @@ rule model:
         # prompt_format, quant, base, served_model and dtype describe the weights or how a
         # study uses them and change none
         spec=lambda w: json.dumps(
-            {k: v for k, v in config["models"][w.model].items()
-             if k not in ("alignment", "chat", "prompt_format", "quant", "base",
-                          "served_model", "dtype")},
+            {
+                k: v
+                for k, v in config["models"][w.model].items()
+                if k
+                not in (
+                    "alignment",
+                    "chat",
+                    "prompt_format",
+                    "quant",
+                    "base",
+                    "served_model",
+                    "dtype",
+                )
+            },
             sort_keys=True,
         ),
         out=lambda w: f"resources/models/{w.model}",

@@ -43,9 +43,7 @@ if restoring():
             config["restore"]["archive"],
         output:
             runs=layout.ablation_run_path("{study}", "{model}", "{kernel_mode}"),
-            stack=layout.stack_path(
-                layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")
-            ),
+            stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
         wildcard_constraints:
             study=studies_of("ablation"),
             kernel_mode="standard|batch_invariant",

@@ -10,8 +10,9 @@ rule score:
         versions=json.dumps(config["scorers"], sort_keys=True),
         scored_format=SCORED_FORMAT,
         # the targets the generation file must hold (checked before scoring)
-        expect=lambda w: json.dumps(design.target_spec(study_cfg(w.study), w.condition),
-                                    sort_keys=True),
+        expect=lambda w: json.dumps(
+            design.target_spec(study_cfg(w.study), w.condition), sort_keys=True
+        ),
     conda:
         "../../envs/analysis.yaml"
     log:

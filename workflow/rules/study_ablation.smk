@@ -52,8 +52,7 @@ rule ablation_generate:
         # the invariance probe's negative control (batch_invariant after standard)
         # (ancient: a re-picked standard stack never reruns the batch-invariant job)
         control=lambda w: [
-            ancient(p)
-            for p in layout.probe_control_stack(config, w.study, w.model, w.kernel_mode)
+            ancient(p) for p in layout.probe_control_stack(config, w.study, w.model, w.kernel_mode)
         ],
     output:
         runs=layout.ablation_keyed_run_path("{study}", "{model}", "{kernel_mode}", "{key}"),

@@ -19,7 +19,8 @@ rule models_numbers:
     params:
         # one --alignment NAME=TYPE pair per model, each element shell-quoted (:q)
         alignment=lambda w: [
-            a for m in study_cfg(w.study)["models"]
+            a
+            for m in study_cfg(w.study)["models"]
             for a in ("--alignment", f"{m}={config['models'][m].get('alignment', 'unspecified')}")
         ],
         seed=lambda w: study_cfg(w.study)["seed"],
