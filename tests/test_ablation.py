@@ -520,11 +520,11 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
     std_rows = compared[compared["kernel_mode"] == "standard"]
     assert int(inv["text_change"].sum()) == 0 and int(inv["label_flip"].sum()) == 0
     # oracle from the source generations: standard kernels reproduce both source runs, so a
-    # candidate's text changes exactly when its sync_b8 text differs from its sync_b1 text
-    b1, b8 = (gens[str(tmp_path / f"{c}.parquet")] for c in ("sync_b1", "sync_b8"))
+    # candidate's text changes exactly when its sync_b6 text differs from its sync_b1 text
+    b1, b6 = (gens[str(tmp_path / f"{c}.parquet")] for c in ("sync_b1", "sync_b6"))
     by_pid = {c: dict(zip(g["prompt_id"], g["text"], strict=True))
-              for c, g in (("b1", b1[b1["role"] == "target"]), ("b8", b8[b8["role"] == "target"]))}
-    expected = {f"sync_b8/{pid}": by_pid["b8"][pid] != by_pid["b1"][pid] for pid in by_pid["b8"]}
+              for c, g in (("b1", b1[b1["role"] == "target"]), ("b6", b6[b6["role"] == "target"]))}
+    expected = {f"sync_b6/{pid}": by_pid["b6"][pid] != by_pid["b1"][pid] for pid in by_pid["b6"]}
     got = dict(zip(std_rows["candidate_id"], std_rows["text_change"].astype(bool), strict=True))
     assert got == expected
     # the standard rerun reproduces the source generation (same stack, same groups)
