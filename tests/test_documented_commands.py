@@ -11,12 +11,17 @@ fails on one that no rule here covers. The rules:
   profiles/, resources/, envs/) with ../shared/data/paper_battery beside it (the real one,
   or a synthetic battery of the paper's task names when absent). The files the docs leave
   to the user are made here: my.yaml (the default config with `verify: {archive}`),
-  reviewer.yaml (with `restore: {archive}`), my_battery.yaml (the battery override).
-  `snakemake --report` renders a finished run, so it is not planned;
+  reviewer.yaml (with `restore: {archive}`), my_battery.yaml (the battery override),
+  profiles/mysite (the copy of profiles/slurm that docs/clusters.md makes).
+  `snakemake --report` renders a finished run, so it is not planned; `snakemake --unlock`
+  must say it unlocked the directory;
 - ``batchflip ...`` is parsed by the CLI's own parser (a fenced command must parse in
   full; an inline mention such as `batchflip discovery numbers` must name an existing
   command and action);
-- ``python3 bench/<script> --flag ...``: the script exists and defines each flag;
+- ``python3 bench/<script> --flag ...`` (or ``python bench/...``): the script exists and
+  defines each flag;
+- ``pip install "batchflip[<extra>]"``: each extra is one of pyproject.toml's
+  optional-dependencies;
 - ``python3 -m pytest ...``: each marker is registered in pyproject.toml, each path exists;
 - ``bash <script>``: the script exists;
 - the rest (``COVERED_ELSEWHERE``) is run by another test or by CI, or is not ours.
@@ -30,6 +35,7 @@ import contextlib
 import io
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,7 +46,7 @@ from conftest import ROOT, paper_battery
 
 from batchflip.cli import COMMANDS, build_parser
 
-LINKS = ["Snakefile", "workflow", "src", "config", "profiles", "resources", "envs"]
+LINKS = ["Snakefile", "workflow", "src", "config", "resources", "envs"]
 COMMAND_WORDS = {"snakemake", "batchflip", "python3", "python", "bash", "mkdocs", "pip",
                  ".", "apt-get", "export", "sha256sum", "ollama"}
 # first words of commands checked elsewhere (or not ours), with who checks them
@@ -54,6 +60,10 @@ COVERED_ELSEWHERE = {
     "apt-get install": ".ci/run",
     "export HF_HUB_OFFLINE": "an environment variable of huggingface_hub",
     "sha256sum -c": "coreutils; tests/test_archive.py checks the manifest",
+    "sha256sum --quiet -c": "coreutils (docs/gpu-scale.md's device kit, run by hand)",
+    "pip download": "pip's own command (docs/gpu-scale.md's device kit, run by hand)",
+    "python -m batchflip": "how every rule calls the CLI: the rules' commands are planned "
+                           "above and run by tests/test_shell_quoting.py",
     "ollama pull": "Ollama's CLI on the serving machine (not installed here)",
     "python -m vllm.entrypoints.openai.api_server": "launched by batchflip.engines "
                                                     "(tests/test_server.py)",
@@ -67,8 +77,8 @@ def doc_pages() -> list[Path]:
 
 def commands_in(text: str) -> list[tuple[str, bool]]:
     """(command, fenced) for each command of a Markdown page: fenced-block lines (comments
-    after two spaces dropped) and inline code spans; ``a && b`` gives two, a leading
-    ``VAR=value`` is dropped."""
+    after two spaces dropped) and inline code spans; ``a && b`` and ``a; b`` give two, a
+    leading ``VAR=value`` is dropped."""
     raw = []
     fenced = False
     for line in text.splitlines():
@@ -80,10 +90,12 @@ def commands_in(text: str) -> list[tuple[str, bool]]:
     raw += [(" ".join(span.split()), False) for span in re.findall(r"`([^`]+)`", outside)]
     out = []
     for cmd, fenced in raw:
-        for part in cmd.split("&&"):
+        for part in re.split(r"&&|;", cmd):
             words = part.split()
             while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
                 words = words[1:]
+            if words[:1] == ["."] and len(words) > 1 and "/" not in words[1]:
+                continue  # `. _ + /`: a list of characters, not `. <path>` (source)
             if len(words) > 1 and words[0] in COMMAND_WORDS:
                 out.append((" ".join(words), fenced))
     return out
@@ -138,6 +150,11 @@ def checkout(tmp_path_factory) -> Path:
     work.mkdir()
     for name in LINKS:
         (work / name).symlink_to(ROOT / name)
+    (work / "profiles").mkdir()
+    for profile in (ROOT / "profiles").iterdir():
+        (work / "profiles" / profile.name).symlink_to(profile)
+    # docs/clusters.md: `cp -r profiles/slurm profiles/mysite`, then plan with the copy
+    shutil.copytree(ROOT / "profiles/slurm", work / "profiles/mysite")
     shared = root / "shared" / "data"
     shared.mkdir(parents=True)
     battery = paper_battery(root / "synthetic")
@@ -181,7 +198,8 @@ def covered_elsewhere(cmd: str) -> bool:
 
 
 def test_every_documented_command_is_covered():
-    checked = ("snakemake ", "batchflip ", "python3 bench/", "python3 -m pytest ", "bash ")
+    checked = ("snakemake ", "batchflip ", "python3 bench/", "python bench/",
+               "python3 -m pytest ", "bash ", 'pip install "batchflip[')
     uncovered = [(w, c) for w, c, _ in documented_commands()
                  if not c.startswith(checked) and not covered_elsewhere(c)]
     assert not uncovered, f"documented commands no test covers: {uncovered}"
@@ -223,7 +241,8 @@ def test_batchflip_parse_check_catches_a_wrong_action_and_a_missing_argument():
 
 
 @pytest.mark.parametrize("where,cmd,fenced",
-                         [c for c in of_kind("python3") if c[1].startswith("python3 bench/")],
+                         [c for c in of_kind("python3") + of_kind("python")
+                          if c[1].split()[1].startswith("bench/")],
                          ids=str)
 def test_documented_bench_command_names_its_script_and_flags(where, cmd, fenced):
     args = shlex.split(cmd)
@@ -250,6 +269,20 @@ def test_documented_pytest_command_names_real_markers_and_files(pytestconfig, wh
             assert (ROOT / arg.split("::")[0]).exists(), f"{where}: `{cmd}`: no {arg}"
 
 
+@pytest.mark.parametrize("where,cmd,fenced",
+                         [c for c in of_kind("pip") if c[1].startswith('pip install "batchflip[')],
+                         ids=str)
+def test_documented_pip_extra_exists(where, cmd, fenced):
+    section = (ROOT / "pyproject.toml").read_text().split(
+        "[project.optional-dependencies]")[1].split("\n[")[0]
+    extras = set(re.findall(r"(?m)^([a-z0-9_-]+) *=", section))
+    assert {"dev", "slurm"} <= extras  # the parse itself, against the file as written
+    named = re.fullmatch(r'pip install "batchflip\[([a-z0-9_,-]+)\]"', cmd)
+    assert named, f"{where}: `{cmd}`: not a plain extras install"
+    for extra in named.group(1).split(","):
+        assert extra in extras, f"{where}: `{cmd}`: pyproject.toml has no extra {extra!r}"
+
+
 @pytest.mark.parametrize("where,cmd,fenced", of_kind("bash"), ids=str)
 def test_documented_bash_script_exists(where, cmd, fenced):
     assert (ROOT / shlex.split(cmd)[1]).is_file(), f"{where}: `{cmd}`"
@@ -259,12 +292,14 @@ def test_documented_bash_script_exists(where, cmd, fenced):
 def test_documented_command_plans(checkout, where, cmd):
     args = shlex.split(cmd)
     assert args[0] == "snakemake"
-    if "profiles/slurm" in args:
+    if any(a.startswith("profiles/") and a != "profiles/default" for a in args):
         pytest.importorskip("snakemake_executor_plugin_slurm")
     extra = [] if "--lint" in args else ["-n"]
     proc = subprocess.run([sys.executable, "-m", "snakemake", *args[1:], *extra],
                           cwd=checkout, capture_output=True, text=True)
     assert proc.returncode == 0, (f"{where}: `{cmd}` failed as a dry run:\n"
                                   f"{proc.stdout[-1500:]}{proc.stderr[-2500:]}")
-    if "--lint" not in args:
+    if "--unlock" in args:  # after a kill (docs/security.md): unlocks, plans nothing
+        assert "Unlocked working directory" in proc.stdout + proc.stderr
+    elif "--lint" not in args:
         assert "Job stats:" in proc.stdout or "Nothing to be done" in proc.stdout + proc.stderr
