@@ -73,7 +73,6 @@ from batchflip.errors import BatchflipError, InputError
 from batchflip.failures import DEFAULT_MAX_SHARE, error_numbers
 from batchflip.flips import FLIP_TOL
 from batchflip.io import write_json, write_parquet
-from batchflip.model import check_model_dir
 from batchflip.numbers import (
     REFUSED_AT,
     Record,
@@ -389,6 +388,7 @@ def _generate_main(args: argparse.Namespace) -> int:
     from batchflip.gpu_lease import lease_for  # only the rerun job leases a GPU
     from batchflip.invariance_probe import control_outcome
     from batchflip.keyed import candidates_key
+    from batchflip.model import check_model_dir  # the generation env's (gguf, torch)
 
     cands = read_records(args.candidates, CANDIDATE_COLUMNS)
     if args.key and candidates_key(cands) != args.key:
