@@ -35,8 +35,11 @@ def test_full_config_runs_both_dtypes_of_one_model_on_replicated_servers():
     assert dtypes == {FP16: "float16", BF16: "bfloat16"}
     # A and C share one server per model: two server jobs, each with both studies
     jobs = layout.server_jobs(cfg)
-    assert sorted(j.models for j in jobs) == [[BF16], [FP16]]
+    # per model one A+C server and one fresh start for the repeat controls (issue 22)
+    assert sorted(j.models for j in jobs) == [[BF16], [BF16], [FP16], [FP16]]
     assert all([s for s, _ in j.parts] == ["a", "c"] for j in jobs)
+    repeats = [c for j in jobs for _, conds in j.parts for c in conds if "repeat" in c]
+    assert sorted(repeats) == sorted(["sync_b1_repeat", "cobatch_b8_solo_repeat"] * 2)
     # two replicas, each with half of the paper's 0.80
     eff = launch_settings(layout.generation_settings(cfg, "a", FP16, ["sync_b1"]),
                           {"device_type": "cuda"})
@@ -52,18 +55,18 @@ def test_full_config_runs_both_dtypes_of_one_model_on_replicated_servers():
     assert conds[:6] == ["sync_b1", "sync_b2", "sync_b4", "sync_b8", "sync_b16", "sync_b32"]
     assert {"cobatch_b8_solo", "cobatch_b8_benign", "cobatch_b8_adversarial", "list_b1",
             "list_b8"} <= set(conds)
-    assert "TODO(issue 22)" in (ROOT / "config/gpu-full.yaml").read_text()
+    assert "sync_b1_repeat" in conds
 
 
 def test_window_config_is_the_fp16_cut_with_one_server():
     cfg = _load("gpu-window.yaml")
     a, c = cfg["studies"]["a"], cfg["studies"]["c"]
     assert a["models"] == c["models"] == [FP16]
-    assert a["conditions"] == ["sync_b1", "sync_b8", "sync_b32"]
+    assert a["conditions"] == ["sync_b1", "sync_b8", "sync_b32", "sync_b1_repeat"]
     assert sum(a["subset"]["per_task"].values()) == 192
     assert sum(c["subset"]["per_task"][t] for t in c["cobatch_targets"]) == 32
     eff = launch_settings(layout.generation_settings(cfg, "a", FP16, ["sync_b1"]),
                           {"device_type": "cuda"})
     assert "replicas" not in eff and eff["gpu_memory_utilization"] == 0.8
     assert cfg["studies"]["d"]["dispatches"] == ["sync"]
-    assert len(layout.server_jobs(cfg)) == 1
+    assert len(layout.server_jobs(cfg)) == 2  # A+C, and the repeats' fresh start
