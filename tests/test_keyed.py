@@ -216,7 +216,7 @@ def test_added_candidate_is_the_only_one_rerun(tmp_path, model_dir):
     cfg = yaml.safe_load((ROOT / "tests/fixtures/tiny_config.yaml").read_text())
     cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
     cfg["models"][model] = {"source": "path", "path": str(model_dir)}
-    cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b4"]
+    cfg["studies"]["a"]["conditions"] = ["sync_b1", "sync_b2"]  # sync_b2: one group of both prompts
     # one prompt of each task: 3 generation groups, 2 conditioned rows to add as candidates
     cfg["studies"]["a"]["subset"] = {"method": "head", "per_task": {"tiny_refusal": 1,
                                                                     "tiny_mc": 1}}
