@@ -404,7 +404,8 @@ def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_
 
 
 # keys of a model entry that describe the weights or their use, and change no build
-MODEL_DESCRIPTIVE = {"alignment", "chat", "prompt_format", "quant", "base", "served_model"}
+MODEL_DESCRIPTIVE = {"alignment", "chat", "prompt_format", "quant", "base", "served_model",
+                     "dtype"}  # dtype: how studies serve the weights, not how they are built
 
 
 def test_every_model_key_of_the_schema_is_a_build_key_or_descriptive():

@@ -168,7 +168,7 @@ def probe_control_stack(config: Config, study: str, model: str, kernel_mode: str
 NEVER_MATCHES = "(?!x)x"
 
 # the keys of a model entry its build reads (the model rule's params, so a change rebuilds
-# it); every other key (alignment, chat, prompt_format, quant, base, served_model)
+# it); every other key (alignment, chat, prompt_format, quant, base, served_model, dtype)
 # describes the weights or how a study uses them and changes none
 MODEL_BUILD_KEYS = ("source", "package", "version", "gguf", "sha256", "chunks", "requantize",
                     "path", "id", "revision", "allow_patterns")
