@@ -77,12 +77,15 @@ def poison(cfg: dict, tmp: Path, marker: Path) -> list[str]:
     for name, study in cfg["studies"].items():
         if study["kind"] == "ablation":
             continue
+        # an enriched study generates after its subset checkpoint (batchflip.keyed): a dry
+        # run does not plan those commands, so its strings cannot be expected in them
+        planned = not study.get("subset_from")
         study["system_prompt"] = hostile(marker, f"system-{name}")
-        expect.append(study["system_prompt"])
+        expect += [study["system_prompt"]] if planned else []
         if study["engine"] != "hf":
             server = study["server"] = dict(study.get("server") or {})  # YAML anchors share
             server["extra_args"] = [hostile(marker, f"arg-{name}")]
-            expect += server["extra_args"]
+            expect += server["extra_args"] if planned else []
     if any(s["kind"] == "models" for s in cfg["studies"].values()):
         expect += [f"{m}={a}" for m, a in zip(sorted(cfg["models"]), ALIGNMENTS * 99,
                                               strict=False)
@@ -240,6 +243,7 @@ def test_the_issue_reproduction_stops_at_the_config_check(tmp_path):
 UNQUOTED_ON_PURPOSE = {
     "generate.smk: {wildcards.condition}",  # constraint CONDITION_WILDCARD (common.smk)
     "generate.smk: {params.jobs}",  # server_job_args quotes every argument with shlex
+    "generate.smk: {params.check}",  # keyed_check: a shell prefix, its parts shlex-quoted
     "study_ablation.smk: {wildcards.kernel_mode}",  # constraint standard|batch_invariant
     "battery.smk: {params.render}",  # schema enum harness | jinja
     "stats.smk: {input}", "stats.smk: {output}", "stats.smk: {log}",  # fixed paths

@@ -230,7 +230,7 @@ def server_job_file(job, root, ext):
 def keyed_check(key, batteries):
     """Shell prefix of a keyed job: fail unless its batteries still have its key."""
     files = " ".join(f"--file {shlex.quote(str(b))}" for b in batteries)
-    return f"python -m batchflip keyed check --kind battery --key {key} {files} && "
+    return f"python -m batchflip keyed check --kind battery --key {shlex.quote(key)} {files} && "
 
 
 def battery_of(study):

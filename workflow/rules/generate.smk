@@ -58,7 +58,7 @@ rule generate_keyed:
         "results/benchmarks/generate/{study}/{model}/keyed/{key}/{condition}.tsv"
     shell:
         "python -m batchflip keyed check --file {input.battery:q} --kind battery "
-        "--key {wildcards.key} 2> {log:q} && "
+        "--key {wildcards.key:q} 2> {log:q} && "
         "python -m batchflip generate --battery {input.battery:q} --params {params.settings:q} "
         "--model-dir {params.model_dir:q} --condition {wildcards.condition} "
         "--out {output.gen:q} --stack-out {output.stack:q} 2>> {log:q}"
