@@ -192,9 +192,9 @@ def xstest_agreement() -> tuple[dict[int, tuple[int, float, float]], np.ndarray,
 
 
 def readme_xstest_table() -> dict[int, tuple[int, int, int, str, str]]:
-    """README's XSTest table: version -> (n, human refusals, scorer refusals, accuracy,
+    """docs/scorers.md's XSTest table: version -> (n, human refusals, scorer refusals, accuracy,
     kappa), the last two as printed."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "scorers.md").read_text()
     rows = re.findall(r"^\| (\d)(?: \(harness\))? \| (\d+) \| (\d+) \| (\d+) \| ([\d.]+) \| "
                       r"([\d.]+) \|$", text, re.M)
     return {int(v): (int(n), int(h), int(k), a, kap) for v, n, h, k, a, kap in rows}
@@ -215,5 +215,5 @@ def test_xstest_accuracy_and_kappa_per_refusal_version():
         cells = pd.crosstab(pred, human).to_numpy()
         assert acc == pytest.approx(np.trace(cells) / cells.sum(), abs=1e-15)
         assert k == pytest.approx(cohens_kappa(cells).kappa, abs=1e-12)
-        # README's table states these measurements at its printed precision
+        # docs/scorers.md's table states these measurements at its printed precision
         assert table[v] == (n, int(human.sum()), int(pred.sum()), f"{acc:.3f}", f"{k:.3f}")
