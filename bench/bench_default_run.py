@@ -11,6 +11,7 @@ last run (largest first) with their sum per rule family. ``--from-run DIR`` summ
 benchmark files of a run that already happened instead (no timing).
 
     python3 bench/bench_default_run.py --runs 1 --out bench-default-run.json
+    python3 bench/bench_default_run.py --runs 1 --emulate-avx2   # an AVX2-only CPU
 
 Run it on a quiet machine: the generation jobs are memory-bound on 2 cores, and another
 process with its own OpenMP threads slows them many times over (oversubscription).
@@ -90,12 +91,21 @@ def occupancy(jobs: list[dict[str, object]]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in sorted(seconds.items())}
 
 
-def one_run(keep: bool, cores: str) -> tuple[float, Path]:
+# An AVX2-only x86 CPU, emulated for every job: oneDNN and ATen capped by their own
+# variables, and what vLLM's CPU build reads (torch.cpu.get_capabilities) by
+# bench/isa_cap/sitecustomize.py. The clocks, caches and memory stay this machine's.
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2",
+            "BATCHFLIP_ISA_CAP": "avx2"}
+
+
+def one_run(keep: bool, cores: str, emulate_avx2: bool = False) -> tuple[float, Path]:
     """Seconds the default run took in a fresh clone; the clone's path."""
     root = Path(tempfile.mkdtemp(prefix="bench-default-run-"))
     clone = root / "clone"
     subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
     env = {**os.environ, "PYTHONPATH": str(clone / "src")}
+    if emulate_avx2:
+        env.update(AVX2_ENV, PYTHONPATH=f"{clone / 'bench/isa_cap'}:{clone / 'src'}")
     t0 = time.perf_counter()
     proc = subprocess.run(["snakemake", "--cores", cores, "results/paper"], cwd=clone, env=env,
                           capture_output=True, text=True)
@@ -126,7 +136,11 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the models in the clones")
     ap.add_argument("--from-run", type=Path, help="summarise this checkout's results/ only")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--emulate-avx2", action="store_true",
+                    help="cap every job at AVX2 (oneDNN, ATen and vLLM's CPU kernels)")
     args = ap.parse_args()
+    if args.emulate_avx2:
+        os.environ.update(AVX2_ENV)  # so the summary's cpu facts record the caps
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
     cpu = cpu_facts()  # isa_env: ISA caps such as ONEDNN_MAX_CPU_ISA (an emulated older CPU)
@@ -137,7 +151,7 @@ def main() -> int:
     else:
         walls, clone = [], None
         for i in range(args.runs):
-            s, clone = one_run(args.keep, args.cores)
+            s, clone = one_run(args.keep, args.cores, args.emulate_avx2)
             walls.append(round(s, 1))
             print(f"run {i + 1}: {s:.1f} s ({clone})", flush=True)
         summary.update(runs_s=walls, median_s=statistics.median(walls))

@@ -142,6 +142,8 @@ def test_hf_fingerprint_names_this_cpu(model_dir):
     # oneDNN capped below its bf16 ISA on a bf16 CPU: bf16 is emulated there too
     (EPYC, "x86_64", {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_VNNI"}, None, "float32"),
     (EPYC, "x86_64", {"DNNL_MAX_CPU_ISA": "avx512_core_bf16"}, None, "bfloat16"),
+    # an emulated AVX2-only CPU (bench/isa_cap): no native bf16 whatever the flags say
+    (EPYC, "x86_64", {"BATCHFLIP_ISA_CAP": "avx2"}, None, "float32"),
     (XEON, "x86_64", {}, "9.0", "bfloat16"),   # an H100 on a Cascade Lake host
     (EPYC, "x86_64", {}, "7.5", "float16"),    # a T4: no bf16 tensor cores
 ])
@@ -178,3 +180,31 @@ def test_hf_engine_records_the_resolved_dtype_of_auto(model_dir, monkeypatch):
     engine.close()
     explicit = hf.HFEngine(str(model_dir), "bfloat16", 4, 42, device="cpu").fingerprint()
     assert explicit["dtype"] == "bfloat16" and "dtype_rule" not in explicit
+
+
+def test_isa_cap_hides_avx512_and_amx_from_what_vllm_reads():
+    """bench/isa_cap/sitecustomize.py in a fresh interpreter: torch.cpu's feature queries,
+    which vLLM's CPU build uses to pick its kernel library and attention ISA, report an
+    AVX2-only CPU, and the fingerprint records the cap and that view."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import json, torch; from batchflip.platform_facts import cpu_facts; "
+            "print(json.dumps([torch.cpu._is_avx512_supported(), "
+            "torch.cpu._is_avx512_bf16_supported(), torch.cpu._is_amx_tile_supported(), "
+            "torch.cpu._is_avx2_supported(), cpu_facts()]))")
+    env = {**os.environ, "BATCHFLIP_ISA_CAP": "avx2",
+           "PYTHONPATH": f"{ROOT / 'bench/isa_cap'}:{ROOT / 'src'}"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    avx512, bf16, amx, avx2, facts = json.loads(out)
+    assert (avx512, bf16, amx) == (False, False, False)
+    assert avx2 == ("avx2" in pf.cpu_facts()["isa"])  # below the cap nothing is hidden
+    assert facts["isa_env"] == {"BATCHFLIP_ISA_CAP": "avx2"}
+    assert facts["torch_cpu_view"] == {"avx2": avx2, "avx512_f": False,
+                                       "avx512_bf16": False, "amx_tile": False}
+    assert not pf.native_bf16(facts)

@@ -133,6 +133,12 @@ def render(facts: dict[str, Any], fits: list[Fit]) -> str:
     lines = [f"CPU        {cpu.get('cpu_model')} ({cpu.get('arch')}); native bf16: "
              f"{'yes' if native_bf16(cpu) else 'no'}; ATen CPU capability "
              f"{cpu.get('aten_cpu_capability') or 'unknown'}"]
+    if cpu.get("isa_env"):  # an emulated older CPU (bench/isa_cap): say what the caps hide
+        caps = " ".join(f"{k}={v}" for k, v in sorted(cpu["isa_env"].items()))
+        view = cpu.get("torch_cpu_view") or {}
+        hidden = [k for k, v in view.items() if not v]
+        lines.append(f"ISA caps   {caps}" + (f" (torch.cpu, which vLLM's CPU build reads, "
+                                              f"reports no {', '.join(hidden)})" if hidden else ""))
     if facts["gpus"]:
         for i, g in enumerate(facts["gpus"]):
             lines.append(f"GPU {i}      {g['name']}, compute capability "

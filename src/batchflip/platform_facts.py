@@ -33,8 +33,13 @@ ARM_ISA_FLAGS = (
     "fp", "asimd", "fphp", "asimdhp", "asimddp", "asimdfhm", "asimdrdm", "bf16", "i8mm",
     "sve", "sve2", "svebf16", "svei8mm", "sme", "sme2",
 )
-# Environment variables that override the ISA ATen / oneDNN dispatch on.
-ISA_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# Environment variables that override the ISA ATen / oneDNN dispatch on, and the cap that
+# bench/isa_cap/sitecustomize.py applies to torch.cpu.get_capabilities() (what vLLM's CPU
+# build reads to pick its kernels): together they emulate an older CPU.
+ISA_ENV_VARS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                "BATCHFLIP_ISA_CAP")
+# torch.cpu features recorded when an ISA cap is set, to show that it took
+TORCH_CPU_VIEW = ("avx2", "avx512_f", "avx512_bf16", "amx_tile")
 # ISA flags that give native bf16 matrix arithmetic on the CPU (x86 AVX512-BF16 / AMX, ARM
 # BF16): without them torch emulates bf16 (measured here with oneDNN capped below bf16: a
 # batch-8 forward of SmolLM2-135M took 4.0 s in bf16 against 1.0 s natively; float32 2.6 s)
@@ -89,7 +94,20 @@ def cpu_facts(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, Any]:
     overrides = {k: os.environ[k] for k in ISA_ENV_VARS if k in os.environ}
     if overrides:
         facts["isa_env"] = overrides
+        facts["torch_cpu_view"] = torch_cpu_view()
     return facts
+
+
+def torch_cpu_view() -> dict[str, bool] | None:
+    """The :data:`TORCH_CPU_VIEW` features as ``torch.cpu.get_capabilities()`` reports them
+    in this interpreter (after any ``BATCHFLIP_ISA_CAP``); None without torch."""
+    try:
+        import torch
+
+        caps = torch.cpu.get_capabilities()
+    except Exception:  # noqa: BLE001 - torch absent or too old: the view is unknown
+        return None
+    return {k: bool(caps.get(k, False)) for k in TORCH_CPU_VIEW}
 
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
@@ -193,10 +211,13 @@ def vllm_flash_attn_facts() -> dict[str, Any]:
 
 def native_bf16(cpu: dict[str, Any]) -> bool:
     """True when the CPU has bf16 matrix instructions (:data:`NATIVE_BF16_FLAGS`) and no
-    oneDNN ISA cap in ``cpu["isa_env"]`` keeps them from being used."""
+    ISA cap in ``cpu["isa_env"]`` (oneDNN's, or an emulated AVX2-only CPU) keeps them from
+    being used."""
     if not any(flag in cpu.get("isa", []) for flag in NATIVE_BF16_FLAGS):
         return False
     env = cpu.get("isa_env") or {}
+    if str(env.get("BATCHFLIP_ISA_CAP", "")).lower() == "avx2":
+        return False
     cap = env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA")
     return not cap or str(cap).upper() in ONEDNN_BF16_ISAS
 
