@@ -353,8 +353,8 @@ def test_an_enriched_study_never_shares_its_sources_server():
                                                          "generate_server_c"]
 
 
-# --- rule arguments (one home each: layout.name_pattern, dispatch_baseline_flags,
-# model_build_spec, server_job_args) -------------------------------------------------------
+# --- rule arguments (one home each: layout.name_pattern, dispatch_baseline_args,
+# model_build_spec, server_job_args) --------------------------------------------------------
 
 
 def test_name_pattern_matches_exactly_the_names_and_nothing_when_empty():
@@ -382,12 +382,13 @@ def test_dispatch_baselines_leave_out_a_dispatch_the_model_does_not_run():
     assert layout.dispatch_baselines(cfg, "a", "m1") == {"list": "list_b1"}
     assert layout.dispatch_baselines(cfg, "a", "m2") == {}
     assert layout.dispatch_baselines(cfg, "a") == {"list": "list_b1"}  # verify: some model
-    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == "--dispatch-baseline list=list_b1"
-    assert layout.dispatch_baseline_flags(cfg, "a", "m2") == ""
+    assert layout.dispatch_baseline_args(cfg, "a", "m1") == ["--dispatch-baseline",
+                                                             "list=list_b1"]
+    assert layout.dispatch_baseline_args(cfg, "a", "m2") == []
     cfg["studies"]["a"]["dispatch_baselines"] = {"sync": "sync_b4", "list": "list_b1"}
-    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == (  # sorted by dispatch
-        "--dispatch-baseline list=list_b1 --dispatch-baseline sync=sync_b4")
-    assert layout.dispatch_baseline_flags(tiny(), "a") == ""  # none configured
+    assert layout.dispatch_baseline_args(cfg, "a", "m1") == [  # sorted by dispatch
+        "--dispatch-baseline", "list=list_b1", "--dispatch-baseline", "sync=sync_b4"]
+    assert layout.dispatch_baseline_args(tiny(), "a") == []  # none configured
 
 
 def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_it():
@@ -399,8 +400,8 @@ def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_
             for m in cfg["studies"]["a"]["models"]}
     assert sorted(runs.values()) == [False, True, True]
     for m, has_list in runs.items():
-        want = "--dispatch-baseline list=list_b1" if has_list else ""
-        assert layout.dispatch_baseline_flags(cfg, "a", m) == want
+        want = ["--dispatch-baseline", "list=list_b1"] if has_list else []
+        assert layout.dispatch_baseline_args(cfg, "a", m) == want
 
 
 # keys of a model entry that describe the weights or their use, and change no build

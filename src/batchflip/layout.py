@@ -191,11 +191,13 @@ def dispatch_baselines(config: Config, study: str, model: str | None = None
     return {d: c for d, c in sorted(own.items()) if c in runs}
 
 
-def dispatch_baseline_flags(config: Config, study: str, model: str | None = None) -> str:
-    """``--dispatch-baseline d=c`` for each of :func:`dispatch_baselines` (the flips,
-    divergence, verify and ablation-candidates commands take them)."""
-    return " ".join(f"--dispatch-baseline {d}={c}"
-                    for d, c in dispatch_baselines(config, study, model).items())
+def dispatch_baseline_args(config: Config, study: str, model: str | None = None
+                           ) -> list[str]:
+    """``--dispatch-baseline``, ``d=c`` for each of :func:`dispatch_baselines`: the
+    arguments of the flips, divergence, repeat, verify and ablation-candidates commands, as
+    a list (a shell line quotes each element with ``:q``)."""
+    return [a for d, c in dispatch_baselines(config, study, model).items()
+            for a in ("--dispatch-baseline", f"{d}={c}")]
 
 
 def model_build_spec(config: Config, model: str) -> str:
