@@ -120,10 +120,18 @@ def server_jobs():
     return layout.server_jobs(config)
 
 
+def server_job_settings(job, model):
+    """A server job's params trigger: every part's generation settings, as JSON
+    (layout.server_job_settings)."""
+    return layout.server_job_settings(config, job, model)
+
+
 def server_job_args(job, model, output):
     """A server job's generate arguments, each shell-quoted (layout.server_job_args): quoted
     there, not with :q in the shell line, so its text (and so Snakemake's code trigger)
-    stays what existing server generations were made with."""
+    stays what existing server generations were made with. Computed from the outputs, a
+    params value that Snakemake's params trigger leaves out: launch-only server settings
+    (layout.SERVER_NOT_ROWS) reach the command without rerunning the job."""
     return layout.server_job_args(config, job, model, list(output.gen), list(output.stack))
 
 
@@ -339,6 +347,22 @@ def ablation_settings(study, model, kernel_mode):
     """The source's serving settings for this model with this study and kernel mode (JSON,
     a params value; batchflip.layout.ablation_settings)."""
     return json.dumps(layout.ablation_settings(config, study, model, kernel_mode), sort_keys=True)
+
+
+def ablation_command_params(study, model, kernel_mode):
+    """A Study D rerun's --params: ablation_settings plus its source's launch-only server
+    settings (JSON; layout.ablation_command_params)."""
+    return json.dumps(
+        layout.ablation_command_params(config, study, model, kernel_mode), sort_keys=True
+    )
+
+
+def untracked(func):
+    """A params function that Snakemake's params trigger leaves out: one that takes
+    `input` counts as derived from the inputs, whose changes the input trigger sees. For
+    values that change no output (layout.SERVER_NOT_ROWS), beside a tracked param that
+    holds what does."""
+    return lambda wildcards, input: func(wildcards)
 
 
 def ablation_source_generations(study, model):

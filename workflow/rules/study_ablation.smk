@@ -66,7 +66,10 @@ rule ablation_generate:
         kernel_mode="standard|batch_invariant",
         key=KEY_PATTERN,
     params:
-        settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
+        # the params trigger: the rerun's settings that change its rows
+        rows=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
+        # the command's --params, launch-only server settings included (untracked)
+        settings=untracked(lambda w: ablation_command_params(w.study, w.model, w.kernel_mode)),
         model_dir=lambda w: model_dir(w.model),
         control=lambda w, input: [a for p in input.control for a in ("--control-stack", p)],
     threads: lambda w: study_threads(ablation_source(w.study))
