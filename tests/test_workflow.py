@@ -302,6 +302,53 @@ def test_server_job_reruns_for_row_settings_and_not_for_launch_only_ones(tmp_pat
 
 
 @pytest.mark.workflow
+def test_verify_on_a_scoped_config(tmp_path):
+    """results/verify/a.json through its rule on a config where a scope leaves true
+    batching out of one model (smol2 runs no list_*), as config/paper.yaml does for one of
+    Study A's models, and the archive is of another stack (so flip rates are compared).
+    The flips rule gives smol2 no --dispatch-baseline; the verify command gets the study's
+    (a model runs list_b1) and pairs list_* against list_b1 for smol only. Before issue 26
+    the verify job failed: smol2 was paired against list_b1 too, and "baseline condition
+    'list_b1' has no scored rows"."""
+    from test_archive import make_scoped_workspace
+
+    from batchflip.cli import main as cli
+
+    original = make_scoped_workspace(tmp_path / "original", "stackA")
+    arc = tmp_path / "archive.tar.gz"
+    assert cli(["archive", "pack", "--config", str(original), "--root", str(original.parent),
+                "--out", str(arc)]) == 0
+    path = make_scoped_workspace(tmp_path / "ws", "stackB")  # generations already there
+    ws = path.parent
+    cfg = yaml.safe_load(path.read_text())
+    cfg["verify"] = {"archive": str(arc)}
+    path.write_text(yaml.safe_dump(cfg))
+    flips = {m: f"results/flips/a/{m}.parquet" for m in ("smol", "smol2")}
+    dry = snakemake("-n", "-p", "--cores", "1", "results/verify/a.json", *flips.values(),
+                    "--configfile", str(path), cwd=ws)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    own = {}
+    for cmd in shell_commands(dry.stdout + dry.stderr):
+        args = shlex.split(cmd)
+        out = args[args.index("--out") + 1]
+        own[out] = [args[i + 1] for i, x in enumerate(args) if x == "--dispatch-baseline"]
+    assert own[flips["smol"]] == own["results/verify/a.json"] == ["list=list_b1"]
+    assert own[flips["smol2"]] == []
+
+    proc = snakemake("--cores", "1", "results/verify/a.json", "--configfile", str(path),
+                     cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rule verify:" in proc.stdout + proc.stderr  # the generations were not remade
+    report = json.loads((ws / "results/verify/a.json").read_text())
+    assert {f["mode"] for f in report["files"]} == {"rate"} and len(report["files"]) == 6
+    # by hand: each model's non-baseline conditions; list_b4 against list_b1, smol only
+    cells = {(r["model"], r["condition"]) for r in report["rates"]}
+    assert cells == {("smol", "sync_b4"), ("smol", "list_b4"), ("smol2", "sync_b4")}
+    assert all(r["passed"] for r in report["rates"])  # the same rows on both stacks
+    assert report["passed"] is None  # another stack: reported, never a pass by default
+
+
+@pytest.mark.workflow
 def test_killed_generation_resumes_without_redoing_groups(tmp_path, model_dir):
     battery = tmp_path / "b.parquet"
     subprocess.run([sys.executable, "-m", "batchflip", "battery",
