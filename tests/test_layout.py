@@ -81,8 +81,12 @@ SERVING = {
 # server settings of a server study: each changes its jobs (a timeout or the retries
 # decide which requests end as error rows), except where logs go and how long to wait
 SERVER = {"max_model_len": 64, "request_timeout_s": 1, "max_retries": 0, "retry_backoff_s": 9,
-          "warmup_requests": 0, "enforce_eager": True, "base_url": "http://h:1", "port": 9}
-SERVER_NOT_ROWS = {"log_dir": "elsewhere", "startup_timeout_s": 5, "stop_grace_s": 1}
+          "warmup_requests": 0, "enforce_eager": True, "base_url": "http://h:1"}
+# ... and where the launched server binds and logs, how long to wait, which variable holds
+# a token: no row and no stack fingerprint records them
+SERVER_NOT_ROWS = {"log_dir": "elsewhere", "startup_timeout_s": 5, "stop_grace_s": 1,
+                   "cache_dir": "c", "host": "0.0.0.0", "port": 9, "expose_host": True,
+                   "api_key_env": "TOKEN"}
 
 # edits that change only composition conditions (cobatch_*, stagger_*): targets, fillers
 COMPOSITION = {
@@ -120,6 +124,44 @@ def test_server_settings_rerun_server_jobs_unless_they_change_no_row(key):
     cfg["studies"]["a"]["server"][key] = {**SERVER, **SERVER_NOT_ROWS}[key]
     conds = SYNC + COBATCH
     assert (settings(cfg, conds) != settings(base, conds)) == (key in SERVER)
+    # the command still gets every key: the launch needs those that change no row
+    got = layout.command_params(cfg, "a", "smollm2-135m", conds)
+    assert got["server"][key] == cfg["studies"]["a"]["server"][key]
+
+
+def test_the_schemas_server_keys_are_all_classified():
+    # every server key of the schema is a row setting (generation_settings) or in
+    # SERVER_NOT_ROWS; this test's lists name the keys the two tests above exercise
+    props = set(yaml.safe_load(SCHEMA.read_text())["properties"]["studies"]
+                ["additionalProperties"]["properties"]["server"]["properties"])
+    assert set(SERVER_NOT_ROWS) == set(layout.SERVER_NOT_ROWS) <= props
+    assert set(SERVER) <= props - set(layout.SERVER_NOT_ROWS)
+
+
+def test_command_params_are_the_settings_plus_the_launch_only_server_keys():
+    launch = {"host": "0.0.0.0", "expose_host": True, "port": 8000, "api_key_env": "TOKEN",
+              "log_dir": "logs"}
+    cfg = tiny(engine="vllm", server={"max_model_len": 128, **launch})
+    rows = layout.generation_settings(cfg, "a", "smollm2-135m", SYNC)
+    assert rows["server"] == {"max_model_len": 128}
+    assert layout.command_params(cfg, "a", "smollm2-135m", SYNC) == {
+        **rows, "server": {"max_model_len": 128, **launch}}
+    # nothing to add: the settings themselves (an hf study ignores server)
+    assert layout.command_params(tiny(), "a", "smollm2-135m", SYNC) == json.loads(
+        settings(tiny(), SYNC))
+    hf = tiny(server={"port": 8000})
+    assert layout.command_params(hf, "a", "smollm2-135m", SYNC) == json.loads(
+        settings(hf, SYNC))
+    # only launch-only keys: no row setting, but the command gets them
+    only = tiny(engine="vllm", server={"port": 8000})
+    assert "server" not in layout.generation_settings(only, "a", "smollm2-135m", SYNC)
+    assert layout.command_params(only, "a", "smollm2-135m", SYNC)["server"] == {"port": 8000}
+    # Study D reruns get their source's
+    d = layout.ablation_command_params(cfg, "d", "smollm2-135m", "standard")
+    assert d == {**layout.ablation_settings(cfg, "d", "smollm2-135m", "standard"),
+                 "server": {"max_model_len": 128, **launch}}
+    assert layout.ablation_settings(cfg, "d", "smollm2-135m", "standard")["server"] == {
+        "max_model_len": 128}
 
 
 def test_scope_settings_reach_only_the_jobs_of_their_conditions():
@@ -206,7 +248,10 @@ def test_studies_with_the_same_launch_settings_share_one_server_job():
 
 @pytest.mark.parametrize("launch", [{"dtype": "float32"}, {"seed": 7}, {"threads": 1},
                                     {"kernel_mode": "batch_invariant"},
-                                    {"server": {"max_model_len": 256}}])
+                                    {"server": {"max_model_len": 256}},
+                                    # one server has one port and one log folder
+                                    {"server": {"max_model_len": 512, "port": 8001}},
+                                    {"server": {"max_model_len": 512, "log_dir": "c"}}])
 def test_studies_with_other_launch_settings_get_their_own_server(launch):
     jobs = layout.server_jobs(_two_server_studies(**launch))
     assert [(j.name, j.parts) for j in jobs] == [
@@ -353,8 +398,8 @@ def test_an_enriched_study_never_shares_its_sources_server():
                                                          "generate_server_c"]
 
 
-# --- rule arguments (one home each: layout.name_pattern, dispatch_baseline_flags,
-# model_build_spec, server_job_args) -------------------------------------------------------
+# --- rule arguments (one home each: layout.name_pattern, dispatch_baseline_args,
+# model_build_spec, server_job_settings and server_job_args) ------------------------------
 
 
 def test_name_pattern_matches_exactly_the_names_and_nothing_when_empty():
@@ -382,12 +427,13 @@ def test_dispatch_baselines_leave_out_a_dispatch_the_model_does_not_run():
     assert layout.dispatch_baselines(cfg, "a", "m1") == {"list": "list_b1"}
     assert layout.dispatch_baselines(cfg, "a", "m2") == {}
     assert layout.dispatch_baselines(cfg, "a") == {"list": "list_b1"}  # verify: some model
-    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == "--dispatch-baseline list=list_b1"
-    assert layout.dispatch_baseline_flags(cfg, "a", "m2") == ""
+    assert layout.dispatch_baseline_args(cfg, "a", "m1") == ["--dispatch-baseline",
+                                                             "list=list_b1"]
+    assert layout.dispatch_baseline_args(cfg, "a", "m2") == []
     cfg["studies"]["a"]["dispatch_baselines"] = {"sync": "sync_b4", "list": "list_b1"}
-    assert layout.dispatch_baseline_flags(cfg, "a", "m1") == (  # sorted by dispatch
-        "--dispatch-baseline list=list_b1 --dispatch-baseline sync=sync_b4")
-    assert layout.dispatch_baseline_flags(tiny(), "a") == ""  # none configured
+    assert layout.dispatch_baseline_args(cfg, "a", "m1") == [  # sorted by dispatch
+        "--dispatch-baseline", "list=list_b1", "--dispatch-baseline", "sync=sync_b4"]
+    assert layout.dispatch_baseline_args(tiny(), "a") == []  # none configured
 
 
 def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_it():
@@ -399,8 +445,8 @@ def test_paper_design_gives_true_batching_baselines_only_to_the_models_that_run_
             for m in cfg["studies"]["a"]["models"]}
     assert sorted(runs.values()) == [False, True, True]
     for m, has_list in runs.items():
-        want = "--dispatch-baseline list=list_b1" if has_list else ""
-        assert layout.dispatch_baseline_flags(cfg, "a", m) == want
+        want = ["--dispatch-baseline", "list=list_b1"] if has_list else []
+        assert layout.dispatch_baseline_args(cfg, "a", m) == want
 
 
 # keys of a model entry that describe the weights or their use, and change no build
@@ -452,3 +498,35 @@ def test_server_job_args_carry_each_parts_settings_and_one_triple_per_condition(
     assert args.count("--condition") == 5 and args[-1] == "g/c/sync_b2.stack.json"
     with pytest.raises(BatchflipError, match="5 conditions but 4 outputs"):
         layout.server_job_args(cfg, job, "smollm2-135m", gens[:4], stacks[:4])
+
+
+def test_server_job_trigger_holds_the_row_settings_and_the_command_the_launch_ones():
+    """The server job's params trigger (server_job_settings) is every part's
+    generation_settings; its arguments (server_job_args) add the launch-only keys, so a
+    new port or token variable reaches the command and reruns nothing."""
+    import shlex
+
+    def job_of(cfg):
+        (job,) = layout.server_jobs(cfg)
+        n = sum(len(c) for _, c in job.parts)
+        gens = [f"g{i}.parquet" for i in range(n)]
+        return job, layout.server_job_args(cfg, job, "smollm2-135m", gens, gens)
+
+    base = _two_server_studies()
+    job, args = job_of(base)
+    trigger = layout.server_job_settings(base, job, "smollm2-135m")
+    assert json.loads(trigger) == [
+        layout.generation_settings(base, "a", "smollm2-135m", A_CONDS),
+        layout.generation_settings(base, "c", "smollm2-135m", ["sync_b1", "sync_b2"])]
+    launch = {"port": 8000, "host": "127.0.0.2", "api_key_env": "TOKEN",
+              "startup_timeout_s": 9}
+    moved = _two_server_studies()
+    for st in ("a", "c"):
+        moved["studies"][st]["server"] = {"max_model_len": 512, **launch}
+    job2, args2 = job_of(moved)
+    assert job2 == job and layout.server_job_settings(moved, job2, "smollm2-135m") == trigger
+    params = [json.loads(a) for a in shlex.split(args2) if a.startswith("{")]
+    assert [p["server"] for p in params] == [{"max_model_len": 512, **launch}] * 2
+    assert args2 != args
+    tokens = _two_server_studies(max_new_tokens=9)
+    assert layout.server_job_settings(tokens, job, "smollm2-135m") != trigger

@@ -246,7 +246,7 @@ UNQUOTED_ON_PURPOSE = {
     "generate.smk: {params.check}",  # keyed_check: a shell prefix, its parts shlex-quoted
     "study_ablation.smk: {wildcards.kernel_mode}",  # constraint standard|batch_invariant
     "battery.smk: {params.render}",  # schema enum harness | jinja
-    "stats.smk: {input}", "stats.smk: {output}", "stats.smk: {log}",  # fixed paths
+    "fidelity.smk: {input}", "fidelity.smk: {output}", "fidelity.smk: {log}",  # fixed paths
 }
 
 

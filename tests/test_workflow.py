@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -218,6 +219,133 @@ def test_only_generation_settings_rerun_generation_jobs(tiny_run):
     assert pools["generate"] == 1, pools  # cobatch_b4_benign; sync_b1 and sync_b4 keep theirs
     tokens = planned_after(ws, cfg, lambda a: a.update(max_new_tokens=5))
     assert tokens["generate"] == 3, tokens
+
+
+def shell_commands(output: str) -> list[str]:
+    """The commands a dry run with -p prints."""
+    return [line.split("Shell command: ", 1)[1] for line in output.splitlines()
+            if "Shell command: " in line]
+
+
+@pytest.fixture()
+def fake_endpoint():
+    """A stand-in OpenAI server (tests/test_server.py) on a free loopback port: its URL."""
+    import httpx
+    from test_server import FAKE_OPENAI_SERVER
+
+    from batchflip.engines.vllm_launch import free_port
+
+    port = free_port("127.0.0.1")
+    proc = subprocess.Popen([sys.executable, "-c", FAKE_OPENAI_SERVER, "--port", str(port)],
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(f"{url}/v1/models", timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.workflow
+def test_server_job_reruns_for_row_settings_and_not_for_launch_only_ones(tmp_path,
+                                                                          fake_endpoint):
+    """Snakemake's params trigger on a real server job (engine openai, a stand-in endpoint,
+    two conditions): a row setting (max_new_tokens, a request time-out) reruns it; where a
+    server binds or logs and which variable holds a token (layout.SERVER_NOT_ROWS) rerun
+    nothing, yet reach the command. Before issue 26 the job's only params were its model
+    directory and arguments computed from its outputs, which Snakemake leaves out of the
+    trigger: a new max_new_tokens reran nothing."""
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["batteries"]["tiny"]["paths"] = [str(ROOT / "tests/fixtures/battery")]
+    cfg["models"] = {"m": {"source": "endpoint", "served_model": "fake"}}
+    a = cfg["studies"]["a"]
+    for key in ("cobatch_targets", "filler_pools"):
+        a.pop(key)
+    a.update(models=["m"], engine="openai", prompt_format="raw", threads=1,
+             conditions=["sync_b1", "sync_b2"], server={"base_url": fake_endpoint})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    targets = [f"results/generations/a/m/{c}.parquet" for c in a["conditions"]]
+    proc = snakemake("--cores", "1", *targets, "--configfile", str(path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def planned(edit) -> tuple[dict[str, int], list[str]]:
+        changed = yaml.safe_load(path.read_text())
+        edit(changed["studies"]["a"])
+        edited = tmp_path / "edited.yaml"
+        edited.write_text(yaml.safe_dump(changed))
+        dry = snakemake("-n", "-p", "--cores", "1", *targets, "--configfile", str(edited),
+                        cwd=tmp_path)
+        assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+        out = dry.stdout + dry.stderr
+        return (job_counts(out) if "Job stats:" in out else {}), shell_commands(out)
+
+    assert planned(lambda s: None) == ({}, [])
+    rows = {"max_new_tokens": lambda s: s.update(max_new_tokens=3),
+            "request_timeout_s": lambda s: s["server"].update(request_timeout_s=7)}
+    for key, edit in rows.items():
+        assert planned(edit)[0] == {"generate_server_a": 1}, key
+    launch = {"port": 9, "host": "127.0.0.2", "api_key_env": "BATCHFLIP_TEST_TOKEN",
+              "log_dir": "elsewhere", "startup_timeout_s": 5}
+    for key, value in launch.items():
+        assert planned(lambda s, k=key, v=value: s["server"].update({k: v})) == ({}, []), key
+    # the command gets them (shown once a row setting reruns the job)
+    _, (cmd,) = planned(lambda s: s.update(max_new_tokens=3) or s["server"].update(launch))
+    (params,) = [json.loads(x) for x in shlex.split(cmd) if x.startswith("{")]
+    assert params["server"] == {"base_url": fake_endpoint, **launch}
+
+
+@pytest.mark.workflow
+def test_verify_on_a_scoped_config(tmp_path):
+    """results/verify/a.json through its rule on a config where a scope leaves true
+    batching out of one model (smol2 runs no list_*), as config/paper.yaml does for one of
+    Study A's models, and the archive is of another stack (so flip rates are compared).
+    The flips rule gives smol2 no --dispatch-baseline; the verify command gets the study's
+    (a model runs list_b1) and pairs list_* against list_b1 for smol only. Before issue 26
+    the verify job failed: smol2 was paired against list_b1 too, and "baseline condition
+    'list_b1' has no scored rows"."""
+    from test_archive import make_scoped_workspace
+
+    from batchflip.cli import main as cli
+
+    original = make_scoped_workspace(tmp_path / "original", "stackA")
+    arc = tmp_path / "archive.tar.gz"
+    assert cli(["archive", "pack", "--config", str(original), "--root", str(original.parent),
+                "--out", str(arc)]) == 0
+    path = make_scoped_workspace(tmp_path / "ws", "stackB")  # generations already there
+    ws = path.parent
+    cfg = yaml.safe_load(path.read_text())
+    cfg["verify"] = {"archive": str(arc)}
+    path.write_text(yaml.safe_dump(cfg))
+    flips = {m: f"results/flips/a/{m}.parquet" for m in ("smol", "smol2")}
+    dry = snakemake("-n", "-p", "--cores", "1", "results/verify/a.json", *flips.values(),
+                    "--configfile", str(path), cwd=ws)
+    assert dry.returncode == 0, dry.stdout[-2000:] + dry.stderr[-2000:]
+    own = {}
+    for cmd in shell_commands(dry.stdout + dry.stderr):
+        args = shlex.split(cmd)
+        out = args[args.index("--out") + 1]
+        own[out] = [args[i + 1] for i, x in enumerate(args) if x == "--dispatch-baseline"]
+    assert own[flips["smol"]] == own["results/verify/a.json"] == ["list=list_b1"]
+    assert own[flips["smol2"]] == []
+
+    proc = snakemake("--cores", "1", "results/verify/a.json", "--configfile", str(path),
+                     cwd=ws)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rule verify:" in proc.stdout + proc.stderr  # the generations were not remade
+    report = json.loads((ws / "results/verify/a.json").read_text())
+    assert {f["mode"] for f in report["files"]} == {"rate"} and len(report["files"]) == 6
+    # by hand: each model's non-baseline conditions; list_b4 against list_b1, smol only
+    cells = {(r["model"], r["condition"]) for r in report["rates"]}
+    assert cells == {("smol", "sync_b4"), ("smol", "list_b4"), ("smol2", "sync_b4")}
+    assert all(r["passed"] for r in report["rates"])  # the same rows on both stacks
+    assert report["passed"] is None  # another stack: reported, never a pass by default
 
 
 @pytest.mark.workflow

@@ -43,6 +43,14 @@ rows and the ``attempts`` column; ``warmup_requests`` counts (server state befor
 first measured request). A server job runs several conditions, of one study or of several
 studies sharing the server (:func:`server_jobs`): its params cover them all.
 
+**What the command reads beyond them.** A server study's keys in :data:`SERVER_NOT_ROWS`
+(where the launched server binds and logs, how long to wait, which variable holds a token)
+change no row, so they stay out of ``params``, but the job still needs them:
+:func:`command_params` adds them back to the ``--params`` JSON a command gets. A server job
+carries them in its argument string (:func:`server_job_args`), a params value computed from
+the job's outputs, which Snakemake leaves out of its params trigger (a *derived* param);
+its trigger is :func:`server_job_settings`.
+
 A model's own ``dtype`` and ``prompt_format`` override the study's (``raw`` drops the
 system prompt),
 and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
@@ -77,8 +85,11 @@ COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
 # what each row records beyond the text: every generation job (not Study D's reruns)
 RECORD_KEYS = ("logprobs",)
 # server settings that change no row: how long to wait at start and stop, where logs go
-# (cache_dir: where compile caches live; a cached graph is the graph that would be compiled)
-SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s", "cache_dir")
+# (cache_dir: where compile caches live; a cached graph is the graph that would be compiled),
+# where a launched server binds (host, port, expose_host: no fingerprint records them) and
+# which variable holds the token sent to an endpoint (api_key_env)
+SERVER_NOT_ROWS = ("log_dir", "startup_timeout_s", "stop_grace_s", "cache_dir", "host", "port",
+                   "expose_host", "api_key_env")
 # engines that read ``server`` (the hf engine runs in process and ignores it)
 SERVER_ENGINES = ("vllm", "openai")
 
@@ -135,6 +146,31 @@ def generation_settings(config: Config, study: str, model: str,
     return {**out, "study": study, "model": model}
 
 
+def _launch_only(config: Config, study: str) -> dict[str, Any]:
+    """A server study's settings in :data:`SERVER_NOT_ROWS` ({} for other engines)."""
+    s = config["studies"][study]
+    if s["engine"] not in SERVER_ENGINES:
+        return {}
+    return {k: v for k, v in (s.get("server") or {}).items() if k in SERVER_NOT_ROWS}
+
+
+def _with_launch_only(config: Config, study: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with ``study``'s launch-only server keys added back (module docstring)."""
+    extra = _launch_only(config, study)
+    if not extra:
+        return settings
+    return {**settings, "server": {**settings.get("server", {}), **extra}}
+
+
+def command_params(config: Config, study: str, model: str,
+                   conditions: Iterable[str]) -> dict[str, Any]:
+    """The ``--params`` a generation command gets: :func:`generation_settings` plus the
+    study's server keys that change no row (:data:`SERVER_NOT_ROWS`), which the launch
+    needs but the params trigger must not see."""
+    return _with_launch_only(config, study,
+                             generation_settings(config, study, model, conditions))
+
+
 def ablation_settings(config: Config, study: str, model: str,
                       kernel_mode: str) -> dict[str, Any]:
     """Study D's rerun settings: the serving keys of the source's settings for ``model``,
@@ -148,6 +184,14 @@ def ablation_settings(config: Config, study: str, model: str,
     if probe:  # batchflip.invariance_probe: runs before the reruns measure
         out["invariance_probe"] = probe
     return out
+
+
+def ablation_command_params(config: Config, study: str, model: str,
+                            kernel_mode: str) -> dict[str, Any]:
+    """The ``--params`` of a Study D rerun: :func:`ablation_settings` plus its source's
+    server keys that change no row (as :func:`command_params`)."""
+    return _with_launch_only(config, ablation_source(config, study),
+                             ablation_settings(config, study, model, kernel_mode))
 
 
 def probe_control_stack(config: Config, study: str, model: str, kernel_mode: str
@@ -191,11 +235,13 @@ def dispatch_baselines(config: Config, study: str, model: str | None = None
     return {d: c for d, c in sorted(own.items()) if c in runs}
 
 
-def dispatch_baseline_flags(config: Config, study: str, model: str | None = None) -> str:
-    """``--dispatch-baseline d=c`` for each of :func:`dispatch_baselines` (the flips,
-    divergence, verify and ablation-candidates commands take them)."""
-    return " ".join(f"--dispatch-baseline {d}={c}"
-                    for d, c in dispatch_baselines(config, study, model).items())
+def dispatch_baseline_args(config: Config, study: str, model: str | None = None
+                           ) -> list[str]:
+    """``--dispatch-baseline``, ``d=c`` for each of :func:`dispatch_baselines`: the
+    arguments of the flips, divergence, repeat, verify and ablation-candidates commands, as
+    a list (a shell line quotes each element with ``:q``)."""
+    return [a for d, c in dispatch_baselines(config, study, model).items()
+            for a in ("--dispatch-baseline", f"{d}={c}")]
 
 
 def model_build_spec(config: Config, model: str) -> str:
@@ -205,13 +251,22 @@ def model_build_spec(config: Config, model: str) -> str:
                       sort_keys=True)
 
 
+def server_job_settings(config: Config, job: ServerJob, model: str) -> str:
+    """A server job's params trigger for ``model``: every part's
+    :func:`generation_settings`, as canonical JSON, so a change in any part's rows reruns
+    the job (its studies share the server) and nothing else does."""
+    return json.dumps([generation_settings(config, study, model, conds)
+                       for study, conds in job.parts], sort_keys=True)
+
+
 def server_job_args(config: Config, job: ServerJob, model: str, gens: list[str],
                     stacks: list[str]) -> str:
-    """The ``batchflip generate`` arguments of one server job for ``model``: per part
-    ``--battery`` and ``--params`` (its generation settings as canonical JSON), then a
-    ``--condition``/``--out``/``--stack-out`` triple per condition; ``gens`` and
-    ``stacks`` are the job's outputs in part and condition order. As a params value it
-    carries every part's settings, so a change in any part reruns the job."""
+    """The ``batchflip generate`` arguments of one server job for ``model``, each
+    shell-quoted: per part ``--battery`` and ``--params`` (its :func:`command_params` as
+    canonical JSON), then a ``--condition``/``--out``/``--stack-out`` triple per condition;
+    ``gens`` and ``stacks`` are the job's outputs in part and condition order. A params
+    value computed from the outputs, which Snakemake's params trigger leaves out: the
+    trigger is :func:`server_job_settings`."""
     n = sum(len(conds) for _, conds in job.parts)
     if n != len(gens) or n != len(stacks):
         raise BatchflipError(f"server job {job.name}: {n} conditions but {len(gens)} "
@@ -219,8 +274,7 @@ def server_job_args(config: Config, job: ServerJob, model: str, gens: list[str],
     args: list[str] = []
     i = 0
     for study, conds in job.parts:
-        settings = json.dumps(generation_settings(config, study, model, conds),
-                              sort_keys=True)
+        settings = json.dumps(command_params(config, study, model, conds), sort_keys=True)
         args += ["--battery", study_battery(config, study), "--params", settings]
         for c in conds:
             args += ["--condition", c, "--out", gens[i], "--stack-out", stacks[i]]
@@ -285,8 +339,8 @@ def _stage(config: Config, study: str) -> int:
 def server_jobs(config: Config) -> list[ServerJob]:
     """The server generate rules (None when restoring).
 
-    For each model, the server studies (not ablations) whose settings agree on
-    :data:`LAUNCH_KEYS` share one job: one server start serves all their conditions, in
+    For each model, the server studies (not ablations) whose :func:`command_params` agree
+    on :data:`LAUNCH_KEYS` share one job: one server start serves all their conditions, in
     config order; an enriched study (``subset_from``) never shares with its source. Their
     repeat controls (``*_repeat``) run in a job of their own, named with ``_repeat``: a
     fresh server start, never the one their baselines ran on. Models
@@ -305,7 +359,7 @@ def server_jobs(config: Config) -> list[ServerJob]:
             continue  # ablation reruns have rules of their own (study_ablation.smk)
         for m in s["models"]:
             conds = tuple(conditions_of(config, study, m))
-            key = launch_key(generation_settings(config, study, m, conds))
+            key = launch_key(command_params(config, study, m, conds))
             for repeat in (False, True):
                 mine = tuple(c for c in conds if parse_condition(c).repeat == repeat)
                 if mine:

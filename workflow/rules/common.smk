@@ -25,14 +25,10 @@ CONDITION_WILDCARD = (
 
 
 def dispatch_baseline_args(study, model=None):
-    """--dispatch-baseline DISPATCH=CONDITION arguments of a study (its own baselines of
-    a dispatch; with ``model``, only those the model runs), as a list that the shell line
-    quotes with :q (docs/security.md)."""
-    out = []
-    for d, c in sorted(study_cfg(study)["dispatch_baselines"].items()):
-        if model is None or c in conditions_of(study, model):  # a scope may leave one out
-            out += ["--dispatch-baseline", f"{d}={c}"]
-    return out
+    """--dispatch-baseline DISPATCH=CONDITION arguments of a study, only for baselines that
+    the model (None: some model of the study) runs, as a list that the shell line quotes
+    with :q (layout.dispatch_baseline_args; docs/security.md)."""
+    return layout.dispatch_baseline_args(config, study, model)
 
 
 def study_cfg(study):
@@ -109,13 +105,13 @@ def studies_on(engine, enriched=None):
         if v["engine"] == engine and (enriched is None or bool(v.get("subset_from")) == enriched)
     ]
     names = [] if restoring() else names
-    return "|".join(names) or "(?!x)x"
+    return layout.name_pattern(names)
 
 
 def lp_studies():
     """Regex of the studies recorded with logprobs >= 2 (divergence.smk; never matches
     when there are none)."""
-    return "|".join(layout.logprob_studies(config)) or "(?!x)x"
+    return layout.name_pattern(layout.logprob_studies(config))
 
 
 def server_jobs():
@@ -124,21 +120,19 @@ def server_jobs():
     return layout.server_jobs(config)
 
 
+def server_job_settings(job, model):
+    """A server job's params trigger: every part's generation settings, as JSON
+    (layout.server_job_settings)."""
+    return layout.server_job_settings(config, job, model)
+
+
 def server_job_args(job, model, output):
-    """Per part: --battery and --params, then its --condition/--out/--stack-out triples
-    (each shell-quoted).
-    As a params value it carries every part's generation settings, so a change in any part
-    reruns the job (its studies share the server)."""
-    args, i = [], 0
-    for study, conds in job.parts:
-        settings = gen_settings(study, model, conds)
-        args += ["--battery", battery_of(study), "--params", settings]
-        for c in conds:
-            args += ["--condition", c, "--out", output.gen[i], "--stack-out", output.stack[i]]
-            i += 1
-    # quoted here, not with :q in the shell line: its text (and so Snakemake's code
-    # trigger) stays what existing server generations were made with
-    return " ".join(shlex.quote(str(a)) for a in args)
+    """A server job's generate arguments, each shell-quoted (layout.server_job_args): quoted
+    there, not with :q in the shell line, so its text (and so Snakemake's code trigger)
+    stays what existing server generations were made with. Computed from the outputs, a
+    params value that Snakemake's params trigger leaves out: launch-only server settings
+    (layout.SERVER_NOT_ROWS) reach the command without rerunning the job."""
+    return layout.server_job_args(config, job, model, list(output.gen), list(output.stack))
 
 
 def study_gen_paths(wildcards):
@@ -172,7 +166,7 @@ def all_scored_paths(study):
 def enriched_studies():
     """Regex of the studies with subset_from (never matches when there are none)."""
     names = [s for s, v in config["studies"].items() if v.get("subset_from")]
-    return "|".join(names) or "(?!x)x"
+    return layout.name_pattern(names)
 
 
 def enriched_source(study):
@@ -273,12 +267,12 @@ def study_quants(study):
 def studies_of(kind):
     """Regex of the configured studies of one kind (never matches when there are none)."""
     names = [s for s, v in config["studies"].items() if v["kind"] == kind]
-    return "|".join(names) or "(?!x)x"
+    return layout.name_pattern(names)
 
 
 def repeat_studies():
     """Regex of the studies that run a repeat control (never matches when there are none)."""
-    return "|".join(layout.repeat_studies(config)) or "(?!x)x"
+    return layout.name_pattern(layout.repeat_studies(config))
 
 
 def paper_numbers(wildcards):
@@ -353,6 +347,22 @@ def ablation_settings(study, model, kernel_mode):
     """The source's serving settings for this model with this study and kernel mode (JSON,
     a params value; batchflip.layout.ablation_settings)."""
     return json.dumps(layout.ablation_settings(config, study, model, kernel_mode), sort_keys=True)
+
+
+def ablation_command_params(study, model, kernel_mode):
+    """A Study D rerun's --params: ablation_settings plus its source's launch-only server
+    settings (JSON; layout.ablation_command_params)."""
+    return json.dumps(
+        layout.ablation_command_params(config, study, model, kernel_mode), sort_keys=True
+    )
+
+
+def untracked(func):
+    """A params function that Snakemake's params trigger leaves out: one that takes
+    `input` counts as derived from the inputs, whose changes the input trigger sees. For
+    values that change no output (layout.SERVER_NOT_ROWS), beside a tracked param that
+    holds what does."""
+    return lambda wildcards, input: func(wildcards)
 
 
 def ablation_source_generations(study, model):

@@ -101,6 +101,10 @@ for _job in server_jobs():
             key=KEY_PATTERN,
         params:
             model_dir=lambda w: model_dir(w.model),
+            # the params trigger: what changes the rows (layout.server_job_settings)
+            settings=lambda w, _j=_job: server_job_settings(_j, w.model),
+            # the command's arguments, launch-only server settings included: a function of
+            # the outputs, left out of the params trigger (layout.server_job_args)
             jobs=lambda w, output, _j=_job: server_job_args(_j, w.model, output),
             # an enriched job first checks that its batteries still have its key
             check=(lambda w, input: keyed_check(w.key, input.battery)) if job_keyed(_job) else "",

@@ -15,26 +15,10 @@ rule model:
     output:
         "resources/models/{model}/model.json",
     params:
-        # what the weights are made from (requantize included); alignment, chat,
-        # prompt_format, quant, base, served_model and dtype describe the weights or how a
-        # study uses them and change none
-        spec=lambda w: json.dumps(
-            {
-                k: v
-                for k, v in config["models"][w.model].items()
-                if k
-                not in (
-                    "alignment",
-                    "chat",
-                    "prompt_format",
-                    "quant",
-                    "base",
-                    "served_model",
-                    "dtype",
-                )
-            },
-            sort_keys=True,
-        ),
+        # what the weights are made from: the entry's layout.MODEL_BUILD_KEYS (an inclusion
+        # list); alignment, chat, prompt_format, quant, base, served_model and dtype describe
+        # the weights or how a study uses them and change none
+        spec=lambda w: layout.model_build_spec(config, w.model),
         out=lambda w: f"resources/models/{w.model}",
     conda:
         "../../envs/generation.yaml"

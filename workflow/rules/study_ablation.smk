@@ -2,7 +2,8 @@
 # alone and inside its reconstructed original group, under every kernel mode in
 # `kernel_modes` (a wildcard), with the source's generation settings (batchflip.studies.ablation).
 # Only studies with `kind: ablation` match these rules; every other kind has its own numbers
-# rule (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# rule (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. Without
+# such studies the constraint is layout.NEVER_MATCHES and the rules are inert.
 # Helpers (ablation_source, ablation_models, ablation_settings, ...): common.smk.
 #
 # Content-keyed reruns (batchflip.keyed): a scorer change rewrites the candidate list, but
@@ -24,7 +25,8 @@ checkpoint ablation_candidates:
         study=studies_of("ablation"),
     params:
         baseline=lambda w: study_cfg(ablation_source(w.study))["baseline"],
-        own=lambda w: dispatch_baseline_args(ablation_source(w.study)),
+        # only the dispatches whose baseline this model runs (a scope may leave one out)
+        own=lambda w: dispatch_baseline_args(ablation_source(w.study), w.model),
         candidates=lambda w: study_cfg(w.study)["candidates"],
         min_flips=lambda w: study_cfg(w.study).get("min_label_flips", 10),
         dispatches=lambda w: [
@@ -64,7 +66,10 @@ rule ablation_generate:
         kernel_mode="standard|batch_invariant",
         key=KEY_PATTERN,
     params:
-        settings=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
+        # the params trigger: the rerun's settings that change its rows
+        rows=lambda w: ablation_settings(w.study, w.model, w.kernel_mode),
+        # the command's --params, launch-only server settings included (untracked)
+        settings=untracked(lambda w: ablation_command_params(w.study, w.model, w.kernel_mode)),
         model_dir=lambda w: model_dir(w.model),
         control=lambda w, input: [a for p in input.control for a in ("--control-stack", p)],
     threads: lambda w: study_threads(ablation_source(w.study))

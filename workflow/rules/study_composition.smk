@@ -1,7 +1,8 @@
 # Study C (kind: composition): continuous-batch composition numbers and the
 # refusal-by-composition figure (batchflip.studies.composition). Only studies with
 # `kind: composition` match these rules; every other kind has its own numbers rule
-# (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# (study_<kind>.smk), so results/numbers/{study}.json has exactly one producer. Without such
+# studies the constraint is layout.NEVER_MATCHES and the rules are inert.
 
 
 rule composition_numbers:

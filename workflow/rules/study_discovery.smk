@@ -1,8 +1,8 @@
 # Study A (kind: discovery): flip rates, directions and output identity per condition
 # (batchflip.studies.discovery). Only studies with `kind: discovery` match these rules;
 # every other kind has its own numbers rule (study_<kind>.smk), so results/numbers/{study}.json
-# has exactly one producer. The regex "(?!x)x" never matches: the rules are inert without
-# such studies. Generation, scoring and flips are the shared stages.
+# has exactly one producer. Without such studies the constraint is layout.NEVER_MATCHES and
+# the rules are inert. Generation, scoring and flips are the shared stages.
 
 
 rule discovery_numbers:

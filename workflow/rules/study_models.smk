@@ -1,7 +1,8 @@
 # Study B (kind: models): fragility and output instability across models
 # (batchflip.studies.models). Only studies with `kind: models` match these rules; every other
 # kind has its own numbers rule (study_<kind>.smk), so results/numbers/{study}.json has
-# exactly one producer. The regex "(?!x)x" never matches: the rules are inert without such studies.
+# exactly one producer. Without such studies the constraint is layout.NEVER_MATCHES and the
+# rules are inert.
 # Generation, scoring and flips are the shared stages; alignment types come from
 # models.<name>.alignment ("unspecified" when absent).
 

@@ -1,5 +1,5 @@
 """Study B (batchflip.studies.models, kind models): fragility across models, checked against the
-paper's table."""
+paper's table. (The model stage, batchflip.model: test_model_stage.py.)"""
 
 from __future__ import annotations
 

