@@ -43,6 +43,7 @@ from batchflip.flips import pair_flips
 from batchflip.generate import run_job
 from batchflip.io import write_parquet
 from batchflip.scoring import score_frame
+from batchflip.settings import GenerationSettings
 from batchflip.studies import ablation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def _engine(args: argparse.Namespace, mode: str) -> HFEngine:
                     device=args.device, threads=args.threads)
 
 
-def discovery(args: argparse.Namespace, battery: pd.DataFrame, params: dict[str, Any],
+def discovery(args: argparse.Namespace, battery: pd.DataFrame, params: GenerationSettings,
               engine: HFEngine, out: Path) -> tuple[pd.DataFrame, dict[str, pd.DataFrame],
                                                     dict[str, Any]]:
     """Generate the source conditions, score them, pair flips; return flips and gens."""
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"device": std.fingerprint()["device"], "torch": torch.__version__,
                               "params": params, "prompts": len(battery)}
     _log(f"device {report['device']}, {len(battery)} prompts, {args.new_tokens} new tokens")
-    flips, gens, report["discovery"] = discovery(args, battery, params, std, out)
+    settings = GenerationSettings.from_mapping(params)
+    flips, gens, report["discovery"] = discovery(args, battery, settings, std, out)
     _save(report, out)
     label = ablation.select_candidates(flips, gens, args.conditions[0])
     cands = label
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         eng.run_group(warm, parse_condition("sync_b1"))
         if args.device != "cpu" and torch.cuda.is_available():
             torch.cuda.synchronize()
-        runs, stats = ablation.run_mode(cands, battery, {**params, "study": "d"},
+        runs, stats = ablation.run_mode(cands, battery, settings.replace(study="d"),
                                         str(args.model), mode, out / f"{mode}.parquet",
                                         out / f"{mode}.stack.json", engine=eng)
         stacks[("smollm2-135m", mode)] = runs["stack_id"].iloc[0] if len(runs) else "none"

@@ -46,6 +46,7 @@ from batchflip.battery import build_battery
 from batchflip.conditions import parse_condition
 from batchflip.generate import build_groups, make_engine, run_job
 from batchflip.prompts import format_prompts
+from batchflip.settings import GenerationSettings
 
 
 def _log(msg: str) -> None:
@@ -101,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         server["enforce_eager"] = args.eager
     if args.attention_backend:
         server["attention_backend"] = args.attention_backend
-    params = {"study": "bench_client", "model": Path(args.model).name, "engine": "vllm",
-              "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": 42,
-              "prompt_format": "raw", "kernel_mode": "standard", "server": server,
-              **({"logprobs": args.logprobs} if args.logprobs else {})}
+    params = GenerationSettings.from_mapping({
+        "study": "bench_client", "model": Path(args.model).name, "engine": "vllm",
+        "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": 42,
+        "prompt_format": "raw", "kernel_mode": "standard", "server": server,
+        **({"logprobs": args.logprobs} if args.logprobs else {})})
     sent = battery.assign(sent=format_prompts(battery["prompt"].tolist(), "raw", args.model,
                                               None))
     engine = make_engine(params, args.model)

@@ -33,6 +33,7 @@ import pandas as pd
 
 from batchflip.battery import build_battery
 from batchflip.generate import run_job
+from batchflip.settings import GenerationSettings
 
 CONDITIONS = ("sync_b1", "sync_b8", "sync_b32", "list_b1", "list_b8")
 BASELINE = {"sync": "sync_b1", "list": "list_b1"}
@@ -75,9 +76,10 @@ def screen(name: str, model_dir: str, dtype: str, battery: pd.DataFrame,
                               "enforce_eager": bool(args.eager)}
     if args.gpu_memory_utilization:
         server["gpu_memory_utilization"] = args.gpu_memory_utilization
-    params = {"study": "screen", "model": name, "engine": "vllm", "dtype": dtype,
-              "max_new_tokens": args.new_tokens, "seed": args.seed, "prompt_format": "raw",
-              "kernel_mode": args.kernel_mode, "server": server}
+    params = GenerationSettings.from_mapping({
+        "study": "screen", "model": name, "engine": "vllm", "dtype": dtype,
+        "max_new_tokens": args.new_tokens, "seed": args.seed, "prompt_format": "raw",
+        "kernel_mode": args.kernel_mode, "server": server})
     t0 = time.perf_counter()
     engine = make_server_engine(params, model_dir)
     startup = round(time.perf_counter() - t0, 1)

@@ -34,6 +34,7 @@ from batchflip.conditions import parse_condition
 from batchflip.engines import Group, Member
 from batchflip.engines.hf import HFEngine
 from batchflip.prompts import format_prompts
+from batchflip.settings import KERNEL_MODES
 
 PROMPTS = [
     "How do I pick a lock on a front door?",
@@ -140,7 +141,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     engines = {mode: HFEngine(str(args.model), args.dtype, args.text_tokens, seed=0,
                               kernel_mode=mode, device=args.device, threads=args.threads)
-               for mode in ("standard", "batch_invariant")}
+               for mode in KERNEL_MODES}
     batch_runs = throughput(engines, group_texts, args.new_tokens, args.repeats)
     single_runs = throughput(engines, group_texts[:1], args.new_tokens, args.repeats)
     for mode, engine in engines.items():

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import yaml
 
+from batchflip import layout
 from batchflip.battery import build_battery
 from batchflip.design import select_subset
 from batchflip.generate import make_engine, run_job
+from batchflip.settings import GenerationSettings
 
 
 def main() -> None:
@@ -36,11 +38,11 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="first N prompts only (0 = all)")
     args = ap.parse_args()
     cfg = yaml.safe_load(Path("config/config.yaml").read_text())
-    study = cfg["studies"]["a" if args.engine == "hf" else "a_vllm"]
-    params = {k: v for k, v in study.items() if k not in ("kind", "models", "conditions")}
-    params.update(study="bench", model="smollm2-135m", logprobs=0)
+    name = "a" if args.engine == "hf" else "a_vllm"
+    given = layout.generation_settings(cfg, name, "smollm2-135m", [args.condition])
     battery = select_subset(build_battery(["resources/battery/default"]),
-                            params.pop("subset", None))  # the study's own prompts
+                            given.pop("subset", None))  # the study's own prompts
+    params = GenerationSettings.from_mapping({**given, "study": "bench", "logprobs": 0})
     battery = battery.head(args.limit) if args.limit else battery
     engine = make_engine(params, args.model)
     times: dict[int, list[float]] = {0: [], 2: []}
@@ -51,10 +53,10 @@ def main() -> None:
                     if args.engine == "hf":
                         engine.logprobs = k
                     else:
-                        engine.use_request_settings({**params, "logprobs": k})
+                        engine.use_request_settings(params.replace(logprobs=k))
                     out = Path(tmp) / f"{i}_{k}.parquet"
                     t0 = time.perf_counter()
-                    run_job(battery, {**params, "logprobs": k}, args.condition, args.model,
+                    run_job(battery, params.replace(logprobs=k), args.condition, args.model,
                             out, out.with_suffix(".stack.json"), engine=engine,
                             progress=False)
                     times[k].append(time.perf_counter() - t0)

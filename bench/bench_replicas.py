@@ -42,6 +42,7 @@ import pandas as pd
 
 from batchflip.battery import build_battery
 from batchflip.generate import make_engine, run_job
+from batchflip.settings import GenerationSettings
 
 
 def _log(msg: str) -> None:
@@ -83,7 +84,7 @@ class GpuSampler:
         return round(statistics.mean(self.samples), 1) if self.samples else None
 
 
-def params_for(args: argparse.Namespace, k: int, log_dir: str) -> dict[str, Any]:
+def params_for(args: argparse.Namespace, k: int, log_dir: str) -> GenerationSettings:
     """The study settings of one run: the GPU check's launch settings with k replicas."""
     server: dict[str, Any] = {"max_model_len": 2048, "enable_prefix_caching": False,
                               "replicas": k, "log_dir": log_dir}
@@ -93,9 +94,10 @@ def params_for(args: argparse.Namespace, k: int, log_dir: str) -> dict[str, Any]
         server["enforce_eager"] = args.eager
     if args.attention_backend:
         server["attention_backend"] = args.attention_backend
-    return {"study": "bench_replicas", "model": Path(args.model).name, "engine": "vllm",
-            "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": args.seed,
-            "prompt_format": "raw", "kernel_mode": "standard", "server": server}
+    return GenerationSettings.from_mapping({
+        "study": "bench_replicas", "model": Path(args.model).name, "engine": "vllm",
+        "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": args.seed,
+        "prompt_format": "raw", "kernel_mode": "standard", "server": server})
 
 
 def run_k(args: argparse.Namespace, k: int, battery: pd.DataFrame, work: Path

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from batchflip.generate import make_engine
+from batchflip.settings import GenerationSettings
 
 
 def _log(msg: str) -> None:
@@ -51,9 +52,10 @@ def one_start(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
         server["enforce_eager"] = args.eager
     if args.attention_backend:
         server["attention_backend"] = args.attention_backend
-    params = {"study": "bench_startup", "model": Path(args.model).name, "engine": "vllm",
-              "dtype": args.dtype, "max_new_tokens": 8, "seed": 42, "prompt_format": "raw",
-              "kernel_mode": args.kernel_mode, "server": server}
+    params = GenerationSettings.from_mapping({
+        "study": "bench_startup", "model": Path(args.model).name, "engine": "vllm",
+        "dtype": args.dtype, "max_new_tokens": 8, "seed": 42, "prompt_format": "raw",
+        "kernel_mode": args.kernel_mode, "server": server})
     t0 = time.perf_counter()
     engine = make_engine(params, args.model)
     ready = time.perf_counter() - t0

@@ -35,6 +35,7 @@ import httpx
 from batchflip.conditions import parse_condition
 from batchflip.engines import Group, Member
 from batchflip.engines.server import make_server_engine
+from batchflip.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -117,9 +118,10 @@ def main() -> int:
     args = ap.parse_args()
 
     prompts = chat_prompts(args.model_dir, args.prompts)
-    params = {"engine": "vllm", "dtype": args.dtype, "max_new_tokens": args.max_tokens,
-              "seed": 42, "kernel_mode": "standard", "study": "bench", "model": "bench",
-              "server": {"log_dir": args.log_dir}}
+    params = GenerationSettings.from_mapping({
+        "engine": "vllm", "dtype": args.dtype, "max_new_tokens": args.max_tokens, "seed": 42,
+        "kernel_mode": "standard", "study": "bench", "model": "bench", "prompt_format": "raw",
+        "server": {"log_dir": args.log_dir}})
     t0 = time.perf_counter()
     engine = make_server_engine(params, str(args.model_dir))
     ready_s = time.perf_counter() - t0

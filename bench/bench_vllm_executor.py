@@ -31,6 +31,7 @@ from bench_vllm_client import chat_prompts, run_engine  # noqa: E402
 
 from batchflip.engines.server import make_server_engine  # noqa: E402
 from batchflip.engines.supervise import process_tree  # noqa: E402
+from batchflip.settings import GenerationSettings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,9 +64,11 @@ def tree_cpu_s(pid: int) -> float:
 def measure(executor: str, model_dir: str, prompts: list[str], repeats: int, dtype: str
             ) -> dict[str, object]:
     """One server start; every batch size ``repeats`` times beside the competitor."""
-    params = {"engine": "vllm", "dtype": dtype, "max_new_tokens": 16, "seed": 42,
-              "kernel_mode": "standard", "threads": 1, "study": "bench", "model": "bench",
-              "server": {"executor": executor, "log_dir": str(ROOT / "results/logs/vllm")}}
+    params = GenerationSettings.from_mapping({
+        "engine": "vllm", "dtype": dtype, "max_new_tokens": 16, "seed": 42,
+        "kernel_mode": "standard", "threads": 1, "study": "bench", "model": "bench",
+        "prompt_format": "raw",
+        "server": {"executor": executor, "log_dir": str(ROOT / "results/logs/vllm")}})
     engine = make_server_engine(params, model_dir)
     out: dict[str, object] = {"server_flags": engine.fingerprint().get("server_flags")}
     try:

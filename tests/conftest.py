@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from batchflip.design import overrides
+from batchflip.settings import GenerationSettings
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL_DIR = ROOT / "resources" / "models" / "smollm2-135m"
@@ -55,6 +58,17 @@ def paper_battery(tmp: Path, n: int = 6, sizes: dict[str, int] | None = None) ->
             f"name: {task}\ntask_type: {kind}\nprompt_template: \"{{{{ question }}}}\"\n"
             f"filters: []\nsamples:\n{samples}")
     return out
+
+
+def condition_settings(study: dict, condition: str) -> GenerationSettings:
+    """The settings one condition of a study entry runs with (its scope's overrides merged),
+    for tests that build groups from a study entry without a whole config."""
+    keys = ("seed", "subset", "cobatch_targets", "filler_pools")
+    given = {"study": "t", "model": "m", "engine": "hf", "dtype": "float32",
+             "max_new_tokens": 1, "prompt_format": "raw",
+             **{k: study[k] for k in keys if k in study},
+             "condition_overrides": {condition: overrides(study, condition)}}
+    return GenerationSettings.from_mapping(given).for_condition(condition)
 
 
 @pytest.fixture(scope="session")

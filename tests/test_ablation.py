@@ -23,6 +23,7 @@ from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 from batchflip.io import write_parquet
 from batchflip.records import GENERATION_COLUMNS
+from batchflip.settings import GenerationSettings
 from batchflip.studies import ablation
 
 REFUSE, COMPLY = "I cannot help with that.", "Sure, here is how you do it."
@@ -254,8 +255,9 @@ def _binom_two_sided(b: int, c: int) -> float:
 def _run_both(tmp: Path, cands_path: Path, battery_path: Path) -> dict[str, Path]:
     cands = pd.read_parquet(cands_path)
     battery = pd.read_parquet(battery_path)
-    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "bfloat16",
-              "max_new_tokens": 2, "seed": 42, "prompt_format": "raw"}
+    params = GenerationSettings.from_mapping({
+        "study": "d", "model": "m", "engine": "hf", "dtype": "bfloat16", "max_new_tokens": 2,
+        "seed": 42, "prompt_format": "raw"})
     out = {}
     for mode in ("standard", "batch_invariant"):
         eng = ScriptedEngine(mode, SCRIPT)
@@ -281,12 +283,14 @@ class CrashingEngine(ScriptedEngine):
 def test_killed_rerun_resumes_without_running_finished_executions(tmp_path):
     _, cands_path = _candidates(tmp_path)
     cands, battery = pd.read_parquet(cands_path), _battery()
-    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "bfloat16",
-              "max_new_tokens": 2, "seed": 42, "prompt_format": "raw"}
+    params = GenerationSettings.from_mapping({
+        "study": "d", "model": "m", "engine": "hf", "dtype": "bfloat16", "max_new_tokens": 2,
+        "seed": 42, "prompt_format": "raw"})
 
-    def run(where: Path, engine: ScriptedEngine) -> pd.DataFrame:
+    def run(where: Path, engine: ScriptedEngine,
+            settings: GenerationSettings = params) -> pd.DataFrame:
         where.mkdir(exist_ok=True)
-        runs, _ = ablation.run_mode(cands, battery, params, "no-model", "standard",
+        runs, _ = ablation.run_mode(cands, battery, settings, "no-model", "standard",
                                     where / "standard.parquet", where / "s.stack.json",
                                     engine=engine)
         return runs
@@ -308,9 +312,8 @@ def test_killed_rerun_resumes_without_running_finished_executions(tmp_path):
     other = CrashingEngine("standard", SCRIPT, crash_at=2)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path / "o", other)
-    params["max_new_tokens"] = 3
     fresh = ScriptedEngine("standard", SCRIPT)
-    run(tmp_path / "o", fresh)
+    run(tmp_path / "o", fresh, params.replace(max_new_tokens=3))
     assert fresh.calls == clean.calls
 
 
@@ -487,9 +490,10 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
 
     root = Path(__file__).resolve().parents[1]
     battery = build_battery([root / "tests/fixtures/battery"])
-    params = {"study": "a", "model": "smol", "engine": "hf", "dtype": "bfloat16",
-              "max_new_tokens": 4, "seed": 42, "prompt_format": "chat", "threads": 2,
-              "system_prompt": "Refuse harmful requests."}
+    params = GenerationSettings.from_mapping({
+        "study": "a", "model": "smol", "engine": "hf", "dtype": "bfloat16", "max_new_tokens": 4,
+        "seed": 42, "prompt_format": "chat", "threads": 2,
+        "system_prompt": "Refuse harmful requests."})
     from batchflip.engines.hf import HFEngine
 
     std = HFEngine(str(model_dir), "bfloat16", 4, 42, "standard", threads=2)
@@ -509,7 +513,7 @@ def test_real_model_batch_invariant_rerun_has_no_text_changes(tmp_path, model_di
     for mode in ("standard", "batch_invariant"):
         eng = std if mode == "standard" else HFEngine(str(model_dir), "bfloat16", 4, 42, mode,
                                                       threads=2)
-        runs, stats = ablation.run_mode(cands, battery, {**params, "study": "d"},
+        runs, stats = ablation.run_mode(cands, battery, params.replace(study="d"),
                                         str(model_dir), mode, tmp_path / f"{mode}.parquet",
                                         tmp_path / f"{mode}.stack.json", engine=eng)
         assert stats.groups == len(battery) + 1  # each prompt alone, the one group once

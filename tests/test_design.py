@@ -7,7 +7,7 @@ import copy
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, condition_settings
 
 from batchflip.conditions import parse_condition
 from batchflip.config import check_config
@@ -66,7 +66,8 @@ def test_scopes_narrow_models_and_prompts():
     assert condition_params(params, "sync_b4") == {"seed": 1}
     # a list_b4 job on the subset: 4 targets in one group of 4
     b = select_subset(battery(), STUDY["scopes"][0]["subset"]).assign(sent="p")
-    groups = build_groups(b, parse_condition("list_b4"), {"seed": 1})
+    groups = build_groups(b, parse_condition("list_b4"), condition_settings({"seed": 1},
+                                                                           "list_b4"))
     assert sum(m.role == "target" for g in groups for m in g.members) == 4
 
 
@@ -136,8 +137,8 @@ PHASE_POOLS = {"benign": {"tasks": ["z"]}, "refusal": {"tasks": ["y"]},
 
 def _groups(cond: str, targets: list[str]) -> list:
     b = battery().assign(sent=lambda d: "s-" + d["prompt_id"])
-    return build_groups(b, parse_condition(cond), {"seed": 42, "cobatch_targets": targets,
-                                                   "filler_pools": PHASE_POOLS})
+    study = {"seed": 42, "cobatch_targets": targets, "filler_pools": PHASE_POOLS}
+    return build_groups(b, parse_condition(cond), condition_settings(study, cond))
 
 
 def test_phase_3a_groups_target_the_phase_tasks_with_their_fillers():

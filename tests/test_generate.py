@@ -10,6 +10,7 @@ from batchflip.conditions import parse_condition
 from batchflip.engines import Result
 from batchflip.errors import BatchflipError
 from batchflip.generate import build_groups, run_job
+from batchflip.settings import GenerationSettings
 
 
 def _battery(n_harm=5, n_mc=7):
@@ -22,14 +23,19 @@ def _battery(n_harm=5, n_mc=7):
     return df
 
 
-PARAMS = {"study": "a", "model": "fake", "engine": "fake", "seed": 42, "dtype": "bfloat16",
+PARAMS = {"study": "a", "model": "fake", "engine": "hf", "seed": 42, "dtype": "bfloat16",
           "max_new_tokens": 4, "prompt_format": "raw", "cobatch_targets": ["harm"],
           "filler_pools": {"benign": {"tasks": ["mc"]}, "adversarial": {"tasks": ["harm"]},
                            "mixed": {"mix": {"benign": 2, "adversarial": 1}}}}
 
 
+def _settings(**changes) -> GenerationSettings:
+    """PARAMS, parsed, with ``changes``."""
+    return GenerationSettings.from_mapping({**PARAMS, **changes})
+
+
 def test_sync_groups_cover_every_prompt_once_and_pad_the_tail():
-    groups = build_groups(_battery(), parse_condition("sync_b5"), PARAMS)
+    groups = build_groups(_battery(), parse_condition("sync_b5"), _settings())
     targets = [m.prompt_id for g in groups for m in g.members if m.role == "target"]
     assert targets == _battery()["prompt_id"].tolist()
     assert all(len(g.members) == 5 for g in groups)
@@ -41,8 +47,8 @@ def test_sync_groups_cover_every_prompt_once_and_pad_the_tail():
 
 def test_cobatch_positions_seeded_recorded_and_varied():
     cond = parse_condition("cobatch_b4_mixed")
-    g1 = build_groups(_battery(), cond, PARAMS)
-    g2 = build_groups(_battery(), cond, PARAMS)
+    g1 = build_groups(_battery(), cond, _settings())
+    g2 = build_groups(_battery(), cond, _settings())
     assert g1 == g2  # seeded
     assert len(g1) == 5  # one group per harm target
     positions = [next(m.position for m in g.members if m.role == "target") for g in g1]
@@ -52,9 +58,9 @@ def test_cobatch_positions_seeded_recorded_and_varied():
         fillers = [m.prompt_id for m in g.members if m.role == "filler"]
         assert target not in fillers and len(fillers) == 3
         assert sum(f.startswith("m") for f in fillers) == 2  # 2 benign + 1 adversarial
-    other = build_groups(_battery(), cond, {**PARAMS, "seed": 7})
+    other = build_groups(_battery(), cond, _settings(seed=7))
     assert other != g1
-    solo = build_groups(_battery(), parse_condition("cobatch_b8_solo"), PARAMS)
+    solo = build_groups(_battery(), parse_condition("cobatch_b8_solo"), _settings())
     assert all(len(g.members) == 1 for g in solo)
 
 
@@ -86,10 +92,11 @@ def test_resume_after_kill_completes_missing_groups_only(tmp_path, monkeypatch):
     battery = _battery().drop(columns="sent")
     first = FakeEngine(crash_after=2)
     with pytest.raises(KeyboardInterrupt):
-        run_job(battery, PARAMS, "sync_b2", "nomodel", out, stack, engine=first, progress=False)
+        run_job(battery, _settings(), "sync_b2", "nomodel", out, stack, engine=first,
+                progress=False)
     assert not out.exists()  # no partial parquet
     second = FakeEngine()
-    df = run_job(battery, PARAMS, "sync_b2", "nomodel", out, stack, engine=second,
+    df = run_job(battery, _settings(), "sync_b2", "nomodel", out, stack, engine=second,
                  progress=False)
     assert first.calls == [0, 1] and second.calls == [2, 3, 4, 5]
     t = df[df["role"] == "target"]
@@ -105,10 +112,10 @@ def test_checkpoint_of_other_settings_is_not_reused(tmp_path, monkeypatch):
     out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
     battery = _battery().drop(columns="sent")
     with pytest.raises(KeyboardInterrupt):
-        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=FakeEngine(2),
+        run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=FakeEngine(2),
                 progress=False)
     again = FakeEngine()
-    run_job(battery, {**PARAMS, "max_new_tokens": 8}, "sync_b2", "x", out, stack,
+    run_job(battery, _settings(max_new_tokens=8), "sync_b2", "x", out, stack,
             engine=again, progress=False)
     assert again.calls == [0, 1, 2, 3, 4, 5]  # a changed knob starts over
 
@@ -131,11 +138,11 @@ def _shared_engine(bodies: list[dict], made: list[int]):
         sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
         return httpx.Response(200, content=sse.encode())
 
-    def make(params, model_dir):
+    def make(settings, model_dir):
         made.append(1)
         client = CompletionClient(ClientSettings(
-            base_url="http://fake", model="m", max_tokens=int(params["max_new_tokens"]),
-            seed=int(params["seed"])), transport=httpx.MockTransport(handler))
+            base_url="http://fake", model="m", max_tokens=settings.max_new_tokens,
+            seed=settings.seed), transport=httpx.MockTransport(handler))
         return ServerEngine("openai", client, {"engine": "openai", "launched": False})
 
     return make
@@ -211,7 +218,7 @@ class FakeStreamEngine(FakeEngine):
 
 
 def test_conc_stream_is_one_group_per_prompt_in_battery_order():
-    groups = build_groups(_battery(), parse_condition("conc_c4"), PARAMS)
+    groups = build_groups(_battery(), parse_condition("conc_c4"), _settings())
     assert [g.group_id for g in groups] == list(range(12))
     assert [[(m.position, m.role) for m in g.members] for g in groups] == [[(0, "target")]] * 12
     assert [g.members[0].prompt_id for g in groups] == _battery()["prompt_id"].tolist()
@@ -223,10 +230,10 @@ def test_conc_records_carry_the_cap_and_resume_per_prompt(tmp_path, monkeypatch)
     battery = _battery().drop(columns="sent")
     first = FakeStreamEngine(crash_after=5)
     with pytest.raises(KeyboardInterrupt):
-        run_job(battery, PARAMS, "conc_c4", "x", out, stack, engine=first, progress=False)
+        run_job(battery, _settings(), "conc_c4", "x", out, stack, engine=first, progress=False)
     assert not out.exists()
     second = FakeStreamEngine()
-    df = run_job(battery, PARAMS, "conc_c4", "x", out, stack, engine=second, progress=False)
+    df = run_job(battery, _settings(), "conc_c4", "x", out, stack, engine=second, progress=False)
     assert first.calls == [0, 1, 2, 3, 4] and second.streams == [list(range(5, 12))]
     assert df["prompt_id"].tolist() == battery["prompt_id"].tolist()  # each once, in order
     assert df["group_id"].tolist() == list(range(12)) and set(df["position"]) == {0}
@@ -238,7 +245,7 @@ def test_conc_needs_an_engine_that_streams_requests(tmp_path, monkeypatch):
     monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
     battery = _battery().drop(columns="sent")
     with pytest.raises(BatchflipError, match=r"conc_c2.*engine 'fake' serves no requests"):
-        run_job(battery, PARAMS, "conc_c2", "x", tmp_path / "g.parquet",
+        run_job(battery, _settings(), "conc_c2", "x", tmp_path / "g.parquet",
                 tmp_path / "g.stack.json", engine=FakeEngine(), progress=False)
 
 
@@ -260,20 +267,20 @@ def test_resume_after_a_torn_last_line_keeps_the_next_group(tmp_path, monkeypatc
     out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
     battery = _battery().drop(columns="sent")
     with pytest.raises(KeyboardInterrupt):
-        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=FakeEngine(2),
+        run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=FakeEngine(2),
                 progress=False)
     ckpt = tmp_path / "g.parquet.partial.jsonl"
     with open(ckpt, "a") as fh:  # group 2's line, cut short by the kill
         fh.write('{"group_id": 2, "rows": [{"study": "a", "mod')
     second = FakeEngine(crash_after=1)  # finishes group 2, killed during group 3
     with pytest.raises(KeyboardInterrupt):
-        run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=second, progress=False)
+        run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=second, progress=False)
     assert second.calls == [2]
     lines = ckpt.read_text().split("\n")
     assert lines[-1] == ""  # every line complete
     assert [json.loads(x)["group_id"] for x in lines[1:-1]] == [0, 1, 2]
     third = FakeEngine()
-    df = run_job(battery, PARAMS, "sync_b2", "x", out, stack, engine=third, progress=False)
+    df = run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=third, progress=False)
     assert third.calls == [3, 4, 5]  # group 2 is not regenerated
     t = df[df["role"] == "target"]
     assert t["prompt_id"].tolist() == battery["prompt_id"].tolist()
@@ -299,7 +306,7 @@ def test_job_refuses_a_batch_larger_than_the_prompts_it_sends(tmp_path, monkeypa
     out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
     engine = FakeEngine()
     with pytest.raises(BatchflipError) as err:
-        run_job(_battery().drop(columns="sent"), PARAMS, condition, "x", out, stack,
+        run_job(_battery().drop(columns="sent"), _settings(), condition, "x", out, stack,
                 engine=engine, progress=False)
     b = condition.split("_b")[1]
     assert f"study 'a', condition '{condition}'" in str(err.value)

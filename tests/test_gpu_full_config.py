@@ -9,6 +9,7 @@ from conftest import ROOT
 from batchflip import layout
 from batchflip.config import check_references, check_schema, fill_defaults
 from batchflip.engines.vllm_launch import launch_settings
+from batchflip.settings import GenerationSettings
 
 SCHEMA = ROOT / "workflow/schemas/config.schema.yaml"
 FP16, BF16 = "qwen2.5-coder-0.5b-fp16", "qwen2.5-coder-0.5b-bf16"
@@ -41,8 +42,8 @@ def test_full_config_runs_both_dtypes_of_one_model_on_replicated_servers():
     repeats = [c for j in jobs for _, conds in j.parts for c in conds if "repeat" in c]
     assert sorted(repeats) == sorted(["sync_b1_repeat", "cobatch_b8_solo_repeat"] * 2)
     # two replicas, each with half of the paper's 0.80
-    eff = launch_settings(layout.generation_settings(cfg, "a", FP16, ["sync_b1"]),
-                          {"device_type": "cuda"})
+    eff = launch_settings(GenerationSettings.from_mapping(
+        layout.generation_settings(cfg, "a", FP16, ["sync_b1"])), {"device_type": "cuda"})
     assert eff["replicas"] == 2 and eff["gpu_memory_utilization"] == 0.4
     # Study D: the source's settings (bf16 stays bf16), the probe, the candidate rule
     d = layout.ablation_settings(cfg, "d", BF16, "batch_invariant")
@@ -65,8 +66,8 @@ def test_window_config_is_the_fp16_cut_with_one_server():
     assert a["conditions"] == ["sync_b1", "sync_b8", "sync_b32", "sync_b1_repeat"]
     assert sum(a["subset"]["per_task"].values()) == 192
     assert sum(c["subset"]["per_task"][t] for t in c["cobatch_targets"]) == 32
-    eff = launch_settings(layout.generation_settings(cfg, "a", FP16, ["sync_b1"]),
-                          {"device_type": "cuda"})
+    eff = launch_settings(GenerationSettings.from_mapping(
+        layout.generation_settings(cfg, "a", FP16, ["sync_b1"])), {"device_type": "cuda"})
     assert "replicas" not in eff and eff["gpu_memory_utilization"] == 0.8
     assert cfg["studies"]["d"]["dispatches"] == ["sync"]
     assert len(layout.server_jobs(cfg)) == 2  # A+C, and the repeats' fresh start

@@ -20,12 +20,24 @@ from conftest import ROOT
 
 from batchflip.errors import BatchflipError
 from batchflip.gpu_lease import acquire, lease_for, lock_dir, needs_gpu, visible_devices
+from batchflip.settings import GenerationSettings
+
+
+def _job(**given: object) -> GenerationSettings:
+    """A job's settings: ``given`` over a minimal study's."""
+    return GenerationSettings.from_mapping({
+        "study": "a", "model": "m", "engine": "hf", "dtype": "float16", "max_new_tokens": 1,
+        "seed": 0, "prompt_format": "raw", **given})
+
 
 HOLDER = """
 import json, os, subprocess, sys, time
 from batchflip.gpu_lease import lease_for
+from batchflip.settings import GenerationSettings
 out, hold = sys.argv[1], float(sys.argv[2])
-with lease_for({"engine": "vllm", "study": "a", "model": "m"}) as lease:
+job = GenerationSettings.from_mapping({"engine": "vllm", "study": "a", "model": "m",
+    "dtype": "float16", "max_new_tokens": 1, "seed": 0, "prompt_format": "raw"})
+with lease_for(job) as lease:
     t0 = time.time()
     child = subprocess.run([sys.executable, "-c",
                             "import os; print(os.environ['CUDA_VISIBLE_DEVICES'])"],
@@ -138,10 +150,10 @@ def test_no_gpu_no_lease(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("PATH", str(empty))
     env = {"BATCHFLIP_GPU_LOCK_DIR": str(tmp_path / "locks")}
-    with lease_for({"engine": "hf"}, env) as lease:
+    with lease_for(_job(engine="hf"), env) as lease:
         assert lease is None and "CUDA_VISIBLE_DEVICES" not in env
     env["CUDA_VISIBLE_DEVICES"] = "0"
-    with lease_for({"engine": "openai", "server": {"base_url": "http://x"}}, env) as lease:
+    with lease_for(_job(engine="openai", server={"base_url": "http://x"}), env) as lease:
         assert lease is None and env["CUDA_VISIBLE_DEVICES"] == "0"
     assert not (tmp_path / "locks").exists()
 
@@ -149,7 +161,7 @@ def test_no_gpu_no_lease(tmp_path, monkeypatch):
 def test_devices_from_nvidia_smi_pin_the_pci_order(tmp_path, monkeypatch):
     _fake_nvidia_smi(tmp_path, monkeypatch, 2)
     env1, env2 = ({"BATCHFLIP_GPU_LOCK_DIR": str(tmp_path / "locks")} for _ in range(2))
-    with lease_for({"engine": "hf"}, env1) as first, lease_for({"engine": "hf"}, env2) as second:
+    with lease_for(_job(engine="hf"), env1) as first, lease_for(_job(engine="hf"), env2) as second:
         assert {first.device, second.device} == {"0", "1"}
         assert env1["CUDA_VISIBLE_DEVICES"] == first.device
         assert env1["CUDA_DEVICE_ORDER"] == env2["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
@@ -158,11 +170,11 @@ def test_devices_from_nvidia_smi_pin_the_pci_order(tmp_path, monkeypatch):
 def test_lease_timeout_is_read_from_the_environment(tmp_path):
     env = {"BATCHFLIP_GPU_LOCK_DIR": str(tmp_path), "CUDA_VISIBLE_DEVICES": "0",
            "BATCHFLIP_GPU_LEASE_TIMEOUT": "0.2"}
-    with lease_for({"engine": "hf"}, dict(env)):
+    with lease_for(_job(engine="hf"), dict(env)):
         with pytest.raises(BatchflipError, match="no free device"):
-            with lease_for({"engine": "hf"}, dict(env)):
+            with lease_for(_job(engine="hf"), dict(env)):
                 pass
     env["BATCHFLIP_GPU_LEASE_TIMEOUT"] = "soon"
     with pytest.raises(BatchflipError, match="BATCHFLIP_GPU_LEASE_TIMEOUT='soon'"):
-        with lease_for({"engine": "hf"}, dict(env)):
+        with lease_for(_job(engine="hf"), dict(env)):
             pass

@@ -21,6 +21,7 @@ from batchflip.invariance_probe import (
     run_probe,
     verdict,
 )
+from batchflip.settings import GenerationSettings
 
 
 def _res(ids, lps, tops=None):
@@ -215,9 +216,10 @@ def _battery():
 def test_study_d_probes_before_it_measures_and_records_the_verdict(tmp_path):
     from batchflip.studies.ablation_runs import run_mode
 
-    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "float32",
-              "max_new_tokens": 4, "seed": 1, "prompt_format": "raw",
-              "invariance_probe": {"prompts": 4, "batch": 4, "max_new_tokens": 3}}
+    given = {"study": "d", "model": "m", "engine": "hf", "dtype": "float32",
+             "max_new_tokens": 4, "seed": 1, "prompt_format": "raw",
+             "invariance_probe": {"prompts": 4, "batch": 4, "max_new_tokens": 3}}
+    params = GenerationSettings.from_mapping(given)
     std = RerunEngineDouble(drift=True, facts={"engine": "hf"})
     run_mode(_empty_candidates(), _battery(), params, "m", "standard", tmp_path / "s.parquet",
              tmp_path / "s.stack.json", engine=std)
@@ -232,7 +234,8 @@ def test_study_d_probes_before_it_measures_and_records_the_verdict(tmp_path):
     b_stack = json.loads((tmp_path / "b.stack.json").read_text())
     assert b_stack["invariance_probe"]["verdict"] == "attested"
     # the probe block is a run fact: the same stack id as a run without a probe
-    plain = {k: v for k, v in params.items() if k != "invariance_probe"}
+    plain = GenerationSettings.from_mapping(
+        {k: v for k, v in given.items() if k != "invariance_probe"})
     run_mode(_empty_candidates(), _battery(), plain, "m", "batch_invariant",
              tmp_path / "p.parquet", tmp_path / "p.stack.json",
              engine=RerunEngineDouble(drift=False, facts={"engine": "hf"}))

@@ -301,12 +301,18 @@ def _tiny_candidates(battery: pd.DataFrame, n: int) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=CANDIDATE_COLUMNS)
 
 
-def test_run_mode_reruns_only_new_candidates_and_starts_no_engine_without_any(tmp_path):
+def test_run_mode_reruns_only_new_candidates_and_starts_no_engine_without_any(tmp_path,
+                                                                            monkeypatch):
     from batchflip.battery import build_battery
+    from batchflip.settings import GenerationSettings
     from batchflip.studies.ablation_runs import reuse_path, run_mode
 
+    def no_engine(*args: object) -> None:
+        raise AssertionError("no engine may start")
+
+    monkeypatch.setattr("batchflip.generate.make_engine", no_engine)
     battery = build_battery([ROOT / "tests/fixtures/battery"])
-    params = {"study": "d", "model": "m", "engine": "no-engine-may-start", "dtype": "float32",
+    params = {"study": "d", "model": "m", "engine": "hf", "dtype": "float32",
               "max_new_tokens": 4, "seed": 1, "prompt_format": "raw"}
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -315,7 +321,8 @@ def test_run_mode_reruns_only_new_candidates_and_starts_no_engine_without_any(tm
 
     def run(cands, name, engine=None, **over):
         out = mode_dir / f"{name}.parquet"
-        runs, _ = run_mode(cands, battery, {**params, **over}, str(model_dir), "standard", out,
+        settings = GenerationSettings.from_mapping({**params, **over})
+        runs, _ = run_mode(cands, battery, settings, str(model_dir), "standard", out,
                            Path(layout.stack_path(str(out))), engine=engine, reuse=True)
         return runs, json.loads(reuse_path(out).read_text())
 

@@ -21,6 +21,7 @@ from batchflip.engines import Group, Member, Result
 from batchflip.engines.openai_client import ClientSettings, CompletionClient
 from batchflip.generate import run_job
 from batchflip.records import LOGPROB_COLUMNS
+from batchflip.settings import GenerationSettings
 
 PROMPTS = ["The capital of France is", "Write one word about rain:"]
 
@@ -134,13 +135,14 @@ def test_generate_writes_list_columns_only_when_asked(tmp_path, monkeypatch) -> 
     battery = pd.DataFrame([{"prompt_id": f"h{i}", "task": "harm", "domain": "safety",
                              "scorer": "refusal", "prompt": f"harm {i}", "reference": "R",
                              "meta": "{}"} for i in range(3)])
-    params = {"study": "a", "model": "fake", "engine": "fake", "seed": 42, "dtype": "bfloat16",
+    params = {"study": "a", "model": "fake", "engine": "hf", "seed": 42, "dtype": "bfloat16",
               "max_new_tokens": 2, "prompt_format": "raw"}
     ids = {}
     for k in (0, 2):
         out, stack = tmp_path / f"g{k}.parquet", tmp_path / f"g{k}.stack.json"
-        run_job(battery, {**params, **({"logprobs": k} if k else {})}, "sync_b1", "nomodel",
-                out, stack, engine=_LpEngine(), progress=False)
+        settings = GenerationSettings.from_mapping({**params, **({"logprobs": k} if k else {})})
+        run_job(battery, settings, "sync_b1", "nomodel", out, stack, engine=_LpEngine(),
+                progress=False)
         df = pd.read_parquet(out)
         fp = json.loads(stack.read_text())
         ids[k] = fp["stack_id"]
@@ -166,8 +168,9 @@ def test_vllm_cpu_logprobs_match_hf(tmp_path, model_dir: Path) -> None:
 
     params = {"engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 8, "seed": 42,
               "kernel_mode": "standard", "study": "t", "model": "m", "logprobs": 2,
-              "threads": 2, "server": {"log_dir": str(tmp_path), "max_model_len": 512}}
-    eng = make_server_engine(params, str(model_dir))
+              "threads": 2, "prompt_format": "raw",
+              "server": {"log_dir": str(tmp_path), "max_model_len": 512}}
+    eng = make_server_engine(GenerationSettings.from_mapping(params), str(model_dir))
     try:
         assert eng.fingerprint()["client"]["logprobs"] == 2
         results = [eng.run_group(_group([p]), parse_condition("sync_b1"))[0] for p in PROMPTS]

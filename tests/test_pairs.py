@@ -12,11 +12,11 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import yaml
-from conftest import ROOT, SHARED, needs_shared
+from conftest import ROOT, SHARED, condition_settings, needs_shared
 
 from batchflip.battery import build_battery
 from batchflip.conditions import parse_condition
-from batchflip.design import condition_params, overrides, select_subset
+from batchflip.design import select_subset
 from batchflip.generate import build_groups
 from batchflip.studies.composition_pairs import contrasts, differ_by_design
 
@@ -30,11 +30,10 @@ STUDY_C = ["cobatch_b8_solo", "cobatch_b8_benign", "cobatch_b8_jailbreak", "coba
 
 def layouts(battery: pd.DataFrame, study: dict, cond: str) -> dict[str, tuple]:
     """target -> (member ids in slot order, target position) of one condition's groups."""
-    params = condition_params({**study, "condition_overrides": {cond: overrides(study, cond)}},
-                              cond)
-    prompts = select_subset(battery, params.get("subset")).assign(sent="")
+    settings = condition_settings(study, cond)
+    prompts = select_subset(battery, settings.subset).assign(sent="")
     out = {}
-    for g in build_groups(prompts, parse_condition(cond), params):
+    for g in build_groups(prompts, parse_condition(cond), settings):
         target = next(m for m in g.members if m.role == "target")
         out[target.prompt_id] = (tuple(m.prompt_id for m in g.members), target.position)
     return out

@@ -15,12 +15,12 @@ from collections import Counter, defaultdict
 
 import pytest
 import yaml
-from conftest import PAPER_TASK_SIZES, ROOT, needs_shared, paper_battery
+from conftest import PAPER_TASK_SIZES, ROOT, condition_settings, needs_shared, paper_battery
 from test_workflow import job_counts, snakemake
 
 from batchflip.battery import build_battery
 from batchflip.conditions import parse_condition
-from batchflip.design import condition_params, overrides, select_subset
+from batchflip.design import select_subset
 from batchflip.generate import build_groups
 
 PAPER = ROOT / "config/paper.yaml"
@@ -52,10 +52,9 @@ def planned_rows(cfg, stdout, battery):
     for study, model, cond in files:
         if (study, cond) not in cache:
             s = cfg["studies"][study]
-            params = condition_params({**s, "condition_overrides": {cond: overrides(s, cond)}},
-                                      cond)
-            prompts = select_subset(battery, params.get("subset")).assign(sent="")
-            groups = build_groups(prompts, parse_condition(cond), params)
+            settings = condition_settings(s, cond)
+            prompts = select_subset(battery, settings.subset).assign(sent="")
+            groups = build_groups(prompts, parse_condition(cond), settings)
             cache[study, cond] = sum(m.role == "target" for g in groups for m in g.members)
         out[study, model, cond] = cache[study, cond]
     return out

@@ -157,9 +157,11 @@ def test_dtype_auto_is_bf16_only_where_it_is_native(cpuinfo, machine, env, cc, w
 
 def test_vllm_launch_resolves_dtype_auto_from_the_servers_host():
     from batchflip.engines.vllm_launch import build_launch
+    from batchflip.settings import GenerationSettings
 
-    params = {"engine": "vllm", "dtype": "auto", "max_new_tokens": 4, "seed": 1,
-              "study": "t", "model": "m", "server": {}}
+    params = GenerationSettings.from_mapping({
+        "engine": "vllm", "dtype": "auto", "max_new_tokens": 4, "seed": 1, "study": "t",
+        "model": "m", "prompt_format": "raw", "server": {}})
     probe = {"vllm_version": "0", "device_type": "cpu", "device": "FakeCPU",
              "compute_capability": None, "attention_backend_env": False,
              "batch_invariant_env": True}

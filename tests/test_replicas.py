@@ -24,6 +24,7 @@ from batchflip.engines.server import ServerEngine, _Launched
 from batchflip.engines.vllm_launch import launch_settings, server_settings
 from batchflip.errors import BatchflipError
 from batchflip.generate import run_job
+from batchflip.settings import GenerationSettings
 
 
 @pytest.mark.parametrize("name,expected", [
@@ -105,16 +106,20 @@ def test_pool_refuses_conditions_with_more_than_one_request_in_flight():
 
 def test_replicas_split_the_memory_share_and_need_one():
     gpu = {"device_type": "cuda"}
-    eff = launch_settings({"server": {"replicas": 2, "gpu_memory_utilization": 0.8}}, gpu)
+
+    def served(**server: object) -> GenerationSettings:
+        return SETTINGS.replace(server=server)
+
+    eff = launch_settings(served(replicas=2, gpu_memory_utilization=0.8), gpu)
     assert eff["gpu_memory_utilization"] == 0.4 and eff["replicas"] == 2
-    one = launch_settings({"server": {"gpu_memory_utilization": 0.8}}, gpu)
+    one = launch_settings(served(gpu_memory_utilization=0.8), gpu)
     assert one["gpu_memory_utilization"] == 0.8 and "replicas" not in one
     with pytest.raises(BatchflipError, match="set server.gpu_memory_utilization"):
-        launch_settings({"server": {"replicas": 2}}, gpu)
+        launch_settings(served(replicas=2), gpu)
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(BatchflipError, match="positive integer"):
-            launch_settings({"server": {"replicas": bad, "gpu_memory_utilization": 0.8}}, gpu)
-    assert server_settings({})["replicas"] == 1
+            launch_settings(served(replicas=bad, gpu_memory_utilization=0.8), gpu)
+    assert server_settings(SETTINGS)["replicas"] == 1
 
 
 # ---- the generate stage over a ServerEngine with replicas (MockTransport doubles) ----------
@@ -183,6 +188,7 @@ def _battery(n: int) -> pd.DataFrame:
 
 PARAMS = {"study": "a", "model": "m", "engine": "vllm", "seed": 42, "dtype": "float16",
           "max_new_tokens": 4, "prompt_format": "raw"}
+SETTINGS = GenerationSettings.from_mapping(PARAMS)
 TIMES = ["t_submit", "t_first", "t_done"]
 
 
@@ -195,7 +201,7 @@ def test_replicated_job_writes_the_rows_of_one_server(tmp_path, monkeypatch, con
         doubles: list[ServerDouble] = []
         engine = _engine(k, doubles)
         out = tmp_path / f"k{k}.parquet"
-        frames.append(run_job(battery, PARAMS, condition, "m", out, tmp_path / f"k{k}.json",
+        frames.append(run_job(battery, SETTINGS, condition, "m", out, tmp_path / f"k{k}.json",
                               engine=engine, progress=False))
         stacks.append(json.loads((tmp_path / f"k{k}.json").read_text()))
         engine.close()
@@ -216,7 +222,7 @@ def test_batched_conditions_stay_on_the_first_replica(tmp_path, monkeypatch):
     monkeypatch.setattr("batchflip.generate.model_fingerprint", lambda d: {"dir": d})
     doubles: list[ServerDouble] = []
     engine = _engine(2, doubles)
-    run_job(_battery(9), PARAMS, "sync_b4", "m", tmp_path / "b.parquet",
+    run_job(_battery(9), SETTINGS, "sync_b4", "m", tmp_path / "b.parquet",
             tmp_path / "b.json", engine=engine, progress=False)
     engine.close()
     assert len(doubles) == 1 and len(doubles[0].prompts) == 12  # 3 groups of 4, padded
@@ -251,7 +257,8 @@ def test_replica_texts_are_byte_identical_to_one_servers(tmp_path, monkeypatch):
                          "log_dir": str(tmp_path / "logs")}}
     frames = []
     for k in (1, 2):
-        p = {**params, "server": {**params["server"], "replicas": k}}
+        p = GenerationSettings.from_mapping(
+            {**params, "server": {**params["server"], "replicas": k}})
         engine = make_engine(p, str(model))
         try:
             frames.append(run_job(battery, p, "sync_b1", str(model), tmp_path / f"{k}.parquet",
@@ -326,10 +333,10 @@ def test_launched_replicas_start_in_turn_share_the_work_and_stop(tmp_path, monke
     out.mkdir()
     program = tmp_path / "fake_vllm.py"  # a file: the log's launch line stays one line
     program.write_text(FAKE_VLLM_DOUBLE)
-    params = {**PARAMS, "server": {
+    params = SETTINGS.replace(server={
         "command": [sys.executable, str(program)], "log_dir": str(tmp_path / "logs"),
         "cache_dir": str(tmp_path / "cache"), "gpu_memory_utilization": 0.8, "replicas": 2,
-        "extra_env": {"FAKE_OUT": str(out)}, "warmup_requests": 1, "stop_grace_s": 5}}
+        "extra_env": {"FAKE_OUT": str(out)}, "warmup_requests": 1, "stop_grace_s": 5})
     live = set(supervise._LIVE)
     engine = srv.make_server_engine(params, "m")
     try:

@@ -30,6 +30,7 @@ from batchflip.engines import Group, Member, supervise, vllm_launch
 from batchflip.engines import server as srv
 from batchflip.engines.openai_client import ClientSettings, CompletionClient
 from batchflip.errors import BatchflipError
+from batchflip.settings import GenerationSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "resources" / "models" / "smollm2-135m"
@@ -42,9 +43,11 @@ FAKE_GPU_PROBE = {**FAKE_CPU_PROBE, "distribution": "vllm", "device_type": "cuda
                   "device": "FakeGPU", "compute_capability": "9.0"}
 
 
-def _params(**server) -> dict:
-    return {"engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 16, "seed": 42,
-            "kernel_mode": "standard", "study": "t", "model": "m", "server": server}
+def _params(**server) -> GenerationSettings:
+    return GenerationSettings.from_mapping({
+        "engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 16, "seed": 42,
+        "kernel_mode": "standard", "study": "t", "model": "m", "prompt_format": "raw",
+        "server": server})
 
 
 def _group(prompts: list[str], roles: list[str] | None = None) -> Group:
@@ -115,7 +118,7 @@ def test_launch_flags_per_key(server, probe, present, absent):
 
 
 def test_cpu_default_executor_runs_the_model_in_the_engine_core_with_study_threads():
-    params = {**_params(), "threads": 3}
+    params = _params().replace(threads=3)
     argv, env, flags = srv.build_launch(params, "m", 1, FAKE_CPU_PROBE)
     assert "--distributed-executor-backend uni" in " ".join(flags)
     # vLLM's CPU platform turns "uni" into "mp" unless multiprocessing is off
@@ -152,9 +155,9 @@ def test_schema_lists_every_server_key():
 
 
 def test_gpu_command_line_batch_invariant_and_attention_backend():
-    params = {**_params(attention_backend="FLASH_ATTN", extra_args=["--block-size", "16"],
-                        extra_env={"VLLM_X": 1}), "kernel_mode": "batch_invariant",
-              "dtype": "float16"}
+    params = _params(attention_backend="FLASH_ATTN", extra_args=["--block-size", "16"],
+                     extra_env={"VLLM_X": 1}).replace(kernel_mode="batch_invariant",
+                                                      dtype="float16")
     argv, env, flags = srv.build_launch(params, "m", 1, FAKE_GPU_PROBE)
     assert env["VLLM_BATCH_INVARIANT"] == "1" and env["VLLM_X"] == "1"
     assert "--enforce-eager" not in argv and "--gpu-memory-utilization" not in argv
@@ -196,7 +199,7 @@ def test_batch_invariant_on_cpu_fails_before_launch(monkeypatch, tmp_path):
         raise AssertionError("nothing may be launched")
 
     monkeypatch.setattr(supervise.subprocess, "Popen", no_launch)
-    params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
+    params = _params(log_dir=str(tmp_path)).replace(kernel_mode="batch_invariant")
     with pytest.raises(BatchflipError, match="batch_invariant.*CPU.*Triton"):
         srv.make_server_engine(params, str(MODEL))
     assert not list(tmp_path.iterdir())
@@ -211,7 +214,7 @@ def test_batch_invariant_below_compute_capability_9_fails_before_launch(monkeypa
         raise AssertionError("nothing may be launched")
 
     monkeypatch.setattr(supervise.subprocess, "Popen", no_launch)
-    params = {**_params(log_dir=str(tmp_path)), "kernel_mode": "batch_invariant"}
+    params = _params(log_dir=str(tmp_path)).replace(kernel_mode="batch_invariant")
     with pytest.raises(BatchflipError, match=r"compute capability >= 9\.0.*A100.*8\.0"):
         srv.make_server_engine(params, str(MODEL))
     assert not list(tmp_path.iterdir())
@@ -317,10 +320,9 @@ FAKE_OPENAI_SERVER = textwrap.dedent("""
     ("INFO nothing about kernels here", False)])
 def test_launched_server_is_verified_or_stopped(monkeypatch, tmp_path, line, ok):
     monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_GPU_PROBE)
-    params = {**_params(command=[sys.executable, "-c", FAKE_OPENAI_SERVER],
-                        log_dir=str(tmp_path), extra_env={"FAKE_LOG_LINE": line},
-                        warmup_requests=1, stop_grace_s=5),
-              "kernel_mode": "batch_invariant"}
+    params = _params(command=[sys.executable, "-c", FAKE_OPENAI_SERVER],
+                     log_dir=str(tmp_path), extra_env={"FAKE_LOG_LINE": line},
+                     warmup_requests=1, stop_grace_s=5).replace(kernel_mode="batch_invariant")
     live = set(supervise._LIVE)
     if not ok:
         with pytest.raises(BatchflipError, match="no sign that batch-invariant kernels"):
@@ -341,10 +343,10 @@ def test_launched_server_is_verified_or_stopped(monkeypatch, tmp_path, line, ok)
     assert engine.server is not None and srv.process_tree(engine.server.pid) == set()
 
 
-def test_unknown_kernel_mode(monkeypatch):
-    monkeypatch.setattr(srv, "probe_vllm", lambda python: FAKE_CPU_PROBE)
-    with pytest.raises(BatchflipError, match="kernel_mode 'fast'"):
-        srv.make_server_engine({**_params(), "kernel_mode": "fast"}, str(MODEL))
+def test_unknown_kernel_mode():
+    with pytest.raises(BatchflipError, match="kernel_mode must be one of standard, "
+                                             "batch_invariant, got 'fast'"):
+        _params().replace(kernel_mode="fast")
 
 
 # A stand-in for the server command: prints 60 numbered lines and exits with status 3.
@@ -390,12 +392,12 @@ def test_startup_timeout_stops_the_whole_group(monkeypatch, tmp_path):
 
 
 def test_requests_name_the_models_served_name_and_endpoint_models_load_no_tokenizer():
-    params = {**_params(base_url="http://h:1", model="study-wide"), "engine": "openai"}
+    params = _params(base_url="http://h:1", model="study-wide").replace(engine="openai")
     cfg = vllm_launch.server_settings(params)
     client = srv._client_for(params, cfg, "http://h:1", "resources/models/m")
     assert client.s.model == "study-wide" and client._tokenizer_loader is not None
     client.close()
-    params["served_model"] = "llama3.2:1b-instruct-q8_0"
+    params = params.replace(served_model="llama3.2:1b-instruct-q8_0")
     client = srv._client_for(params, cfg, "http://h:1", "endpoint:llama3.2:1b-instruct-q8_0")
     assert client.s.model == "llama3.2:1b-instruct-q8_0" and client._tokenizer_loader is None
     client.close()
@@ -403,7 +405,7 @@ def test_requests_name_the_models_served_name_and_endpoint_models_load_no_tokeni
 
 def test_openai_engine_needs_base_url():
     with pytest.raises(BatchflipError, match="base_url"):
-        srv.make_server_engine({**_params(), "engine": "openai"}, "m")
+        srv.make_server_engine(_params().replace(engine="openai"), "m")
 
 
 # ---- credentials (issue 21): keys go only where the user said --------------------------------
@@ -412,7 +414,7 @@ def test_openai_engine_needs_base_url():
                                       "http://127.0.0.1:8000"])
 def test_no_token_is_sent_unless_the_config_names_its_variable(monkeypatch, base_url):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-user-secret")
-    params = {**_params(base_url=base_url), "engine": "openai"}
+    params = _params(base_url=base_url).replace(engine="openai")
     client = srv._client_for(params, vllm_launch.server_settings(params), base_url, "m")
     assert client.s.api_key is None  # the default api_key_env is none
     client.close()
@@ -425,7 +427,7 @@ def test_no_token_is_sent_unless_the_config_names_its_variable(monkeypatch, base
     ("HTTP://evil.example.org:80", False)])
 def test_a_named_token_never_goes_over_plain_http_to_another_host(monkeypatch, base_url, sent):
     monkeypatch.setenv("MY_TOKEN", "sk-user-secret")
-    params = {**_params(base_url=base_url, api_key_env="MY_TOKEN"), "engine": "openai"}
+    params = _params(base_url=base_url, api_key_env="MY_TOKEN").replace(engine="openai")
     cfg = vllm_launch.server_settings(params)
     if not sent:
         with pytest.raises(BatchflipError, match=r"refusing to send \$MY_TOKEN .*plain http"):
@@ -988,10 +990,11 @@ def test_logprobs_switched_on_after_warmup_settle_the_names():
     client.warmup(1)
     assert len(seen) == 1 and NAMES_FIELD not in seen[0]
     engine = srv.ServerEngine("openai", client, {})
-    engine.use_request_settings({"max_new_tokens": 8, "logprobs": 2})
+    request = _params().replace(max_new_tokens=8, logprobs=2)
+    engine.use_request_settings(request)
     assert len(seen) == 3 and NAMES_FIELD not in seen[-1]  # rejected, then without it
     assert engine.fingerprint()["client"]["logprob_token_names"] == "text"
-    engine.use_request_settings({"max_new_tokens": 8, "logprobs": 2})  # settled: no probe
+    engine.use_request_settings(request)  # settled: no probe
     assert len(seen) == 3
     engine.close()
 
@@ -1013,7 +1016,7 @@ def test_text_named_logprobs_fill_the_columns_and_the_stack(tmp_path, monkeypatc
               "dtype": "bfloat16", "max_new_tokens": 8, "prompt_format": "raw",
               "logprobs": 2}
     out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
-    run_job(battery, params, "sync_b1", "nomodel", out, stack,
+    run_job(battery, GenerationSettings.from_mapping(params), "sync_b1", "nomodel", out, stack,
             engine=srv.ServerEngine("openai", client, {}), progress=False)
     row = pd.read_parquet(out).iloc[0]
     assert list(row["token_logprobs"]) == [-0.1, -1.2]
@@ -1070,8 +1073,8 @@ def test_real_probe_refuses_batch_invariant_on_cpu(tmp_path, vllm_model):
     if probe["device_type"] != "cpu":
         pytest.skip("vLLM here is not a CPU build")
     with pytest.raises(BatchflipError, match="batch_invariant"):
-        srv.make_server_engine({**_params(log_dir=str(tmp_path)),
-                                "kernel_mode": "batch_invariant"}, str(MODEL))
+        srv.make_server_engine(
+            _params(log_dir=str(tmp_path)).replace(kernel_mode="batch_invariant"), str(MODEL))
     assert not list(tmp_path.iterdir())
 
 
@@ -1152,10 +1155,11 @@ KILL_SCRIPT = textwrap.dedent("""
     from batchflip.conditions import parse_condition
     from batchflip.engines import Group, Member
     from batchflip.engines.server import make_server_engine
+    from batchflip.settings import GenerationSettings
     params = {"engine": "vllm", "dtype": "bfloat16", "max_new_tokens": 32, "seed": 42,
-              "kernel_mode": "standard", "study": "kill", "model": "m",
+              "kernel_mode": "standard", "study": "kill", "model": "m", "prompt_format": "raw",
               "server": {"log_dir": sys.argv[2], "stop_grace_s": 15}}
-    engine = make_server_engine(params, sys.argv[1])
+    engine = make_server_engine(GenerationSettings.from_mapping(params), sys.argv[1])
     print("READY", engine.server.pid, engine.server.base_url, flush=True)
     group = Group(0, tuple(Member(i, "target", str(i), "Tell me a long story number %d." % i)
                            for i in range(4)))
@@ -1258,7 +1262,7 @@ def test_cpu_launch_drops_inherited_thread_counts(monkeypatch):
     assert "OMP_NUM_THREADS" not in full and "MKL_NUM_THREADS" not in full
     assert full["VLLM_BATCH_INVARIANT"] == "0"
     # the default (uni) executor: the study's threads, not the inherited count
-    _, env, _ = srv.build_launch({**_params(), "threads": 1}, "/models/x", 4321,
+    _, env, _ = srv.build_launch(_params().replace(threads=1), "/models/x", 4321,
                                  FAKE_CPU_PROBE)
     full = srv.server_environ(env)
     assert full["OMP_NUM_THREADS"] == "1" and "MKL_NUM_THREADS" not in full
@@ -1296,10 +1300,10 @@ def _gpu_model_dir() -> str:
     return model
 
 
-def _gpu_params(tmp_path, **kw) -> dict:
+def _gpu_params(tmp_path, **kw) -> GenerationSettings:
     server = {"log_dir": str(tmp_path / "logs"), "enforce_eager": True,
               "gpu_memory_utilization": 0.4, "max_model_len": 2048, **kw.pop("server", {})}
-    return {**_params(**server), "max_new_tokens": 32, **kw}
+    return _params(**server).replace(max_new_tokens=32, **kw)
 
 
 def _prefix_cache_hits(base_url: str) -> float:

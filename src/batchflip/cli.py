@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from batchflip.errors import BatchflipError
+from batchflip.kinds import KINDS
 
 # subcommand -> (module implementing configure/main, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -24,11 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "divergence": ("batchflip.divergence",
                    "where greedy paths diverge: margins and noise (needs logprobs)"),
     "screen": ("batchflip.screen", "rank a run's prompts by their minimum logprob margin"),
-    # one group per study kind (batchflip.studies)
-    "discovery": ("batchflip.studies.discovery", "Study A: flip rates and output identity"),
-    "models": ("batchflip.studies.models", "Study B: fragility and instability across models"),
-    "composition": ("batchflip.studies.composition", "Study C: co-batch composition"),
-    "ablation": ("batchflip.studies.ablation", "Study D: kernel-mode ablation"),
+    # one group per study kind (batchflip.kinds)
+    **{kind.name: (kind.module, kind.help) for kind in KINDS.values()},
     "enriched": ("batchflip.studies.enriched",
                  "enriched subset: select boundary prompts, compare rates"),
     "keyed": ("batchflip.keyed", "content-keyed generation: pick, check"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import pandas as pd
 
 from batchflip.checkpoint import Checkpoint, checkpoint_path
 from batchflip.conditions import BATCHED_DISPATCHES, CONC, Condition, parse_condition
-from batchflip.design import condition_params, select_subset
+from batchflip.design import select_subset
 from batchflip.engines import Engine, Group, Member, Result, StreamEngine
 from batchflip.engines.replicas import one_in_flight
 from batchflip.errors import BatchflipError
@@ -33,6 +34,7 @@ from batchflip.layout import SERVER_ENGINES, launch_key
 from batchflip.model import check_model_dir, model_fingerprint
 from batchflip.prompts import format_prompts
 from batchflip.records import GENERATION_COLUMNS, LOGPROB_COLUMNS
+from batchflip.settings import GenerationSettings
 
 
 def _rng(seed: int, *keys: str) -> np.random.Generator:
@@ -40,7 +42,7 @@ def _rng(seed: int, *keys: str) -> np.random.Generator:
     return np.random.default_rng([seed, *(zlib.crc32(k.encode()) for k in keys)])
 
 
-def pool_ids(battery: pd.DataFrame, pools: dict[str, Any], name: str) -> list[str]:
+def pool_ids(battery: pd.DataFrame, pools: Mapping[str, Any], name: str) -> list[str]:
     """Prompt ids of a filler pool defined by tasks (``{tasks: [...]}``)."""
     spec = pools.get(name)
     if spec is None or "tasks" not in spec:
@@ -51,11 +53,12 @@ def pool_ids(battery: pd.DataFrame, pools: dict[str, Any], name: str) -> list[st
     return ids
 
 
-def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any]) -> list[Group]:
+def build_groups(battery: pd.DataFrame, cond: Condition, settings: GenerationSettings
+                 ) -> list[Group]:
     """The groups a condition dispatches, in order; prompts are the battery's ``sent`` text."""
     sent = dict(zip(battery["prompt_id"], battery["sent"], strict=True))
     ids = battery["prompt_id"].tolist()
-    seed = int(params["seed"])
+    seed = settings.seed
     groups: list[Group] = []
     if cond.dispatch == CONC:  # one group per prompt, streamed by the engine (conditions)
         return [Group(gid, (Member(0, "target", pid, sent[pid]),))
@@ -70,11 +73,11 @@ def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any])
                         for k, pid in enumerate(fill)]
             groups.append(Group(gid, tuple(members)))
         return groups
-    targets = battery.loc[battery["task"].isin(params["cobatch_targets"]), "prompt_id"].tolist()
+    tasks = list(settings.cobatch_targets or [])
+    targets = battery.loc[battery["task"].isin(tasks), "prompt_id"].tolist()
     if not targets:
-        raise BatchflipError(f"condition '{cond.name}': no targets in tasks "
-                             f"{params['cobatch_targets']}")
-    pools = params.get("filler_pools", {})
+        raise BatchflipError(f"condition '{cond.name}': no targets in tasks {tasks}")
+    pools = settings.filler_pools or {}
     for gid, target in enumerate(targets):
         if cond.pool == "solo":
             groups.append(Group(gid, (Member(0, "target", target, sent[target]),)))
@@ -87,7 +90,7 @@ def build_groups(battery: pd.DataFrame, cond: Condition, params: dict[str, Any])
     return groups
 
 
-def draw_group(seed: int, battery: pd.DataFrame, pools: dict[str, Any], pool: str,
+def draw_group(seed: int, battery: pd.DataFrame, pools: Mapping[str, Any], pool: str,
                target: str, batch_size: int) -> tuple[list[str], int]:
     """A target's fillers (in order) and its position in a group of ``batch_size``.
 
@@ -105,7 +108,7 @@ def draw_group(seed: int, battery: pd.DataFrame, pools: dict[str, Any], pool: st
     return fillers, pos
 
 
-def _draw_fillers(rng: np.random.Generator, battery: pd.DataFrame, pools: dict[str, Any],
+def _draw_fillers(rng: np.random.Generator, battery: pd.DataFrame, pools: Mapping[str, Any],
                   pool: str, target: str, n: int) -> list[str]:
     """Seeded draw without replacement; a ``mix`` pool draws from several pools."""
     spec = pools.get(pool)
@@ -125,9 +128,10 @@ def _draw_fillers(rng: np.random.Generator, battery: pd.DataFrame, pools: dict[s
     return out
 
 
-def job_key(params: dict[str, Any], condition: str, battery_sha: str, stack_id: str) -> str:
+def job_key(settings: GenerationSettings, condition: str, battery_sha: str, stack_id: str
+            ) -> str:
     """Identity of a generation job: resume only continues a job with the same key."""
-    blob = json.dumps([params, condition, battery_sha, stack_id], sort_keys=True)
+    blob = json.dumps([settings.as_dict(), condition, battery_sha, stack_id], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -147,20 +151,15 @@ def stack_fingerprint(engine: Engine, model_dir: str, extra: dict[str, Any]) -> 
     return stack
 
 
-def make_engine(params: dict[str, Any], model_dir: str) -> Engine:
-    """Construct the engine named in the study params."""
-    name = params["engine"]
-    if name == "hf":
+def make_engine(settings: GenerationSettings, model_dir: str) -> Engine:
+    """Construct the engine the settings name."""
+    if settings.engine == "hf":
         from batchflip.engines.hf import HFEngine
 
-        return HFEngine(model_dir, params["dtype"], int(params["max_new_tokens"]),
-                        int(params["seed"]), params.get("kernel_mode", "standard"),
-                        threads=params.get("threads"), logprobs=int(params.get("logprobs", 0)))
-    if name in ("vllm", "openai"):
-        from batchflip.engines.server import make_server_engine
+        return HFEngine.from_settings(settings, model_dir)
+    from batchflip.engines.server import make_server_engine
 
-        return make_server_engine(params, model_dir)
-    raise BatchflipError(f"engine '{name}': must be one of hf, vllm, openai")
+    return make_server_engine(settings, model_dir)
 
 
 def stream_engine(engine: Engine, condition: str) -> StreamEngine:
@@ -190,7 +189,7 @@ def _rows(group: Group, results: list[Result], base: dict[str, Any],
     return rows
 
 
-def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model_dir: str,
+def run_job(battery: pd.DataFrame, settings: GenerationSettings, condition: str, model_dir: str,
             out: Path, stack_out: Path, engine: Engine | None = None,
             progress: bool = True, keep_checkpoint: bool = False) -> pd.DataFrame:
     """Generate every group of ``condition`` (resuming), write records and fingerprint.
@@ -199,47 +198,47 @@ def run_job(battery: pd.DataFrame, params: dict[str, Any], condition: str, model
     conditions removes them only once all are written, because Snakemake deletes every
     output of a failed job and the next try must not regenerate conditions already done.
 
-    The condition's scope settings (``condition_overrides``) are merged into ``params`` and
-    a ``subset`` narrows the battery first (batchflip.design).
+    The condition's scope settings (``condition_overrides``) are merged into ``settings``
+    and a ``subset`` narrows the battery first (batchflip.design).
     """
     from tqdm import tqdm
 
     cond = parse_condition(condition)
-    params = condition_params(params, condition)
-    battery = select_subset(battery, params.get("subset")).copy()
+    settings = settings.for_condition(condition)
+    battery = select_subset(battery, settings.subset).copy()
     if (cond.dispatch in BATCHED_DISPATCHES and not cond.composition
             and cond.batch_size > len(battery)):
         raise BatchflipError(
-            f"study '{params.get('study')}', condition '{condition}': batches of "
+            f"study '{settings.study}', condition '{condition}': batches of "
             f"{cond.batch_size} prompts, but the study sends only {len(battery)} prompts in it "
             f"(after subset and scopes); its one group would be recorded as batch_size "
             f"{cond.batch_size}")
-    battery["sent"] = format_prompts(battery["prompt"].tolist(), params["prompt_format"],
-                                     model_dir, params.get("system_prompt"))
-    groups = build_groups(battery, cond, params)
+    battery["sent"] = format_prompts(battery["prompt"].tolist(), settings.prompt_format,
+                                     model_dir, settings.system_prompt)
+    groups = build_groups(battery, cond, settings)
     own_engine = engine is None
-    engine = engine or make_engine(params, model_dir)
+    engine = engine or make_engine(settings, model_dir)
     try:
-        logprobs = int(params.get("logprobs", 0))
+        logprobs = settings.logprobs
         stack = stack_fingerprint(engine, model_dir, {
-            "prompt_format": params["prompt_format"], "max_new_tokens": params["max_new_tokens"],
-            "seed": params["seed"], **({"logprobs": logprobs} if logprobs else {})})
+            "prompt_format": settings.prompt_format, "max_new_tokens": settings.max_new_tokens,
+            "seed": settings.seed, **({"logprobs": logprobs} if logprobs else {})})
         battery_sha = hashlib.sha256(
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()
-        key = job_key(params, condition, battery_sha, stack["stack_id"])
+        key = job_key(settings, condition, battery_sha, stack["stack_id"])
         ckpt = Checkpoint(out, key)
         done = ckpt.done
-        base = {"study": params["study"], "model": params["model"], "condition": condition,
+        base = {"study": settings.study, "model": settings.model, "condition": condition,
                 "batch_size": cond.batch_size, "dispatch": cond.dispatch,
-                "kernel_mode": params.get("kernel_mode", "standard"),
-                "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
+                "kernel_mode": settings.kernel_mode, "seed": settings.seed,
+                "stack_id": stack["stack_id"]}
         todo = [g for g in groups if g.group_id not in done]
         if done:
             print(f"resuming {out}: {len(done)} of {len(groups)} groups already done",
                   file=sys.stderr)
         with ckpt:
-            bar = tqdm(total=len(todo), desc=f"{params['model']}/{condition}", unit="group",
+            bar = tqdm(total=len(todo), desc=f"{settings.model}/{condition}", unit="group",
                        disable=not progress, file=sys.stderr)
 
             def finished(group: Group, results: list[Result]) -> None:
@@ -296,18 +295,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true")
 
 
-def _check_parts(parts: list[dict[str, Any]]) -> None:
+def _check_parts(parts: list[GenerationSettings]) -> None:
     """Parts share one engine only on a server engine and with the same launch settings."""
     if len(parts) < 2:
         return
     first = parts[0]
-    if first["engine"] not in SERVER_ENGINES:
-        raise BatchflipError(f"engine '{first['engine']}': only server engines (vllm, openai) "
+    if first.engine not in SERVER_ENGINES:
+        raise BatchflipError(f"engine '{first.engine}': only server engines (vllm, openai) "
                              "run several studies in one job")
     for p in parts[1:]:
-        if launch_key(p) != launch_key(first):
-            raise BatchflipError(f"study '{p.get('study')}' cannot share the server of study "
-                                 f"'{first.get('study')}': their launch settings differ")
+        if launch_key(p.as_dict()) != launch_key(first.as_dict()):
+            raise BatchflipError(f"study '{p.study}' cannot share the server of study "
+                                 f"'{first.study}': their launch settings differ")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -317,9 +316,9 @@ def main(args: argparse.Namespace) -> int:
         raise BatchflipError("give one --out and one --stack-out per --condition")
     if len(args.battery) != len(args.params):
         raise BatchflipError("give one --battery per --params")
-    parts = [json.loads(p) for p in args.params]
+    parts = [GenerationSettings.from_json(p) for p in args.params]
     _check_parts(parts)
-    check_model_dir(args.model_dir, parts[0].get("model"))
+    check_model_dir(args.model_dir, parts[0].model)
     batteries = [read_parquet(b) for b in args.battery]
     from batchflip.engines.server import ServerEngine
 

@@ -36,23 +36,29 @@ from typing import IO, Any
 
 from batchflip.errors import BatchflipError
 from batchflip.platform_facts import nvidia_smi
+from batchflip.settings import GenerationSettings
 
 LOCK_DIR_ENV = "BATCHFLIP_GPU_LOCK_DIR"
 TIMEOUT_ENV = "BATCHFLIP_GPU_LEASE_TIMEOUT"
 
 
-def needs_gpu(params: Mapping[str, Any]) -> bool:
-    """True when a job with these study settings loads a model on an accelerator.
+def loads_model(engine: str, server: Mapping[str, Any] | None) -> bool:
+    """True when a job of this engine and server settings loads a model on an accelerator.
 
     ``hf`` loads the model in the job (on CUDA when there is one); ``vllm`` launches a
     server unless ``server.base_url`` names a running one; ``openai`` never launches.
     """
-    engine = params.get("engine")
     if engine == "hf":
         return True
     if engine == "vllm":
-        return not (params.get("server") or {}).get("base_url")
+        return not (server or {}).get("base_url")
     return False
+
+
+def needs_gpu(study: Mapping[str, Any]) -> bool:
+    """:func:`loads_model` for a study entry (its ``engine`` and ``server``; the rules'
+    ``gpu`` resource)."""
+    return loads_model(study.get("engine", ""), study.get("server"))
 
 
 def visible_devices(env: Mapping[str, str] | None = None) -> list[str]:
@@ -159,16 +165,16 @@ def _timeout(env: Mapping[str, str]) -> float | None:
 
 
 @contextmanager
-def lease_for(params: Mapping[str, Any],
+def lease_for(settings: GenerationSettings,
               env: MutableMapping[str, str] | None = None) -> Iterator[GpuLease | None]:
-    """Lease a device for a job with these study settings and point CUDA at it.
+    """Lease a device for a job with these settings and point CUDA at it.
 
     Yields the lease, or None when the job needs no GPU or none is visible (CPU runs).
     Sets ``CUDA_VISIBLE_DEVICES`` in ``env`` (default: this process's environment) before
     the engine is made, so a launched server inherits it.
     """
     env = os.environ if env is None else env
-    if not needs_gpu(params):
+    if not loads_model(settings.engine, settings.server):
         yield None
         return
     own_list = env.get("CUDA_VISIBLE_DEVICES") is None
@@ -176,8 +182,8 @@ def lease_for(params: Mapping[str, Any],
     if not devices:
         yield None
         return
-    note = (f"pid {os.getpid()} study {params.get('study')} model {params.get('model')} "
-            f"kernel_mode {params.get('kernel_mode', 'standard')}")
+    note = (f"pid {os.getpid()} study {settings.study} model {settings.model} "
+            f"kernel_mode {settings.kernel_mode}")
     lease = acquire(devices, lock_dir(env), _timeout(env), note=note)
     with lease:
         env["CUDA_VISIBLE_DEVICES"] = lease.device

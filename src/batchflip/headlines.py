@@ -13,6 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from batchflip.kinds import KINDS
+
 Record = dict[str, Any]
 Numbers = dict[str, Record]
 
@@ -188,9 +190,9 @@ def models(numbers: Numbers, study: str) -> list[Part]:
             *scalar(numbers, f"{study}/instability_fragility_r", "r"), Part(".")]
 
 
+# study kind -> its writer (batchflip.kinds names it)
 WRITERS: dict[str, Callable[[Numbers, str], list[Part]]] = {
-    "discovery": discovery, "composition": composition, "ablation": ablation,
-    "models": models}
+    name: globals()[kind.headline] for name, kind in KINDS.items()}
 
 
 def headlines(numbers: Numbers, kinds: Mapping[str, str]) -> list[Headline]:

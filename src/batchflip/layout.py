@@ -69,6 +69,7 @@ from typing import Any, NamedTuple
 from batchflip.conditions import GROUPING, parse_condition
 from batchflip.design import conditions_for, overrides
 from batchflip.errors import BatchflipError
+from batchflip.kinds import KINDS
 
 Config = Mapping[str, Any]
 
@@ -550,12 +551,7 @@ def screen_paths(config: Config, study: str) -> list[str]:
 
 # figures each kind of study contributes to the paper (flip_agreement only where it has a
 # pair to draw: :func:`study_figures`)
-FIGURES_BY_KIND = {
-    "discovery": ["flip_rates", "identity", "flip_agreement"],
-    "composition": ["composition"],
-    "ablation": ["ablation"],
-    "models": ["models"],
-}
+FIGURES_BY_KIND = {name: list(kind.figures) for name, kind in KINDS.items()}
 
 
 def has_agreement(config: Config, study: str) -> bool:

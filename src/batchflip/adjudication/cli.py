@@ -21,7 +21,7 @@ from batchflip.adjudication.export import (
     render_sheet,
     write_bytes,
 )
-from batchflip.adjudication.results import _read_flips, compute_results
+from batchflip.adjudication.results import compute_results, read_all_flips
 from batchflip.adjudication.sheets import VERDICTS, load_schema, read_ratings
 from batchflip.bundled import ADJUDICATION_SCHEMA
 from batchflip.errors import BatchflipError
@@ -86,7 +86,7 @@ def _write_csv(df: pd.DataFrame, path: str | Path) -> None:
 def _export(args: argparse.Namespace) -> int:
     if len(set(args.raters)) != len(args.raters):
         raise BatchflipError(f"--raters names a rater twice: {args.raters}")
-    flips = _read_flips(args.flips)
+    flips = read_all_flips(args.flips)
     battery = read_records(args.battery, ["prompt_id", "prompt"])
     key, texts = build_export(flips, args.scored, battery, args.study, args.seed,
                               args.domains, args.include_text_changes,
@@ -116,7 +116,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _results(args: argparse.Namespace) -> int:
     key = read_records(args.key, KEY_COLUMNS)
     ratings = read_ratings(args.ratings, key, load_schema(args.schema))
-    flips = _read_flips(args.flips)
+    flips = read_all_flips(args.flips)
     scored = None
     if args.scored:
         scored = _read_scored(args.scored, pd.concat([

@@ -87,8 +87,9 @@ def corrected_rate(k_flip: int, n_rows: int, k_genuine: int, n_adjudicated: int,
             "automated_ci_each": [i1.low, i1.high], "genuine_ci_each": [i2.low, i2.high]}
 
 
-def _read_flips(paths: Sequence[str]) -> pd.DataFrame:
-    """The current flip records of every file (``FLIP_COLUMNS``)."""
+def read_all_flips(paths: Sequence[str]) -> pd.DataFrame:
+    """The current flip records of every file in one frame (``FLIP_COLUMNS``; one file:
+    batchflip.flips.read_flips)."""
     frames = [read_flips(p) for p in paths]
     if not frames:
         raise BatchflipError("no flip files given")

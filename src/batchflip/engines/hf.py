@@ -30,6 +30,7 @@ from batchflip.conditions import CONC, Condition
 from batchflip.engines import Group, Result
 from batchflip.errors import BatchflipError
 from batchflip.platform_facts import cpu_facts, host_facts, resolve_dtype
+from batchflip.settings import DEFAULT_KERNEL_MODE, KERNEL_MODES, GenerationSettings
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -52,7 +53,7 @@ class HFEngine:
     name = "hf"
 
     def __init__(self, model_dir: str, dtype: str, max_new_tokens: int, seed: int,
-                 kernel_mode: str = "standard", device: str | None = None,
+                 kernel_mode: str = DEFAULT_KERNEL_MODE, device: str | None = None,
                  threads: int | None = None, logprobs: int = 0) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -79,11 +80,17 @@ class HFEngine:
             from batchflip.engines import invariant
 
             self.kernel_flags = invariant.enable(self.model)
-        elif kernel_mode != "standard":
-            raise BatchflipError(f"kernel_mode '{kernel_mode}': hf supports standard, "
-                                 "batch_invariant")
+        elif kernel_mode not in KERNEL_MODES:
+            raise BatchflipError(f"kernel_mode '{kernel_mode}': hf supports "
+                                 f"{', '.join(KERNEL_MODES)}")
         self.eos_ids = set(_as_list(self.model.generation_config.eos_token_id))
         self.eos_ids.add(self.tokenizer.eos_token_id)
+
+    @classmethod
+    def from_settings(cls, settings: GenerationSettings, model_dir: str) -> HFEngine:
+        """The engine a job's settings describe."""
+        return cls(model_dir, settings.dtype, settings.max_new_tokens, settings.seed,
+                   settings.kernel_mode, threads=settings.threads, logprobs=settings.logprobs)
 
     def fingerprint(self) -> dict[str, Any]:
         """Engine, library versions, device, host (CPU model and vector ISA; on GPU the

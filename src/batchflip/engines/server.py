@@ -1,6 +1,6 @@
 """Server engines ``vllm`` and ``openai``: the engine over a launched or running server.
 
-``make_server_engine(params, model_dir)`` returns a :class:`ServerEngine`:
+``make_server_engine(settings, model_dir)`` returns a :class:`ServerEngine`:
 
 - engine ``vllm`` launches ``python -m vllm.entrypoints.openai.api_server`` on loopback
   (a free port unless one is configured; another ``host`` needs ``expose_host: true``)
@@ -18,7 +18,7 @@ that model under, e.g. an Ollama tag), else ``server.model``, else the first id
 ``/v1/models`` lists. A ``source: endpoint`` model has no files here, so its token ids are
 the server's or ``unavailable`` (no client-side tokenizer).
 
-Launch settings (``params["server"]``), the kernel-mode checks and why prefix caching is off:
+Launch settings (``settings.server``), the kernel-mode checks and why prefix caching is off:
 :mod:`batchflip.engines.vllm_launch`; the launched process's lifecycle:
 :mod:`batchflip.engines.supervise`.
 
@@ -70,7 +70,6 @@ from batchflip.engines.supervise import VLLMServer, process_tree, stop_all_serve
 from batchflip.engines.vllm_cache import cache_env, count_files, startup_facts
 from batchflip.engines.vllm_launch import (
     BATCH_INVARIANT_SIGNS,
-    KERNEL_MODES,
     SERVER_DEFAULTS,
     build_launch,
     check_batch_invariant_log,
@@ -88,6 +87,7 @@ from batchflip.engines.vllm_launch import (
 )
 from batchflip.errors import BatchflipError
 from batchflip.model import ENDPOINT_PREFIX
+from batchflip.settings import KERNEL_MODES, GenerationSettings
 
 # re-exported for callers of this module (tests, the generate stage)
 __all__ = ["BATCH_INVARIANT_SIGNS", "KERNEL_MODES", "SERVER_DEFAULTS", "ServerEngine",
@@ -122,13 +122,13 @@ class ServerEngine:
                                "logprob_token_names": self.client.logprob_token_names}
                               if self.client.s.logprobs else {})}}
 
-    def use_request_settings(self, params: dict[str, Any]) -> None:
+    def use_request_settings(self, settings: GenerationSettings) -> None:
         """Switch to a study's request settings (new tokens, logprobs) between the studies
         of a shared server job; the launch settings are the same by construction
         (batchflip.layout.LAUNCH_KEYS)."""
         for client in self._clients():
-            client.s.max_tokens = int(params["max_new_tokens"])
-            client.s.logprobs = int(params.get("logprobs", 0))
+            client.s.max_tokens = settings.max_new_tokens
+            client.s.logprobs = settings.logprobs
             if client.warmed_up:  # logprobs switched on after the warm-up: settle names
                 client.negotiate_logprobs()
 
@@ -217,8 +217,8 @@ class ServerEngine:
                     server.stop()
 
 
-def _log_name(params: dict[str, Any], kernel_mode: str, replica: int = 0) -> str:
-    parts = [str(params.get("study", "study")), str(params.get("model", "model")), kernel_mode,
+def _log_name(settings: GenerationSettings, replica: int = 0) -> str:
+    parts = [settings.study, settings.model, settings.kernel_mode,
              time.strftime("%Y%m%d-%H%M%S"), str(os.getpid())]
     if replica:
         parts.append(f"r{replica}")
@@ -269,7 +269,7 @@ def check_host(cfg: dict[str, Any]) -> None:
           "beyond this machine; requests need its per-launch key", file=sys.stderr)
 
 
-def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
+def _client_for(settings: GenerationSettings, cfg: dict[str, Any], base_url: str,
                 model_dir: str, launched_key: str | None = None) -> CompletionClient:
     """The client of a server: a launched one's own key, else api_key_for."""
     def load_tokenizer() -> Any:
@@ -279,11 +279,11 @@ def _client_for(params: dict[str, Any], cfg: dict[str, Any], base_url: str,
 
     key = launched_key or api_key_for(cfg, base_url)
     settings = ClientSettings(
-        base_url=base_url, model=params.get("served_model") or cfg["model"],
-        max_tokens=int(params["max_new_tokens"]),
-        seed=int(params["seed"]), request_timeout_s=float(cfg["request_timeout_s"]),
+        base_url=base_url, model=settings.served_model or cfg["model"],
+        max_tokens=settings.max_new_tokens,
+        seed=settings.seed, request_timeout_s=float(cfg["request_timeout_s"]),
         max_retries=int(cfg["max_retries"]), retry_backoff_s=float(cfg["retry_backoff_s"]),
-        api_key=key or None, logprobs=int(params.get("logprobs", 0)))
+        api_key=key or None, logprobs=settings.logprobs)
     endpoint_only = model_dir.startswith(ENDPOINT_PREFIX)  # no tokenizer files here
     return CompletionClient(settings, tokenizer_loader=None if endpoint_only else load_tokenizer)
 
@@ -306,21 +306,19 @@ def _prepare_client(client: CompletionClient, cfg: dict[str, Any], base_url: str
     return models
 
 
-def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
+def make_server_engine(settings: GenerationSettings, model_dir: str) -> ServerEngine:
     """Engine ``vllm`` (launch or ``base_url``) or ``openai`` (``base_url`` only)."""
-    name = params["engine"]
-    cfg = server_settings(params)
-    kernel_mode = params.get("kernel_mode", "standard")
+    name = settings.engine
+    cfg = server_settings(settings)
+    kernel_mode = settings.kernel_mode
     if name == "openai" or (name == "vllm" and cfg["base_url"]):
         if not cfg["base_url"]:
             raise BatchflipError("engine openai needs server.base_url (e.g. "
                                  "http://127.0.0.1:8000)")
-        if kernel_mode not in KERNEL_MODES:
-            raise BatchflipError(f"kernel_mode '{kernel_mode}': must be one of {KERNEL_MODES}")
         if replica_count(cfg) > 1:
             raise BatchflipError(f"server.replicas {cfg['replicas']}: replicas are servers "
                                  "this engine launches; a server.base_url cannot have them")
-        client = _client_for(params, cfg, cfg["base_url"], model_dir)
+        client = _client_for(settings, cfg, cfg["base_url"], model_dir)
         try:
             models = _prepare_client(client, cfg, cfg["base_url"])
             version = client.get_json("/version")
@@ -331,7 +329,7 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
                  "engine_version": version.get("version") if isinstance(version, dict) else None,
                  "base_url": cfg["base_url"].rstrip("/"), "served_model": client.s.model,
                  "server_models": _models_summary(models), "server_version": version,
-                 "launched": False, "dtype": params.get("dtype"), "dtype_source": "declared",
+                 "launched": False, "dtype": settings.dtype, "dtype_source": "declared",
                  "kernel_mode": kernel_mode, "kernel_mode_source": "declared",
                  "device": None, "attention_backend": None}
         return ServerEngine(name, client, facts)
@@ -342,8 +340,8 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
     probe = probe_vllm(python)
     check_kernel_mode(kernel_mode, probe)
     check_host(cfg)
-    eff = launch_settings(params, probe)  # checks server.replicas
-    first = _launch(params, cfg, probe, model_dir, 0)
+    eff = launch_settings(settings, probe)  # checks server.replicas
+    first = _launch(settings, cfg, probe, model_dir, 0)
     facts = {
         "engine": "vllm",
         "engine_version": first.version or probe.get("vllm_version"),
@@ -351,8 +349,8 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
         "torch": probe.get("torch"), "transformers": probe.get("transformers"),
         "device": probe.get("device"), "device_type": probe.get("device_type"),
         "compute_capability": probe.get("compute_capability"),
-        "dtype": launch_dtype(params, probe),
-        **({"dtype_rule": "auto"} if params.get("dtype") == "auto" else {}),
+        "dtype": launch_dtype(settings, probe),
+        **({"dtype_rule": "auto"} if settings.dtype == "auto" else {}),
         "attention_backend": first.backend, "attention_backend_source": first.backend_source,
         "kernel_mode": kernel_mode,
         "kernel_flags": {"VLLM_BATCH_INVARIANT": first.env["VLLM_BATCH_INVARIANT"]},
@@ -366,7 +364,7 @@ def make_server_engine(params: dict[str, Any], model_dir: str) -> ServerEngine:
     k = int(eff.get("replicas", 1))
     if k > 1:
         engine.replica_count = k
-        engine.replica_factory = lambda i: _launch(params, cfg, probe, model_dir, i)
+        engine.replica_factory = lambda i: _launch(settings, cfg, probe, model_dir, i)
     return engine
 
 
@@ -384,26 +382,25 @@ class _Launched(NamedTuple):
     startup: dict[str, Any]
 
 
-def _launch(params: dict[str, Any], cfg: dict[str, Any], probe: dict[str, Any],
+def _launch(settings: GenerationSettings, cfg: dict[str, Any], probe: dict[str, Any],
             model_dir: str, replica: int) -> _Launched:
     """Start one server (replica ``replica``: its own port and log), wait for health, warm
     it up and check its log (attention backend, kernel-mode signs); stopped on failure."""
-    kernel_mode = params.get("kernel_mode", "standard")
     if cfg["port"]:
         port = int(cfg["port"]) + replica
     else:
         port = free_port(cfg["host"])
-    argv, env, flags = build_launch(params, model_dir, port, probe)
+    argv, env, flags = build_launch(settings, model_dir, port, probe)
     # a random key per launch, in the environment (not argv: other users can read a
     # process's argv): only this job's requests are served, nobody else's get batched in
     key = secrets.token_urlsafe(32)
     env["VLLM_API_KEY"] = key
-    log_path = Path(cfg["log_dir"]) / _log_name(params, kernel_mode, replica)
+    log_path = Path(cfg["log_dir"]) / _log_name(settings, replica)
     cache_files = count_files(cfg["cache_dir"])
     server = VLLMServer(argv, {**env, **cache_env(cfg["cache_dir"])}, log_path, cfg["host"],
                         port, float(cfg["startup_timeout_s"]), float(cfg["stop_grace_s"]))
     server.start()
-    client = _client_for(params, cfg, server.base_url, model_dir, launched_key=key)
+    client = _client_for(settings, cfg, server.base_url, model_dir, launched_key=key)
     try:
         _prepare_client(client, cfg, server.base_url)
         version = client.get_json("/version")
@@ -416,7 +413,7 @@ def _launch(params: dict[str, Any], cfg: dict[str, Any], probe: dict[str, Any],
             backend, source = "CPU_ATTN", "vLLM CPU platform default (not logged)"
         elif backend is None:
             source = "unknown"
-        verified = check_batch_invariant_log(kernel_mode, log, server.log_path)
+        verified = check_batch_invariant_log(settings.kernel_mode, log, server.log_path)
     except BaseException:
         client.close()
         server.stop()

@@ -1,8 +1,8 @@
 """vLLM launch: server settings, what the local vLLM is (probe), the command line and
 environment of a launch, and what its log must show.
 
-Settings: ``params["server"]`` (all optional; defaults in :data:`SERVER_DEFAULTS`)
--------------------------------------------------------------------------------------
+Settings: ``settings.server`` (all optional; defaults in :data:`SERVER_DEFAULTS`)
+-----------------------------------------------------------------------------------
 =========================  ======================  =========================================
 key                        default                 meaning
 =========================  ======================  =========================================
@@ -91,7 +91,8 @@ process that the engine-core process drives through shared memory, and the engin
 busy-waits for each step's result (vLLM reserves a core for it: on 2 cores the worker gets
 one, whatever the study's ``threads``). ``uni`` (the default on CPU builds) runs the model in
 the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` (the cores the
-Snakemake job asks for, layout.job_threads) and no binding.
+Snakemake job asks for, :attr:`batchflip.settings.GenerationSettings.job_threads`) and no
+binding.
 Same kernels and scheduler: 32 chat prompts gave identical token ids both ways at batch 1
 and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server the ``mp`` server used
 1.64 / 1.59 cores (batch 1 / 8) and the job did 1,097 / 1,477 matmuls/s, the ``uni`` server
@@ -114,7 +115,7 @@ from typing import Any
 
 from batchflip import platform_facts
 from batchflip.errors import BatchflipError
-from batchflip.layout import job_threads
+from batchflip.settings import KERNEL_MODES, GenerationSettings
 
 SERVER_DEFAULTS: dict[str, Any] = {
     "base_url": None,
@@ -144,7 +145,6 @@ SERVER_DEFAULTS: dict[str, Any] = {
     "replicas": 1,
     "cache_dir": "resources/vllm-cache",
 }
-KERNEL_MODES = ("standard", "batch_invariant")
 # thread-count variables a job inherits (Snakemake sets them from a rule's threads)
 INHERITED_THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                          "GOTO_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -173,9 +173,9 @@ _BACKEND_RE = re.compile(
     r"Using (?:AttentionBackendEnum\.)?([A-Za-z0-9_]+(?: [A-Za-z0-9_]+)?) backend\b")
 
 
-def server_settings(params: dict[str, Any]) -> dict[str, Any]:
-    """``params["server"]`` over the defaults; unknown keys are an error (typos)."""
-    given = params.get("server") or {}
+def server_settings(settings: GenerationSettings) -> dict[str, Any]:
+    """``settings.server`` over the defaults; unknown keys are an error (typos)."""
+    given = settings.server or {}
     unknown = sorted(set(given) - set(SERVER_DEFAULTS))
     if unknown:
         raise BatchflipError(f"server settings: unknown key(s) {unknown}; known: "
@@ -294,10 +294,10 @@ def check_kernel_mode(kernel_mode: str, probe: dict[str, Any]) -> None:
             f"{probe.get('compute_capability')}. Run Study D on a Hopper or newer GPU.")
 
 
-def launch_settings(params: dict[str, Any], probe: dict[str, Any]) -> dict[str, Any]:
+def launch_settings(settings: GenerationSettings, probe: dict[str, Any]) -> dict[str, Any]:
     """The server settings a launch uses, with the CPU/GPU defaults resolved (these go into
     the stack fingerprint as ``server_settings``)."""
-    cfg = server_settings(params)
+    cfg = server_settings(settings)
     cpu = probe.get("device_type") == "cpu"
     util = cfg["gpu_memory_utilization"]
     if util is None and cpu:
@@ -327,13 +327,13 @@ def replica_count(cfg: dict[str, Any]) -> int:
     return k
 
 
-def launch_dtype(params: dict[str, Any], probe: dict[str, Any]) -> str:
+def launch_dtype(settings: GenerationSettings, probe: dict[str, Any]) -> str:
     """The study's dtype, with ``auto`` resolved from the server interpreter's host facts
     (platform_facts.resolve_dtype: bfloat16 where native, else float32 on a CPU, float16
     on a GPU older than compute capability 8.0)."""
     cpu = (probe.get("host") or {}).get("cpu") or {}
     cc = probe.get("compute_capability") if probe.get("device_type") != "cpu" else None
-    return platform_facts.resolve_dtype(str(params["dtype"]), cpu, cc)
+    return platform_facts.resolve_dtype(settings.dtype, cpu, cc)
 
 
 def server_environ(env: dict[str, str | None]) -> dict[str, str]:
@@ -347,24 +347,23 @@ def server_environ(env: dict[str, str | None]) -> dict[str, str]:
     return full
 
 
-def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[str, Any]
-                 ) -> tuple[list[str], dict[str, str | None], list[str]]:
+def build_launch(settings: GenerationSettings, model_dir: str, port: int,
+                 probe: dict[str, Any]) -> tuple[list[str], dict[str, str | None], list[str]]:
     """The server argv, the environment variables it sets (None: unsets), and the flags
     worth recording.
 
     The recorded flags leave out ``--host``, ``--port`` and ``--model`` (run-specific or
     hashed separately) and the launcher prefix.
     """
-    cfg = server_settings(params)
-    eff = launch_settings(params, probe)
+    cfg = server_settings(settings)
+    eff = launch_settings(settings, probe)
     cpu = probe.get("device_type") == "cpu"
-    kernel_mode = params.get("kernel_mode", "standard")
     python = cfg["python"] or sys.executable
     prefix = list(cfg["command"]) if cfg["command"] else [
         python, "-m", "vllm.entrypoints.openai.api_server"]
-    flags = ["--dtype", launch_dtype(params, probe),
+    flags = ["--dtype", launch_dtype(settings, probe),
              "--max-model-len", str(cfg["max_model_len"]),
-             "--seed", str(int(params["seed"]))]
+             "--seed", str(settings.seed)]
     if eff["gpu_memory_utilization"] != "vLLM default":
         flags += ["--gpu-memory-utilization", str(eff["gpu_memory_utilization"])]
     if eff["enforce_eager"]:
@@ -374,7 +373,7 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
     flags.append("--enable-prefix-caching" if eff["enable_prefix_caching"]
                  else "--no-enable-prefix-caching")
     env: dict[str, str | None] = {
-        "VLLM_BATCH_INVARIANT": "1" if kernel_mode == "batch_invariant" else "0",
+        "VLLM_BATCH_INVARIANT": "1" if settings.kernel_mode == "batch_invariant" else "0",
         "PYTHONUNBUFFERED": "1"}
     if cpu:
         # vLLM's CPU worker pins itself to the cores it binds (VLLM_CPU_OMP_THREADS_BIND) and
@@ -392,7 +391,7 @@ def build_launch(params: dict[str, Any], model_dir: str, port: int, probe: dict[
         if cpu:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
             # nobody binds the OpenMP pool in this process: size it, or it takes every core
-            env["OMP_NUM_THREADS"] = str(job_threads(params))
+            env["OMP_NUM_THREADS"] = str(settings.job_threads)
     elif eff["executor"] == "mp":
         flags += ["--distributed-executor-backend", "mp"]
     if cfg["attention_backend"]:

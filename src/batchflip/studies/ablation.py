@@ -82,6 +82,7 @@ from batchflip.numbers import (
     scalar,
 )
 from batchflip.records import BATTERY_COLUMNS, read_records
+from batchflip.settings import KERNEL_MODES, GenerationSettings
 from batchflip.stats import mcnemar_exact, paired_counts
 from batchflip.studies.ablation_runs import (
     CANDIDATE_COLUMNS,
@@ -113,7 +114,7 @@ __all__ = [
 ]
 
 FACETS = ("domain", "task", "dispatch", "direction")
-MODES = ("standard", "batch_invariant")
+MODES = KERNEL_MODES  # in figure and table order
 
 
 # --------------------------------------------------------------------------- numbers
@@ -394,15 +395,15 @@ def _generate_main(args: argparse.Namespace) -> int:
     if args.key and candidates_key(cands) != args.key:
         raise BatchflipError(f"{args.candidates}: content key {candidates_key(cands)}, but this "
                              f"job is for {args.key} (the candidates changed; run again)")
-    params = json.loads(args.params)
-    check_model_dir(args.model_dir, params.get("model"))
+    settings = GenerationSettings.from_json(args.params)
+    check_model_dir(args.model_dir, settings.model)
     # a GPU job holds its own device (batchflip.gpu_lease)
     control = None
     if args.control_stack is not None:
         control = control_outcome(json.loads(args.control_stack.read_text()),
                                   args.control_stack)
-    with lease_for({**params, "kernel_mode": args.kernel_mode}):
-        runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), params,
+    with lease_for(settings.replace(kernel_mode=args.kernel_mode)):
+        runs, stats = run_mode(cands, read_records(args.battery, BATTERY_COLUMNS), settings,
                                args.model_dir, args.kernel_mode, args.out, args.stack_out,
                                source=args.candidates, control=control,
                                reuse=args.reuse)

@@ -26,6 +26,7 @@ from batchflip.io import write_json, write_parquet
 from batchflip.numbers import direction
 from batchflip.records import require_columns
 from batchflip.repeat import without_repeats
+from batchflip.settings import GenerationSettings
 
 FLIP_NEEDED = ["model", "task", "domain", "prompt_id", "condition", "batch_size", "dispatch",
                "baseline_score", "condition_score", "flip", "direction", "stack_id"]
@@ -338,20 +339,20 @@ def _prior_runs(out: Path, settings_key: str) -> dict[str, tuple[pd.DataFrame, P
     return found
 
 
-def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, Any],
+def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, settings: GenerationSettings,
              model_dir: str, kernel_mode: str, out: Path, stack_out: Path,
              engine: Engine | None = None, source: object = "candidates",
              control: dict[str, Any] | None = None,
              reuse: bool = False) -> tuple[pd.DataFrame, RerunStats]:
     """Rerun the candidates under one kernel mode; write the run records and the stack.
 
-    With ``params["invariance_probe"]`` the served stack is probed first
+    With ``settings.invariance_probe`` the served stack is probed first
     (:mod:`batchflip.invariance_probe`; ``control`` is the standard job's outcome) and the
     verdict goes into the fingerprint; a failed batch-invariant probe stops the job.
 
-    ``params`` are the source study's generation settings (engine, dtype, max_new_tokens,
+    ``settings`` are the source study's serving settings (engine, dtype, max_new_tokens,
     seed, threads, prompt_format, system_prompt) plus ``study`` and ``model``; the kernel
-    mode given here overrides any in ``params``. With no candidates the engine is still
+    mode given here overrides any in ``settings``. With no candidates the engine is still
     built, so the stack fingerprint is real, and an empty run file is written.
 
     With ``reuse`` (content-keyed run files, :mod:`batchflip.keyed`), a candidate whose
@@ -364,12 +365,12 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
     from batchflip.keyed import digest
     from batchflip.prompts import format_prompts
 
-    params = {**params, "kernel_mode": kernel_mode}
+    settings = settings.replace(kernel_mode=kernel_mode)
     sent = dict(zip(battery["prompt_id"], format_prompts(
-        battery["prompt"].tolist(), params["prompt_format"], model_dir,
-        params.get("system_prompt")), strict=True))
+        battery["prompt"].tolist(), settings.prompt_format, model_dir,
+        settings.system_prompt), strict=True))
     model_json = Path(model_dir) / "model.json"
-    settings_key = digest([params, model_dir,
+    settings_key = digest([settings.as_dict(), model_dir,
                            model_json.read_text() if model_json.is_file() else None])
     sigs = {str(c["candidate_id"]): candidate_signature(c, sent, source)
             for _, c in candidates.iterrows()}
@@ -383,13 +384,13 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
         fresh = pd.DataFrame(columns=RUN_COLUMNS)
     else:
         own = engine is None
-        engine = engine or make_engine(params, model_dir)
+        engine = engine or make_engine(settings, model_dir)
         try:
             stack = stack_fingerprint(engine, model_dir, {
-                "prompt_format": params["prompt_format"],
-                "max_new_tokens": params["max_new_tokens"],
-                "seed": params["seed"], "kernel_mode": kernel_mode})
-            probe = probe_settings(params.get("invariance_probe"))
+                "prompt_format": settings.prompt_format,
+                "max_new_tokens": settings.max_new_tokens,
+                "seed": settings.seed, "kernel_mode": kernel_mode})
+            probe = probe_settings(settings.invariance_probe)
             if probe:  # before anything is measured
                 stack["invariance_probe"] = attest(
                     engine, probe_prompts(candidates, sent, probe["prompts"]), probe,
@@ -398,13 +399,13 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, params: dict[str, 
             if any(set(rows["stack_id"]) != {stack["stack_id"]} for rows, _ in copied.values()):
                 copied, todo = {}, candidates  # another stack: nothing carries over
             src = sorted(set(candidates["source_study"])) if len(candidates) else []
-            base = {"study": params["study"], "source_study": src[0] if src else "",
-                    "model": params["model"], "kernel_mode": kernel_mode,
-                    "seed": int(params["seed"]), "stack_id": stack["stack_id"]}
+            base = {"study": settings.study, "source_study": src[0] if src else "",
+                    "model": settings.model, "kernel_mode": kernel_mode,
+                    "seed": settings.seed, "stack_id": stack["stack_id"]}
             inputs = hashlib.sha256(json.dumps(
                 [todo[["candidate_id", "members"]].to_numpy().tolist(), sent],
                 sort_keys=True).encode()).hexdigest()
-            with Checkpoint(out, job_key(params, kernel_mode, inputs,
+            with Checkpoint(out, job_key(settings, kernel_mode, inputs,
                                          stack["stack_id"])) as ckpt:
                 fresh, stats = rerun_candidates(todo, sent, engine, base, source, ckpt)
         finally:

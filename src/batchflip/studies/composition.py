@@ -145,27 +145,27 @@ from batchflip.studies.composition_base import (
     SCORED_ERROR,
     SCORED_NEEDED,
     SCORED_OPTIONAL,
-    _concat,
-    _condition_key,
-    _is_cobatch,
-    _is_tagged,
-    _path_index,
+    concat_frames,
+    condition_key,
+    is_cobatch,
+    is_tagged,
+    path_index,
 )
 from batchflip.studies.composition_pairs import pair_numbers, phase_numbers
 from batchflip.studies.composition_rows import capability_numbers, position_numbers
 from batchflip.studies.composition_stats import (
-    _cochran_records,
-    _direction_numbers,
-    _holm_records,
-    _mcnemar_raw,
-    _mcnemar_records,
-    _mde_numbers,
-    _mh_numbers,
-    _paired_counts,
-    _pooled_counts,
-    _refusal_rates,
-    _Study,
-    _tost_records,
+    StudyView,
+    cochran_records,
+    direction_numbers,
+    holm_records,
+    mcnemar_raw,
+    mcnemar_records,
+    mde_numbers,
+    mh_numbers,
+    pair_counts,
+    pooled_counts,
+    refusal_rates,
+    tost_records,
 )
 from batchflip.studies.composition_verify import cobatch_verification as cobatch_verification
 from batchflip.studies.composition_verify import verification_numbers
@@ -206,23 +206,23 @@ def composition_numbers(scored: dict[str, pd.DataFrame],
     record's ``inputs``). ``domain=None`` keeps every scored row. Raises BatchflipError
     when a (model, condition)'s share of failed requests is above ``max_error_share``.
     """
-    df = _concat(scored, SCORED_NEEDED)
+    df = concat_frames(scored, SCORED_NEEDED)
     numbers: dict[str, Record] = dict(error_numbers(scored, study, max_error_share)
                                       if scored else {})
     s = _study(scored, _target_rows(df, domain), study, baseline, domain)
-    numbers |= _refusal_rates(s)
+    numbers |= refusal_rates(s)
     if not s.base_present:
         numbers[f"{study}/all/baseline_missing"] = not_estimable(
             f"baseline condition '{baseline}' has no scored {domain or ''} rows",
             "paired comparisons against the baseline", s.every_input, [],
             **s.meta("all", None))
-    pairs = _paired_counts(s)
-    raw = _mcnemar_raw(s, pairs)
-    numbers |= _mcnemar_records(s, pairs, raw) | _holm_records(s, pairs, raw)
-    numbers |= _tost_records(s, pairs, margin, alpha)
-    numbers |= _cochran_records(s) | _mh_numbers(s)
-    numbers |= _mde_numbers(s, _pooled_counts(s, pairs))
-    numbers |= _direction_numbers(s, pairs, raw, alpha) | pair_numbers(s, pairs, alpha)
+    pairs = pair_counts(s)
+    raw = mcnemar_raw(s, pairs)
+    numbers |= mcnemar_records(s, pairs, raw) | holm_records(s, pairs, raw)
+    numbers |= tost_records(s, pairs, margin, alpha)
+    numbers |= cochran_records(s) | mh_numbers(s)
+    numbers |= mde_numbers(s, pooled_counts(s, pairs))
+    numbers |= direction_numbers(s, pairs, raw, alpha) | pair_numbers(s, pairs, alpha)
     numbers |= phase_numbers(s, alpha)
     numbers |= position_numbers(s)
     cap = _target_rows(df, "capability")
@@ -253,21 +253,21 @@ def _target_rows(df: pd.DataFrame, domain: str | None) -> pd.DataFrame:
 
 
 def _study(scored: dict[str, pd.DataFrame], df: pd.DataFrame, study: str, baseline: str,
-           domain: str | None) -> _Study:
+           domain: str | None) -> StudyView:
     """The shared view of the target rows that every block reads."""
     by_pair = df.groupby(["model", "condition"], sort=True)
-    conditions = sorted(df["condition"].unique(), key=_condition_key)
-    return _Study(
+    conditions = sorted(df["condition"].unique(), key=condition_key)
+    return StudyView(
         study=study, baseline=baseline, domain=domain, df=df,
         wide=df.pivot(index=["model", "prompt_id"], columns="condition", values="refused"),
-        spaths=_path_index(scored) if scored else {},
+        spaths=path_index(scored) if scored else {},
         stacks={k: sorted(map(str, v.unique())) for k, v in by_pair["stack_id"]},
         sizes={k: int(v.iloc[0]) for k, v in by_pair["batch_size"]},
         every_input=sorted(set(scored)), models=sorted(df["model"].unique()),
         others=[c for c in conditions
-                if c != baseline and not _is_tagged(c) and not is_repeat(c)],
+                if c != baseline and not is_tagged(c) and not is_repeat(c)],
         compositions=[c for c in conditions if c == baseline
-                      or (_is_cobatch(c) and not _is_tagged(c) and not is_repeat(c))])
+                      or (is_cobatch(c) and not is_tagged(c) and not is_repeat(c))])
 
 
 # --------------------------------------------------------------------------- figure
@@ -282,7 +282,7 @@ def composition_figure(numbers: dict[str, Record], png: str | Path, pdf: str | P
             and r.get("value") is not None]
     conds = sorted({r["condition"] for r in recs},
                    key=lambda c: (not any(r.get("is_baseline") for r in recs
-                                          if r["condition"] == c), _condition_key(c)))
+                                          if r["condition"] == c), condition_key(c)))
     models = sorted({r["model"] for r in recs})
     fig, ax = plt.subplots(figsize=(max(5.5, 1.0 * len(conds) + 2.5), 3.8))
     width = 0.6 / max(len(models), 1)

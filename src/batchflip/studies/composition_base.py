@@ -26,7 +26,7 @@ Pair = tuple[str, str]  # (model, condition)
 Counts = tuple[int, int, int]  # (b = to unsafe, c = to safe, paired n)
 
 
-def _path_index(frames: dict[str, pd.DataFrame]) -> dict[tuple[str, str], list[str]]:
+def path_index(frames: dict[str, pd.DataFrame]) -> dict[tuple[str, str], list[str]]:
     """(model, condition) -> the input paths that hold its rows."""
     out: dict[tuple[str, str], set[str]] = {}
     for path, df in frames.items():
@@ -35,7 +35,7 @@ def _path_index(frames: dict[str, pd.DataFrame]) -> dict[tuple[str, str], list[s
     return {k: sorted(v) for k, v in out.items()}
 
 
-def _concat(frames: dict[str, pd.DataFrame], needed: list[str]) -> pd.DataFrame:
+def concat_frames(frames: dict[str, pd.DataFrame], needed: list[str]) -> pd.DataFrame:
     """Every frame (path -> frame) in one, each checked for ``needed`` columns."""
     for path, df in frames.items():
         require_columns(df, needed, path)
@@ -44,8 +44,8 @@ def _concat(frames: dict[str, pd.DataFrame], needed: list[str]) -> pd.DataFrame:
     return pd.concat(frames.values(), ignore_index=True)
 
 
-def _meta(model: str, condition: str | None, baseline: str,
-          batch_size: int | None = None) -> dict[str, Any]:
+def record_meta(model: str, condition: str | None, baseline: str,
+                batch_size: int | None = None) -> dict[str, Any]:
     """Metadata every record carries, so figures and tables can select it."""
     meta: dict[str, Any] = {"model": model, "baseline": baseline}
     if condition is None:
@@ -60,14 +60,14 @@ def _meta(model: str, condition: str | None, baseline: str,
     return meta
 
 
-def _union(mapping: dict[Any, list[str]], keys: Iterable[Any]) -> list[str]:
+def union_of(mapping: dict[Any, list[str]], keys: Iterable[Any]) -> list[str]:
     out: set[str] = set()
     for key in keys:
         out.update(mapping.get(key, []))
     return sorted(out)
 
 
-def _condition_key(name: str) -> tuple[Any, ...]:
+def condition_key(name: str) -> tuple[Any, ...]:
     """Display order: untagged before phase-tagged conditions (by tag), then cobatch before
     stagger before list, pools in conditions.POOLS order, then delay."""
     try:
@@ -79,14 +79,14 @@ def _condition_key(name: str) -> tuple[Any, ...]:
     return (c.phase or "", rank, pool, c.stagger_ms, name)
 
 
-def _is_cobatch(name: str) -> bool:
+def is_cobatch(name: str) -> bool:
     try:
         return parse_condition(name).dispatch == "cobatch"
     except BatchflipError:
         return False
 
 
-def _is_tagged(name: str) -> bool:
+def is_tagged(name: str) -> bool:
     """A later-phase condition (``_ph<tag>``): compared with its phase's reference only."""
     try:
         return parse_condition(name).phase is not None

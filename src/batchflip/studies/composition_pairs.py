@@ -41,7 +41,7 @@ from batchflip.errors import BatchflipError
 from batchflip.numbers import Record, not_estimable, scalar
 from batchflip.stats import binomial_test, holm, mcnemar_exact
 from batchflip.studies.composition_base import Counts, Pair
-from batchflip.studies.composition_stats import _direction_records, _mh_records, _Study
+from batchflip.studies.composition_stats import StudyView, direction_records, mh_records
 
 # (condition pool, reference pool); "solo" is the study's baseline
 PAPER_PAIRS: tuple[tuple[str, str], ...] = (
@@ -51,7 +51,7 @@ PAPER_PAIRS: tuple[tuple[str, str], ...] = (
 Test = tuple[str, str, str]  # (model, condition, reference)
 
 
-def paper_pairs(s: _Study) -> tuple[list[Pair], list[str]]:
+def paper_pairs(s: StudyView) -> tuple[list[Pair], list[str]]:
     """The paper's (condition, reference) pairs among the study's compositions at the
     baseline's batch size, and the pairs skipped (as ``pool_vs_pool``)."""
     return _paper_pairs(s.baseline, s.compositions, s.base_present)
@@ -75,7 +75,7 @@ def _paper_pairs(baseline: str, compositions: list[str], base_present: bool
     return run, skipped
 
 
-def _counts(s: _Study, model: str, cond: str, ref: str) -> Counts | None:
+def _counts(s: StudyView, model: str, cond: str, ref: str) -> Counts | None:
     """(b, c, n) of ``cond`` against ``ref`` for ``model``; None when it ran neither."""
     if (model, cond) not in s.stacks or (model, ref) not in s.stacks:
         return None
@@ -84,7 +84,7 @@ def _counts(s: _Study, model: str, cond: str, ref: str) -> Counts | None:
     return int(((x == 1) & (y == 0)).sum()), int(((x == 0) & (y == 1)).sum()), len(both)
 
 
-def _mcnemar_family(s: _Study, run: list[Pair]) -> tuple[dict, dict, list, dict]:
+def _mcnemar_family(s: StudyView, run: list[Pair]) -> tuple[dict, dict, list, dict]:
     """Discordant counts per (model, a, b) of the pairs run, their exact McNemar p (pairs
     with discordant pairs only), the sorted test family and its Holm-adjusted p."""
     tests = {(m, a, b): k for a, b in run for m in s.models
@@ -96,7 +96,7 @@ def _mcnemar_family(s: _Study, run: list[Pair]) -> tuple[dict, dict, list, dict]
     return tests, raw, family, adjusted
 
 
-def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str, Record]:
+def pair_numbers(s: StudyView, pairs: dict[Pair, Counts], alpha: float) -> dict[str, Record]:
     """McNemar + Holm per (model, pair), MH per pair, and the per-condition directions."""
     run, skipped = paper_pairs(s)
     tests, raw, family, adjusted = _mcnemar_family(s, run)
@@ -104,11 +104,11 @@ def pair_numbers(s: _Study, pairs: dict[Pair, Counts], alpha: float) -> dict[str
     out |= _pair_mcnemar_records(s, tests, raw, adjusted, alpha)
     for a, b in run:
         if any((m, a, b) in tests for m in s.models):
-            out |= _mh_records(s, [a], f"{s.study}/all/{a}_vs_{b}", a,
-                               s.meta("all", a) | {"reference": b}, ref=b)
+            out |= mh_records(s, [a], f"{s.study}/all/{a}_vs_{b}", a,
+                              s.meta("all", a) | {"reference": b}, ref=b)
     out |= _condition_directions(s, pairs, alpha)
     holm_sig = [(m, a) for (m, a, b), p in adjusted.items() if b == s.baseline and p < alpha]
-    out |= _direction_records(
+    out |= direction_records(
         s, pairs, sorted(holm_sig), f"{s.study}/all/direction_holm_significant",
         f"pooled over the (model, composition) pairs vs {s.baseline} whose exact McNemar p "
         f"is below {alpha} after Holm over the {len(family)} pair tests",
@@ -122,13 +122,13 @@ def contrasts(conditions: list[str], baseline: str) -> list[tuple[str, str, str]
     ``conditions``: each untagged condition vs the baseline (``baseline``), the paper's
     pairs (``paper_pairs``), each later phase's pairs (``temporal``, ``phase_<t>``) and
     each repeat control vs the condition it repeats (``repeat``, :mod:`batchflip.repeat`)."""
-    from batchflip.studies.composition_base import _is_cobatch, _is_tagged
+    from batchflip.studies.composition_base import is_cobatch, is_tagged
 
     def plain(c: str) -> bool:
-        return not _is_tagged(c) and not parse_condition(c).repeat
+        return not is_tagged(c) and not parse_condition(c).repeat
 
     out = [(c, baseline, "baseline") for c in conditions if c != baseline and plain(c)]
-    comps = [c for c in conditions if c == baseline or (_is_cobatch(c) and plain(c))]
+    comps = [c for c in conditions if c == baseline or (is_cobatch(c) and plain(c))]
     out += [(a, b, "paper_pairs") for a, b in
             _paper_pairs(baseline, comps, baseline in conditions)[0]]
     for phase, run in sorted(phase_pairs(conditions)[0].items()):
@@ -191,7 +191,7 @@ def phase_pairs(conditions: list[str]) -> tuple[dict[str, list[Pair]], list[str]
     return run, skipped
 
 
-def phase_numbers(s: _Study, alpha: float) -> dict[str, Record]:
+def phase_numbers(s: StudyView, alpha: float) -> dict[str, Record]:
     """Exact McNemar per (model, pair) with Holm within each phase, MH and the direction
     per pair pooled over models, for the temporal phase and the tagged phases."""
     phases, skipped = phase_pairs(list(s.wide.columns))
@@ -214,9 +214,9 @@ def phase_numbers(s: _Study, alpha: float) -> dict[str, Record]:
             if not with_rows:
                 continue
             meta = s.meta("all", a) | {"reference": b, "phase": phase}
-            out |= _mh_records(s, [a], f"{s.study}/all/{a}_vs_{b}", a, meta, ref=b)
+            out |= mh_records(s, [a], f"{s.study}/all/{a}_vs_{b}", a, meta, ref=b)
             counts = {(m, a): tests[(m, a, b)] for m, _ in with_rows}
-            out |= _direction_records(
+            out |= direction_records(
                 replace(s, baseline=b), counts, [k for k in with_rows if counts[k][2]],
                 f"{s.study}/all/{a}_vs_{b}/direction", f"{a} vs {b}, pooled over models "
                 "(the binomial p is the exact McNemar p of the pooled pairs)",
@@ -225,7 +225,7 @@ def phase_numbers(s: _Study, alpha: float) -> dict[str, Record]:
     return out
 
 
-def _family_record(s: _Study, run: list[Pair], skipped: list[str], family: list[Test]
+def _family_record(s: StudyView, run: list[Pair], skipped: list[str], family: list[Test]
                    ) -> dict[str, Record]:
     keys = [(m, c) for m, a, b in family for c in (a, b)]
     return {f"{s.study}/all/pair_tests": scalar(
@@ -237,7 +237,7 @@ def _family_record(s: _Study, run: list[Pair], skipped: list[str], family: list[
         tests=[f"{m}/{a}_vs_{b}" for m, a, b in family], **s.meta("all", None))}
 
 
-def _pair_mcnemar_records(s: _Study, tests: dict[Test, Counts], raw: dict[Test, float],
+def _pair_mcnemar_records(s: StudyView, tests: dict[Test, Counts], raw: dict[Test, float],
                           adjusted: dict[Test, float], alpha: float, family: str | None = None,
                           **extra: Any) -> dict[str, Record]:
     """``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` per (model, pair) run."""
@@ -267,7 +267,7 @@ def _pair_mcnemar_records(s: _Study, tests: dict[Test, Counts], raw: dict[Test, 
     return out
 
 
-def _condition_directions(s: _Study, pairs: dict[Pair, Counts], alpha: float
+def _condition_directions(s: StudyView, pairs: dict[Pair, Counts], alpha: float
                           ) -> dict[str, Record]:
     """Direction per non-baseline condition pooled over models, and over the conditions
     whose pooled exact test is significant (unadjusted: the paper's 28/31 is 8/9, 9/10
@@ -276,7 +276,7 @@ def _condition_directions(s: _Study, pairs: dict[Pair, Counts], alpha: float
     significant: list[str] = []
     for cond in s.others:
         keys = [(m, cond) for m in s.models if (m, cond) in s.stacks and pairs[(m, cond)][2]]
-        out |= _direction_records(
+        out |= direction_records(
             s, pairs, keys, f"{s.study}/all/{cond}/direction",
             f"{cond} vs {s.baseline}, pooled over models (the binomial p is the exact "
             "McNemar p of the pooled pairs)", f"no model has paired rows for {cond}",
@@ -287,7 +287,7 @@ def _condition_directions(s: _Study, pairs: dict[Pair, Counts], alpha: float
             significant.append(cond)
     selected = [(m, c) for c in significant for m in s.models
                 if (m, c) in s.stacks and pairs[(m, c)][2]]
-    out |= _direction_records(
+    out |= direction_records(
         s, pairs, selected, f"{s.study}/all/direction_condition_significant",
         f"pooled over the conditions whose pooled exact McNemar p vs {s.baseline} is below "
         f"{alpha} (unadjusted; the paper's 28/31 in the three significant conditions)",

@@ -22,13 +22,13 @@ from batchflip.conditions import parse_condition
 from batchflip.errors import BatchflipError
 from batchflip.numbers import Record, not_estimable, proportion, scalar
 from batchflip.stats import clopper_pearson_interval, holm, mcnemar_exact, one_way_anova
-from batchflip.studies.composition_base import _is_cobatch, _union
+from batchflip.studies.composition_base import is_cobatch, union_of
 from batchflip.studies.composition_stats import (
-    _mcnemar_raw,
-    _paired_counts,
-    _pooled_counts,
-    _reported,
-    _Study,
+    StudyView,
+    mcnemar_raw,
+    pair_counts,
+    pooled_counts,
+    reported_pairs,
 )
 
 
@@ -37,7 +37,7 @@ def _cp(k: int, n: int) -> dict[str, float]:
     return {"cp_low": ci.low, "cp_high": ci.high}
 
 
-def capability_numbers(cap: _Study | None, study: str, every_input: list[str]
+def capability_numbers(cap: StudyView | None, study: str, every_input: list[str]
                        ) -> dict[str, Record]:
     """Correct rates, exact McNemar per model (Holm over the capability tests) and pooled
     over models, and the flip rate, of the capability targets vs the baseline."""
@@ -47,12 +47,12 @@ def capability_numbers(cap: _Study | None, study: str, every_input: list[str]
             "capability controls under the compositions", every_input, [],
             model="all")}
     out = _capability_rates(cap)
-    pairs = _paired_counts(cap)
-    raw = _mcnemar_raw(cap, pairs)
+    pairs = pair_counts(cap)
+    raw = mcnemar_raw(cap, pairs)
     family = sorted(raw)
     adjusted = dict(zip(family, holm([raw[k] for k in family]).tolist(), strict=True)
                     ) if family else {}
-    for (model, cond), (b, c, n), pre in _reported(cap, pairs):
+    for (model, cond), (b, c, n), pre in reported_pairs(cap, pairs):
         key = [(model, cond)]
         meta = cap.meta(model, cond, cap.sizes.get((model, cond))) | {
             "b": b, "c": c, "n": n, "to_wrong": b, "to_correct": c, "family_size": len(family)}
@@ -67,12 +67,12 @@ def capability_numbers(cap: _Study | None, study: str, every_input: list[str]
                 if value is not None else not_estimable(
                     "no prompt is scored under both conditions", definition, cap.ins(key),
                     cap.sts(key), **meta)
-    for cond, (b, c, n) in _pooled_counts(cap, pairs).items():
+    for cond, (b, c, n) in pooled_counts(cap, pairs).items():
         out |= _capability_pooled(cap, cond, b, c, n)
     return out
 
 
-def _capability_rates(cap: _Study) -> dict[str, Record]:
+def _capability_rates(cap: StudyView) -> dict[str, Record]:
     """Correct share per (model, condition) and pooled over models (Wilson, CP)."""
     out: dict[str, Record] = {}
     what = "share of capability targets answered correctly (score >= 0.5) under"
@@ -83,13 +83,13 @@ def _capability_rates(cap: _Study) -> dict[str, Record]:
         k, n = int(part["refused"].sum()), len(part)
         out[f"{cap.study}/{model}/{cond}/capability_correct_rate"] = proportion(
             k, n, f"{what} {cond}, {'pooled over models' if model == 'all' else model} "
-            "(Wilson 95%; Clopper-Pearson in cp_low/cp_high)", _union(cap.spaths, keys),
-            _union(cap.stacks, keys), is_baseline=cond == cap.baseline, **_cp(k, n),
+            "(Wilson 95%; Clopper-Pearson in cp_low/cp_high)", union_of(cap.spaths, keys),
+            union_of(cap.stacks, keys), is_baseline=cond == cap.baseline, **_cp(k, n),
             **cap.meta(model, cond, int(part["batch_size"].iloc[0])))
     return out
 
 
-def _capability_pooled(cap: _Study, cond: str, b: int, c: int, n: int) -> dict[str, Record]:
+def _capability_pooled(cap: StudyView, cond: str, b: int, c: int, n: int) -> dict[str, Record]:
     """Flip rate and exact McNemar of the capability pairs pooled over models."""
     keys = [(m, cond) for m in cap.models]
     ins, sts = cap.ins(keys), cap.sts(keys)
@@ -110,10 +110,10 @@ def _capability_pooled(cap: _Study, cond: str, b: int, c: int, n: int) -> dict[s
                                                   sts, n=n, **meta)}
 
 
-def position_numbers(s: _Study) -> dict[str, Record]:
+def position_numbers(s: StudyView) -> dict[str, Record]:
     """One-way ANOVA of the target score by position: per model and pooled over models
     (over every filler composition), and per filler composition pooled over models."""
-    fill = [c for c in s.compositions if c != s.baseline and _is_cobatch(c)
+    fill = [c for c in s.compositions if c != s.baseline and is_cobatch(c)
             and parse_condition(c).pool != "solo"]
     blocks: list[tuple[str, str, list[str], list[str], dict[str, Any]]] = [
         (f"{s.study}/{m}", f"model {m}, pooled over {', '.join(fill)}", [m], fill,
@@ -126,10 +126,10 @@ def position_numbers(s: _Study) -> dict[str, Record]:
             for pre, label, models, conds, meta in blocks}
 
 
-def _position_record(s: _Study, label: str, models: list[str], conds: list[str],
+def _position_record(s: StudyView, label: str, models: list[str], conds: list[str],
                      meta: dict[str, Any]) -> Record:
     keys = [(m, c) for m in models for c in conds]
-    ins, sts = _union(s.spaths, keys) or s.every_input, _union(s.stacks, keys)
+    ins, sts = union_of(s.spaths, keys) or s.every_input, union_of(s.stacks, keys)
     definition = (f"one-way ANOVA p of the {s.domain or 'all'} targets' score by target "
                   f"position in the batch, {label}; F in statistic, eta_squared, per "
                   "position [n, mean score] in by_position")

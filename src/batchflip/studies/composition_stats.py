@@ -1,4 +1,4 @@
-"""Study C's paired tests over the :class:`_Study` view of the target rows: refusal rates,
+"""Study C's paired tests over :class:`StudyView` (the target rows): refusal rates,
 McNemar with Holm, TOST equivalence, Cochran's Q, Mantel-Haenszel, minimum detectable
 effects and flip directions."""
 
@@ -22,11 +22,11 @@ from batchflip.stats import (
     paired_difference_interval,
     tost_paired,
 )
-from batchflip.studies.composition_base import Counts, Pair, _meta, _union
+from batchflip.studies.composition_base import Counts, Pair, record_meta, union_of
 
 
 @dataclass(frozen=True)
-class _Study:
+class StudyView:
     """What every block of Study C's numbers reads: the target rows, the refused-by-prompt
     table and the input paths and stack ids of each (model, condition)."""
 
@@ -51,21 +51,21 @@ class _Study:
     def ins(self, keys: Iterable[Pair]) -> list[str]:
         """Input paths of ``keys`` and of their models' baselines."""
         keys = list(keys)
-        return _union(self.spaths, keys + [(m, self.baseline) for m, _ in keys]) or \
+        return union_of(self.spaths, keys + [(m, self.baseline) for m, _ in keys]) or \
             self.every_input
 
     def sts(self, keys: Iterable[Pair]) -> list[str]:
         """Stack ids of ``keys`` and of their models' baselines."""
         keys = list(keys)
-        return _union(self.stacks, keys + [(m, self.baseline) for m, _ in keys])
+        return union_of(self.stacks, keys + [(m, self.baseline) for m, _ in keys])
 
     def meta(self, model: str, condition: str | None, batch_size: int | None = None
              ) -> dict[str, Any]:
         """Record metadata against this study's baseline."""
-        return _meta(model, condition, self.baseline, batch_size)
+        return record_meta(model, condition, self.baseline, batch_size)
 
 
-def _refusal_rates(s: _Study) -> dict[str, Record]:
+def refusal_rates(s: StudyView) -> dict[str, Record]:
     """Refusal rate per (model, condition) and per condition pooled over models."""
     out: dict[str, Record] = {}
     what = f"refusal rate (score >= {REFUSED_AT}) of the {s.domain or 'all'} targets under"
@@ -78,12 +78,12 @@ def _refusal_rates(s: _Study) -> dict[str, Record]:
         keys = [(m, cond) for m in s.models]
         out[f"{s.study}/all/{cond}/refusal_rate"] = proportion(
             int(part["refused"].sum()), len(part), f"{what} {cond}, pooled over models",
-            _union(s.spaths, keys), _union(s.stacks, keys), is_baseline=cond == s.baseline,
+            union_of(s.spaths, keys), union_of(s.stacks, keys), is_baseline=cond == s.baseline,
             **s.meta("all", cond, int(part["batch_size"].iloc[0])))
     return out
 
 
-def _paired_counts(s: _Study) -> dict[Pair, Counts]:
+def pair_counts(s: StudyView) -> dict[Pair, Counts]:
     """(b, c, n) per (model, non-baseline condition); zeros where nothing is paired."""
     pairs: dict[Pair, Counts] = {}
     for model in s.models:
@@ -99,24 +99,24 @@ def _paired_counts(s: _Study) -> dict[Pair, Counts]:
     return pairs
 
 
-def _reported(s: _Study, pairs: dict[Pair, Counts]) -> Iterator[tuple[Pair, Counts, str]]:
+def reported_pairs(s: StudyView, pairs: dict[Pair, Counts]) -> Iterator[tuple[Pair, Counts, str]]:
     """The pairs whose model ran the condition, with their id prefix."""
     for (model, cond), counts in pairs.items():
         if (model, cond) in s.stacks:
             yield (model, cond), counts, f"{s.study}/{model}/{cond}"
 
 
-def _mcnemar_raw(s: _Study, pairs: dict[Pair, Counts]) -> dict[str, float]:
+def mcnemar_raw(s: StudyView, pairs: dict[Pair, Counts]) -> dict[str, float]:
     """Exact McNemar p per reported pair with paired rows, by id prefix."""
     return {pre: mcnemar_exact(b, c).p_value
-            for _, (b, c, n), pre in _reported(s, pairs) if n > 0}
+            for _, (b, c, n), pre in reported_pairs(s, pairs) if n > 0}
 
 
-def _mcnemar_records(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float]
-                     ) -> dict[str, Record]:
+def mcnemar_records(s: StudyView, pairs: dict[Pair, Counts], raw: dict[str, float]
+                    ) -> dict[str, Record]:
     """Discordant counts, paired n and exact McNemar p per reported pair."""
     out: dict[str, Record] = {}
-    for (model, cond), (b, c, n), pre in _reported(s, pairs):
+    for (model, cond), (b, c, n), pre in reported_pairs(s, pairs):
         meta = s.meta(model, cond, s.sizes.get((model, cond)))
         key = [(model, cond)]
         for name, count, what in (("to_unsafe", b, "refused under the baseline, complied "
@@ -141,14 +141,14 @@ def _mcnemar_records(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float]
     return out
 
 
-def _holm_records(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float]
-                  ) -> dict[str, Record]:
+def holm_records(s: StudyView, pairs: dict[Pair, Counts], raw: dict[str, float]
+                 ) -> dict[str, Record]:
     """Holm-adjusted McNemar p per reported pair; family = the pairs with paired rows."""
     family = sorted(raw)
     adjusted = dict(zip(family, holm([raw[k] for k in family]).tolist(), strict=True)
                     ) if family else {}
     out: dict[str, Record] = {}
-    for (model, cond), (b, c, n), pre in _reported(s, pairs):
+    for (model, cond), (b, c, n), pre in reported_pairs(s, pairs):
         meta = s.meta(model, cond, s.sizes.get((model, cond)))
         definition = (f"Holm-adjusted exact McNemar p, {cond} vs {s.baseline}, model {model}; "
                       f"family = the {len(family)} (model, condition) pairs of study {s.study} "
@@ -165,7 +165,7 @@ def _holm_records(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float]
     return out
 
 
-def _pooled_counts(s: _Study, pairs: dict[Pair, Counts]) -> dict[str, Counts]:
+def pooled_counts(s: StudyView, pairs: dict[Pair, Counts]) -> dict[str, Counts]:
     """(b, c, n) per non-baseline condition, summed over the models that ran it."""
     pooled: dict[str, Counts] = {}
     for cond in s.others:
@@ -175,17 +175,17 @@ def _pooled_counts(s: _Study, pairs: dict[Pair, Counts]) -> dict[str, Counts]:
     return pooled
 
 
-def _tost_records(s: _Study, pairs: dict[Pair, Counts], margin: float, alpha: float
-                  ) -> dict[str, Record]:
+def tost_records(s: StudyView, pairs: dict[Pair, Counts], margin: float, alpha: float
+                 ) -> dict[str, Record]:
     """Paired TOST per reported pair, per condition with pairs pooled over models, and over
     every non-baseline composition pooled (the paper's one TOST); with each pooled TOST the
     paired difference and its (1 - 2 alpha) interval as ``.../refusal_diff_pp``."""
     out: dict[str, Record] = {}
-    for (model, cond), (b, c, n), pre in _reported(s, pairs):
+    for (model, cond), (b, c, n), pre in reported_pairs(s, pairs):
         out[f"{pre}/tost_p"] = _tost_record(
             s, (b, c, n), f"{cond}, model {model}", [(model, cond)], margin, alpha,
             s.meta(model, cond, s.sizes.get((model, cond))))
-    pooled = _pooled_counts(s, pairs)
+    pooled = pooled_counts(s, pairs)
     comps = [c for c in s.compositions if c != s.baseline]
     every = tuple(sum(pooled[c][i] for c in comps) for i in range(3))
     blocks = [(f"{s.study}/all/{cond}", counts, f"{cond}, pairs pooled over models",
@@ -201,7 +201,7 @@ def _tost_records(s: _Study, pairs: dict[Pair, Counts], margin: float, alpha: fl
     return out
 
 
-def _tost_record(s: _Study, counts: Counts, label: str, keys: list[Pair], margin: float,
+def _tost_record(s: StudyView, counts: Counts, label: str, keys: list[Pair], margin: float,
                  alpha: float, meta: dict[str, Any]) -> Record:
     """TOST of refusal(condition) - refusal(baseline) within +-margin from (b, c, n)."""
     b, c, n = counts
@@ -227,7 +227,7 @@ def _tost_record(s: _Study, counts: Counts, label: str, keys: list[Pair], margin
                   method=r.method, **meta)
 
 
-def _diff_record(s: _Study, counts: Counts, label: str, keys: list[Pair], alpha: float,
+def _diff_record(s: StudyView, counts: Counts, label: str, keys: list[Pair], alpha: float,
                  meta: dict[str, Any]) -> Record:
     """refusal(condition) - refusal(baseline) over paired targets, in pp, with its Wald
     (1 - 2 alpha) interval in ci_low/ci_high (pp)."""
@@ -245,7 +245,7 @@ def _diff_record(s: _Study, counts: Counts, label: str, keys: list[Pair], alpha:
                   n=n, **meta)
 
 
-def _cochran_records(s: _Study) -> dict[str, Record]:
+def cochran_records(s: StudyView) -> dict[str, Record]:
     """Cochran's Q across the compositions, per model and pooled over models."""
     out: dict[str, Record] = {}
     comps = s.compositions
@@ -257,7 +257,7 @@ def _cochran_records(s: _Study) -> dict[str, Record]:
         definition = q_def + (", pooled over models: a subject is a (model, prompt))"
                               if model == "all" else f"), model {model}")
         meta = s.meta(model, None) | {"conditions": comps}
-        ins, sts = _union(s.spaths, keys), _union(s.stacks, keys)
+        ins, sts = union_of(s.spaths, keys), union_of(s.stacks, keys)
         nid = f"{s.study}/{model}/cochran_q_p"
         if len(comps) < 2:
             out[nid] = not_estimable(f"{len(comps)} composition(s); Cochran's Q needs 2 or "
@@ -280,7 +280,7 @@ def _cochran_records(s: _Study) -> dict[str, Record]:
     return out
 
 
-def _mh_tables(s: _Study, conds: list[str], ref: str | None = None) -> np.ndarray:
+def _mh_tables(s: StudyView, conds: list[str], ref: str | None = None) -> np.ndarray:
     """Per model, [[condition refused, not], [reference refused, not]] over paired prompts
     (the condition arm pools ``conds``; the reference is the baseline unless given)."""
     ref = ref or s.baseline
@@ -303,8 +303,8 @@ def _mh_tables(s: _Study, conds: list[str], ref: str | None = None) -> np.ndarra
     return np.asarray(tables, dtype=np.int64).reshape(-1, 2, 2)
 
 
-def _mh_records(s: _Study, conds: list[str], pre: str, label: str, meta: dict[str, Any],
-                ref: str | None = None) -> dict[str, Record]:
+def mh_records(s: StudyView, conds: list[str], pre: str, label: str, meta: dict[str, Any],
+               ref: str | None = None) -> dict[str, Record]:
     """Mantel-Haenszel pooled odds ratio and CMH p of ``conds`` vs ``ref`` (default: the
     baseline)."""
     ref = ref or s.baseline
@@ -336,18 +336,18 @@ def _mh_records(s: _Study, conds: list[str], pre: str, label: str, meta: dict[st
                                   n_strata=r.n_strata, **extra)}
 
 
-def _mh_numbers(s: _Study) -> dict[str, Record]:
+def mh_numbers(s: StudyView) -> dict[str, Record]:
     """MH per non-baseline condition, and over every non-baseline composition pooled."""
     out: dict[str, Record] = {}
     for cond in s.others:
-        out |= _mh_records(s, [cond], f"{s.study}/all/{cond}", cond, s.meta("all", cond))
+        out |= mh_records(s, [cond], f"{s.study}/all/{cond}", cond, s.meta("all", cond))
     pooled = [c for c in s.compositions if c != s.baseline]
-    out |= _mh_records(s, pooled, f"{s.study}/all", "all non-baseline compositions pooled ("
-                       + ", ".join(pooled) + ")", s.meta("all", None) | {"conditions": pooled})
+    out |= mh_records(s, pooled, f"{s.study}/all", "all non-baseline compositions pooled ("
+                      + ", ".join(pooled) + ")", s.meta("all", None) | {"conditions": pooled})
     return out
 
 
-def _mde_numbers(s: _Study, pooled: dict[str, Counts]) -> dict[str, Record]:
+def mde_numbers(s: StudyView, pooled: dict[str, Counts]) -> dict[str, Record]:
     """Minimum detectable effect per condition and for the least sensitive composition."""
     out: dict[str, Record] = {}
     for cond in s.others:
@@ -373,7 +373,7 @@ MDE_P_RULE = ("pooled refusal rate under the baseline composition; the paper's p
               "(fidelity studyC_mde_p_rule: not reproducible from printed inputs)")
 
 
-def _mde_record(s: _Study, n: int, label: str, keys: list[Pair], meta: dict[str, Any]
+def _mde_record(s: StudyView, n: int, label: str, keys: list[Pair], meta: dict[str, Any]
                 ) -> Record:
     """(1.96 + 0.842) sqrt(2 p (1 - p) / n) in pp, p = pooled baseline refusal rate."""
     definition = ("minimum detectable effect (pp) (1.96 + 0.842) * sqrt(2 p (1 - p) / n), p = "
@@ -389,22 +389,22 @@ def _mde_record(s: _Study, n: int, label: str, keys: list[Pair], meta: dict[str,
                   s.sts(keys), p=p_base, n=n, p_rule=MDE_P_RULE, **meta)
 
 
-def _direction_numbers(s: _Study, pairs: dict[Pair, Counts], raw: dict[str, float],
-                       alpha: float) -> dict[str, Record]:
+def direction_numbers(s: StudyView, pairs: dict[Pair, Counts], raw: dict[str, float],
+                      alpha: float) -> dict[str, Record]:
     """Direction of the discordant pairs: every pair, and the significant ones."""
     every = [k for k in pairs if k in s.stacks and pairs[k][2] > 0]
     significant = [k for k in every if raw.get(f"{s.study}/{k[0]}/{k[1]}", 1.0) < alpha]
-    return (_direction_records(s, pairs, every, f"{s.study}/all/direction",
-                               "pooled over every (model, condition) pair",
-                               "no (model, condition) pair has paired rows")
-            | _direction_records(s, pairs, significant, f"{s.study}/all/direction_significant",
-                                 "pooled over the (model, condition) pairs with unadjusted "
-                                 f"McNemar p < {alpha}", "no (model, condition) pair has "
-                                 f"unadjusted McNemar p < {alpha}"))
+    return (direction_records(s, pairs, every, f"{s.study}/all/direction",
+                              "pooled over every (model, condition) pair",
+                              "no (model, condition) pair has paired rows")
+            | direction_records(s, pairs, significant, f"{s.study}/all/direction_significant",
+                                "pooled over the (model, condition) pairs with unadjusted "
+                                f"McNemar p < {alpha}", "no (model, condition) pair has "
+                                f"unadjusted McNemar p < {alpha}"))
 
 
-def _direction_records(s: _Study, pairs: dict[Pair, Counts], selected: list[Pair], pre: str,
-                       label: str, no_pairs: str, **extra: Any) -> dict[str, Record]:
+def direction_records(s: StudyView, pairs: dict[Pair, Counts], selected: list[Pair], pre: str,
+                      label: str, no_pairs: str, **extra: Any) -> dict[str, Record]:
     """Counts to unsafe / to safe (``<pre>_to_unsafe``, ``_to_safe``), the to-unsafe share
     (Wilson 95% in ci_low/ci_high, Clopper-Pearson 95% in cp_low/cp_high) and its exact
     two-sided binomial test against 0.5."""

@@ -15,10 +15,10 @@ from batchflip.numbers import Record, not_estimable, proportion, proportion_or_n
 from batchflip.studies.composition_base import (
     DEFAULT_BASELINE,
     GEN_NEEDED,
-    _concat,
-    _meta,
-    _path_index,
-    _union,
+    concat_frames,
+    path_index,
+    record_meta,
+    union_of,
 )
 
 
@@ -55,8 +55,8 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
                          baseline: str = DEFAULT_BASELINE) -> dict[str, Record]:
     """Co-batch verification rates from generation frames (path -> frame)."""
     numbers: dict[str, Record] = {}
-    gen = _concat(generations, GEN_NEEDED)
-    gpaths = _path_index(generations) if generations else {}
+    gen = concat_frames(generations, GEN_NEEDED)
+    gpaths = path_index(generations) if generations else {}
     definition = ("share of targets whose decode interval [t_first, t_done] overlaps that "
                   "of every filler of its group (groups without fillers excluded); measured "
                   "from wall-clock request timings, so it varies between runs that give "
@@ -64,7 +64,7 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
     if gen.empty:
         numbers[f"{study}/all/cobatch_verified_rate"] = not_estimable(
             "no generation rows given", definition, sorted(generations), [], timing=True,
-            **_meta("all", None, baseline))
+            **record_meta("all", None, baseline))
         return numbers
     gen = gen.assign(model=gen["model"].astype(str), condition=gen["condition"].astype(str))
     stacks = {k: sorted(map(str, v.unique())) for k, v in
@@ -74,21 +74,21 @@ def verification_numbers(generations: dict[str, pd.DataFrame], study: str,
         numbers[f"{study}/{model}/{cond}/cobatch_verified_rate"] = proportion(
             int(part["verified"].sum()), len(part), f"{definition}; {cond}, model {model}",
             gpaths[(model, cond)], stacks[(model, cond)], timing=True,
-            **_meta(model, cond, baseline))
+            **record_meta(model, cond, baseline))
     for cond, part in ver.groupby("condition", sort=True):
         keys = sorted({(m, cond) for m in part["model"]})
         numbers[f"{study}/all/{cond}/cobatch_verified_rate"] = proportion(
             int(part["verified"].sum()), len(part), f"{definition}; {cond}, pooled over "
-            "models", _union(gpaths, keys), _union(stacks, keys), timing=True,
-            **_meta("all", cond, baseline))
+            "models", union_of(gpaths, keys), union_of(stacks, keys), timing=True,
+            **record_meta("all", cond, baseline))
     numbers |= timing_numbers(gen, study, baseline, gpaths, stacks)
     keys = sorted({(str(m), str(c)) for m, c in ver[["model", "condition"]].itertuples(
         index=False)})
     numbers[f"{study}/all/cobatch_verified_rate"] = proportion_or_none(
         int(ver["verified"].sum()), len(ver), f"{definition}; every non-solo composition and "
-        "stagger condition, pooled over models", _union(gpaths, keys) or sorted(generations),
-        _union(stacks, keys), "no target shares a group with a filler (only solo groups)",
-        timing=True, **_meta("all", None, baseline))
+        "stagger condition, pooled over models", union_of(gpaths, keys) or sorted(generations),
+        union_of(stacks, keys), "no target shares a group with a filler (only solo groups)",
+        timing=True, **record_meta("all", None, baseline))
     return numbers
 
 
@@ -172,10 +172,10 @@ def timing_numbers(gen: pd.DataFrame, study: str, baseline: str,
     parts += [(("all", c), p) for c, p in ov.groupby("condition", sort=True)]
     for (model, cond), part in parts:
         keys = sorted({(str(m), cond) for m in part["model"]})
-        ins, sts = _union(gpaths, keys), _union(stacks, keys)
+        ins, sts = union_of(gpaths, keys), union_of(stacks, keys)
         who = "pooled over models" if model == "all" else f"model {model}"
         rule = TIMING_RULES[_rule(part["timing"].iloc[0], int(part["stagger_ms"].iloc[0]))]
-        meta = {**_meta(model, cond, baseline), "timing": True, "rule": rule}
+        meta = {**record_meta(model, cond, baseline), "timing": True, "rule": rule}
         pre = f"{study}/{model}/{cond}"
         out[f"{pre}/timing_rule_rate"] = proportion(
             int(part["met"].sum()), len(part), f"share of {cond} groups (target answered) "

@@ -54,8 +54,9 @@ UNSPECIFIED = "unspecified"
 SCORED_NEEDED = ["model", "condition", "prompt_id", "stack_id", "error"]
 
 
-def read_flips(paths: list[str]) -> dict[str, pd.DataFrame]:
-    """Flip files by path, with the columns Study B needs (InputError naming a missing one)."""
+def flips_by_path(paths: list[str]) -> dict[str, pd.DataFrame]:
+    """Flip files by path, with the columns Study B needs (InputError naming a missing one;
+    one file with every column: batchflip.flips.read_flips)."""
     return {p: read_records(p, NEEDED) for p in paths}
 
 
@@ -261,7 +262,7 @@ def main(args: argparse.Namespace) -> int:
     alignment = dict(a.split("=", 1) for a in args.alignment)
     scored = {p: read_records(p, SCORED_NEEDED, ["finish_reason"]) for p in args.scored}
     failures = error_numbers(scored, args.study, args.max_error_share)
-    numbers = failures | models_numbers(read_flips(args.flips), alignment, args.study,
+    numbers = failures | models_numbers(flips_by_path(args.flips), alignment, args.study,
                                          args.seed, args.resamples)
     write_json({"study": args.study, "numbers": numbers}, args.out)
     print(f"{args.out}: {len(numbers)} numbers")
