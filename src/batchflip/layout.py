@@ -70,6 +70,7 @@ from batchflip.conditions import GROUPING, parse_condition
 from batchflip.design import conditions_for, overrides
 from batchflip.errors import BatchflipError
 from batchflip.kinds import KINDS
+from batchflip.settings import DEFAULT_KERNEL_MODE, DEFAULT_THREADS
 
 Config = Mapping[str, Any]
 
@@ -303,9 +304,9 @@ def ablation_models(config: Config, study: str) -> list[str]:
 
 
 def job_threads(study: Mapping[str, Any]) -> int:
-    """Cores a generation job of a study asks Snakemake for (``threads``; 1 when unset,
-    and then the engine keeps its own thread default)."""
-    return int(study.get("threads", 1))
+    """Cores a generation job of a study asks Snakemake for (``threads``; when unset
+    settings.DEFAULT_THREADS, and then the engine keeps its own thread default)."""
+    return int(study.get("threads", DEFAULT_THREADS))
 
 
 # what a launched server (or the endpoint a client keeps) depends on: studies whose
@@ -324,9 +325,9 @@ class ServerJob(NamedTuple):
 
 def launch_key(settings: Mapping[str, Any]) -> str:
     """The launch-relevant part of a job's generation settings, as canonical JSON
-    (``kernel_mode`` defaults to standard, as the engines read it)."""
+    (``kernel_mode`` defaults to settings.DEFAULT_KERNEL_MODE, as the engines read it)."""
     key = {k: settings.get(k) for k in LAUNCH_KEYS}
-    key["kernel_mode"] = key["kernel_mode"] or "standard"
+    key["kernel_mode"] = key["kernel_mode"] or DEFAULT_KERNEL_MODE
     return json.dumps(key, sort_keys=True, default=str)
 
 

@@ -13,6 +13,7 @@ import re
 import shlex
 
 from batchflip import design, layout
+from batchflip.settings import KERNEL_MODES
 from batchflip.keyed import KEY_PATTERN
 from batchflip.records import FLIPS_FORMAT, SCORED_FORMAT
 

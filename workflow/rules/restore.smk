@@ -46,7 +46,7 @@ if restoring():
             stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
         wildcard_constraints:
             study=studies_of("ablation"),
-            kernel_mode="standard|batch_invariant",
+            kernel_mode="|".join(KERNEL_MODES),
         conda:
             "../../envs/analysis.yaml"
         log:

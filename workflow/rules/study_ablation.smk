@@ -63,7 +63,7 @@ rule ablation_generate:
         ),
     wildcard_constraints:
         study=studies_of("ablation"),
-        kernel_mode="standard|batch_invariant",
+        kernel_mode="|".join(KERNEL_MODES),
         key=KEY_PATTERN,
     params:
         # the params trigger: the rerun's settings that change its rows
@@ -102,7 +102,7 @@ if not restoring():
             stack=layout.stack_path(layout.ablation_run_path("{study}", "{model}", "{kernel_mode}")),
         wildcard_constraints:
             study=studies_of("ablation"),
-            kernel_mode="standard|batch_invariant",
+            kernel_mode="|".join(KERNEL_MODES),
         localrule: True
         conda:
             "../../envs/analysis.yaml"

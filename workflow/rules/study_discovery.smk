@@ -43,7 +43,7 @@ rule discovery_figure:
         ),
         pdf=layout.figure_path("{study}", "{name}", "pdf"),
     wildcard_constraints:
-        name="flip_rates|identity|flip_agreement",
+        name="|".join(layout.FIGURES_BY_KIND["discovery"]),
         study=studies_of("discovery"),
     params:
         # report captions are not wildcard-expanded: figure.rst renders this text
