@@ -95,8 +95,9 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
     if not native_bf16(facts["cpu"]):
         why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's "
                    "dtype: auto computes in float32 here, which in an emulated run changed no "
-                   "text under batching (README, CPUs without native bf16); dtype: bfloat16 "
-                   "shows batch effects at about 4x the forward time")
+                   "text under batching (docs/measurements.md, CPUs without native bf16); dtype: "
+                   "bfloat16 shows batch effects there, emulated at several times the "
+                   "forward time")
     fits.append(Fit("config/config.yaml", ok, tuple(why)))
 
     gpu_why = []
