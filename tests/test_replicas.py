@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import textwrap
 import threading
 import time
 
 import httpx
 import pandas as pd
 import pytest
+from test_server import FAKE_OPENAI_SERVER
 
 from batchflip.conditions import parse_condition
 from batchflip.engines import Group, Member, Result
@@ -276,46 +276,33 @@ def test_replica_texts_are_byte_identical_to_one_servers(tmp_path, monkeypatch):
 # A stand-in OpenAI server: logs like vLLM's compile step (compiles into an empty
 # VLLM_CACHE_ROOT, loads from a filled one), answers each prompt with the prompt reversed,
 # and appends every prompt it serves to $FAKE_OUT/<port>.txt.
-FAKE_VLLM_DOUBLE = textwrap.dedent("""
-    import json, os, sys
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    port = int(sys.argv[sys.argv.index("--port") + 1])
-    root = os.environ["VLLM_CACHE_ROOT"]
-    if os.listdir(root):
-        print("INFO Directly load the compiled graph(s) for compile range (1, 2048) from "
-              "the cache, took 0.1 s", file=sys.stderr, flush=True)
-    else:
-        open(os.path.join(root, "graph.py"), "w").write("compiled")
-        print("INFO Compiling a graph for compile range (1, 2048) takes 1.0 s",
-              file=sys.stderr, flush=True)
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
-        def reply(self, body, ctype="application/json"):
-            data = body.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-        def do_GET(self):
-            if self.path == "/v1/models":
-                self.reply(json.dumps({"data": [{"id": "fake"}]}))
-            elif self.path == "/version":
-                self.reply(json.dumps({"version": "0.0-fake"}))
-            else:
-                self.reply("")
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            prompt = body["prompt"]
-            with open(os.path.join(os.environ["FAKE_OUT"], f"{port}.txt"), "a") as fh:
-                fh.write(prompt + "\\n")
-            chunk = {"choices": [{"index": 0, "text": prompt[::-1], "finish_reason": "stop",
-                                  "token_ids": [len(prompt)]}]}
-            self.reply(f"data: {json.dumps(chunk)}\\n\\ndata: [DONE]\\n\\n",
-                       "text/event-stream")
-    ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
-""")
+_STARTUP = '''print(os.environ.get("FAKE_LOG_LINE", "fake server up"), file=sys.stderr, flush=True)
+'''
+_COMPILE_LOG = '''port = int(sys.argv[sys.argv.index("--port") + 1])
+root = os.environ["VLLM_CACHE_ROOT"]
+if os.listdir(root):
+    print("INFO Directly load the compiled graph(s) for compile range (1, 2048) from "
+          "the cache, took 0.1 s", file=sys.stderr, flush=True)
+else:
+    open(os.path.join(root, "graph.py"), "w").write("compiled")
+    print("INFO Compiling a graph for compile range (1, 2048) takes 1.0 s",
+          file=sys.stderr, flush=True)
+'''
+_OK_POST = '''        self.rfile.read(int(self.headers["Content-Length"]))
+        chunk = {"choices": [{"index": 0, "text": "ok", "finish_reason": "stop",
+                              "token_ids": [1]}]}
+'''
+_ECHO_POST = '''        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["prompt"]
+        with open(os.path.join(os.environ["FAKE_OUT"], f"{port}.txt"), "a") as fh:
+            fh.write(prompt + "\\n")
+        chunk = {"choices": [{"index": 0, "text": prompt[::-1], "finish_reason": "stop",
+                              "token_ids": [len(prompt)]}]}
+'''
+# test_server's stand-in with those two parts swapped in
+FAKE_VLLM_DOUBLE = FAKE_OPENAI_SERVER.replace(_STARTUP, _COMPILE_LOG).replace(_OK_POST,
+                                                                                _ECHO_POST)
+assert _STARTUP not in FAKE_VLLM_DOUBLE and _OK_POST not in FAKE_VLLM_DOUBLE
 
 
 def test_launched_replicas_start_in_turn_share_the_work_and_stop(tmp_path, monkeypatch):
