@@ -210,3 +210,33 @@ def test_isa_cap_hides_avx512_and_amx_from_what_vllm_reads():
     assert facts["torch_cpu_view"] == {"avx2": avx2, "avx512_f": False,
                                        "avx512_bf16": False, "amx_tile": False}
     assert not pf.native_bf16(facts)
+
+
+def test_isa_cap_makes_vllm_cpu_load_its_avx2_kernels():
+    """vLLM's CPU build picks its kernel library from torch.cpu's features: natively this
+    AVX512-BF16 machine loads ``_C``, under the cap ``_C_AVX2`` (seen in /proc/self/maps)."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    pytest.importorskip("vllm.platforms.cpu", reason="vLLM's CPU build is not installed")
+    code = ("import re; from vllm.platforms.cpu import CpuPlatform; "
+            "CpuPlatform.import_kernels(); "
+            r"print(sorted(set(re.findall(r'vllm/(_C\w*)\.abi3\.so', "
+            "open('/proc/self/maps').read()))))")
+
+    def loaded(cap: bool) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "BATCHFLIP_ISA_CAP"}
+        if cap:
+            env.update(BATCHFLIP_ISA_CAP="avx2",
+                       PYTHONPATH=f"{ROOT / 'bench/isa_cap'}:{ROOT / 'src'}")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True).stdout
+        return re.findall(r"\[.*\]", out)[-1]
+
+    assert loaded(True) == "['_C_AVX2']"
+    if "avx512_bf16" in pf.cpu_facts()["isa"]:
+        assert loaded(False) == "['_C']"
