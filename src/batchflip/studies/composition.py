@@ -1,123 +1,31 @@
 """Study C (kind ``composition``): continuous-batch composition numbers and figure.
 
 Each safety prompt is a *target* served at one batch size under several compositions
-(``cobatch_b8_<pool>``: solo, benign, jailbreak, mixed, refusal fillers) and, optionally,
-with the fillers staggered in time (``stagger_b8_<pool>_<m|p><ms>``). Every condition is
-compared with the baseline composition (``cobatch_b8_solo`` by default), paired on
-``prompt_id`` within a model.
+(``cobatch_b8_<pool>``) and, optionally, with staggered fillers
+(``stagger_b8_<pool>_<m|p><ms>``). Every condition is compared with the baseline
+composition (``cobatch_b8_solo`` by default), paired on ``prompt_id`` within a model; a
+target is refused when ``score >= 0.5``. Phase-tagged (``_ph<t>``) conditions are compared
+with their phase's reference (:mod:`batchflip.studies.composition_pairs`) and the repeat
+control with everything else (:mod:`batchflip.repeat`); both stay out of the numbers
+against the baseline.
 
-What is counted
----------------
-- Rows: the targets of the scored files (one row per target), restricted to ``--domain``
-  (default ``safety``; capability controls are left out of refusal numbers). A target is
-  *refused* when ``score >= 0.5`` (1.0 = refused for refusal tasks; for BBQ/TruthfulQA
-  0.5 and 1 count as the safe side, as in the paper's flip direction).
-- Pairs: for a model and a condition, the prompts present under both the condition and
-  the baseline. ``b`` = refused under the baseline, complied under the condition
-  (``to_unsafe``); ``c`` = complied under the baseline, refused under the condition
-  (``to_safe``).
-- *Compositions* are the baseline and every ``cobatch`` condition. The aggregate tests
-  (Cochran's Q, the pooled Mantel-Haenszel odds ratio, the minimum detectable effect) use
-  the compositions only; ``stagger`` conditions (the temporal-overlap phase) get the
-  pairwise numbers (McNemar in the Holm family, TOST, their own MH) and enter the pooled
-  flip direction, which pools every pair of the study.
-- The later phases (temporal vs ``stagger_..._simultaneous``; phase-tagged ``_ph<t>``
-  conditions, e.g. 3A vs ``cobatch_b8_solo_ph3a`` and 3B static ``list_b8_<pool>_ph3b`` vs
-  continuous ``cobatch_b8_<pool>_ph3b``) are compared with their phase's reference, Holm
-  within the phase (:func:`batchflip.studies.composition_pairs.phase_numbers`). Tagged
-  conditions get refusal rates but are left out of every number against the baseline.
-- The repeat control (``cobatch_b8_solo_repeat``, :mod:`batchflip.repeat`) gets its
-  refusal rate; its comparison with the baseline, and every condition's against it, are
-  the repeat numbers (``results/numbers/repeat_<s>.json``), so it is left out of the
-  families, pools and aggregate tests here.
+``numbers`` writes one JSON of records keyed ``<s>/<m>/<c>/...`` (``all`` = pooled over
+models), each with ``model``, ``condition``, ``pool``, ``batch_size``, ``dispatch``,
+``stagger_ms`` and ``baseline`` where they apply. Records from wall-clock timings carry
+``timing: true``; every other number is a function of the texts. Failed requests are left
+out of every rate and pair and counted in ``error_count``/``error_share``; a condition
+above ``--max-error-share`` fails the job, writing nothing. A statistic that cannot be
+estimated is ``value: null`` with a ``note`` starting "not estimable:", never NaN.
 
-Numbers (``<s>`` = study, ``<m>`` = model, ``<c>`` = condition; ``all`` = pooled over
-models). Each record carries ``model``, ``condition``, ``pool``, ``batch_size``,
-``dispatch``, ``stagger_ms`` and ``baseline`` where they apply.
-
-- ``<s>/<m>/<c>/refusal_rate`` (also ``<s>/all/<c>/...``): refused targets / targets,
-  Wilson 95% interval.
-- ``<s>/<m>/<c>/mcnemar_p``: exact McNemar (two-sided binomial on the discordant pairs)
-  with ``b``, ``c``, ``n``; ``<s>/<m>/<c>/mcnemar_p_holm``: Holm-adjusted over all
-  (model, condition) pairs of the study that have paired rows.
-- ``<s>/<m>/<c>/to_unsafe``, ``/to_safe``, ``/paired_n``: the counts behind them.
-- ``<s>/<m>/<c>/tost_p`` (also ``<s>/all/<c>/tost_p``, pairs pooled over models): paired
-  TOST (Tango score) of refusal(condition) - refusal(baseline) within +-margin (default
-  3 pp); ``estimate_pp``, ``margin_pp``, ``p_lower``, ``p_upper``, ``equivalent``.
-- ``<s>/<m>/cochran_q_p`` and ``<s>/all/cochran_q_p``: Cochran's Q across the
-  compositions, subjects = (model,) prompts present under every composition;
-  ``statistic``, ``df``, ``n_subjects``.
-- ``<s>/all/<c>/mh_odds_ratio`` and ``<s>/all/mh_odds_ratio`` (with ``<s>/all/mh_p``):
-  Mantel-Haenszel pooled odds ratio, strata = models, Robins-Breslow-Greenland interval in
-  ``low``/``high``, CMH test p. Table per stratum (orientation)::
-
-                       refused   not refused
-        condition        a           b
-        baseline         c           d
-
-  so OR > 1 means higher odds of refusal with fillers than without. For one condition the
-  rows are its paired targets and their baseline rows; for the pooled number the
-  condition arm holds every non-baseline composition's paired targets and the baseline arm
-  the baseline rows of the prompts paired with any of them. The design is paired, but MH
-  here treats the two arms as independent samples, as the paper did; McNemar and TOST
-  are the paired analyses.
-- ``<s>/all/mde_pp`` (and ``<s>/all/<c>/mde_pp``): ``(1.96 + 0.842) * sqrt(2 p (1 - p) /
-  n)`` in percentage points, ``p`` = pooled baseline refusal rate, ``n`` = paired rows per
-  comparison pooled over models (for the study-level number the smallest such ``n`` of
-  the non-baseline compositions, i.e. the least sensitive comparison).
-- ``<s>/all/direction_to_unsafe``, ``/direction_to_safe``, ``/direction_unsafe_share``
-  (Wilson), ``/direction_binom_p`` (exact binomial against 0.5): discordant pairs pooled
-  over every (model, condition) pair; the same with ``direction_significant_`` for the
-  pairs whose unadjusted McNemar p < alpha (the paper's "28/31 in the three significant
-  conditions").
-- ``<s>/all/<c>/refusal_diff_pp`` and ``<s>/all/refusal_diff_pp`` (with ``<s>/all/tost_p``,
-  every non-baseline composition pooled: the paper's one TOST): refusal(condition) -
-  refusal(baseline) over paired targets, Wald (1 - 2 alpha) interval in ``ci_low``/``ci_high``.
-- The paper's 7 pairs (:mod:`batchflip.studies.composition_pairs`; the list follows issue
-  13, TR143 is not public): ``<s>/<m>/<a>_vs_<b>/mcnemar_p`` and ``/mcnemar_p_holm`` (Holm
-  over the tests run, ``<s>/all/pair_tests``), ``<s>/all/<a>_vs_<b>/mh_odds_ratio`` and
-  ``/mh_p``; the direction per condition ``<s>/all/<c>/direction_*`` and pooled over the
-  significant conditions ``<s>/all/direction_condition_significant_*`` (pooled exact p <
-  alpha, the paper's 28/31) and ``<s>/all/direction_holm_significant_*``; every share also
-  carries its Clopper-Pearson 95% interval (``cp_low``/``cp_high``).
-- Capability controls and target position (:mod:`batchflip.studies.composition_rows`):
-  ``<s>/<m>/<c>/capability_correct_rate``, ``/capability_mcnemar_p``,
-  ``/capability_mcnemar_p_holm``, ``<s>/all/<c>/capability_flip_rate``,
-  ``/capability_mcnemar_p`` (``<s>/all/capability_missing`` when none ran);
-  ``<s>/<m>/position_anova_p``, ``<s>/all/position_anova_p``,
-  ``<s>/all/<c>/position_anova_p``.
-- ``<s>/<m>/<c>/cobatch_verified_rate``, ``<s>/all/<c>/...`` and
-  ``<s>/all/cobatch_verified_rate``: from the generation files, the share of targets
-  whose decode interval ``[t_first, t_done]`` overlaps (closed intervals) the interval of
-  every filler of its group. Groups without fillers (solo) are excluded; stagger groups
-  are included. A filler with a recorded ``error`` never overlaps; a failed target is left
-  out (it has no decode interval). These records carry
-  ``timing: true``: they come from wall-clock timings, so two runs with identical texts can
-  give different values (every other number is a function of the texts).
-- Beside it, per stagger condition (``timing: true`` too): ``<s>/<m>/<c>/timing_rule_rate``
-  (and ``<s>/all/<c>/...``), the share of groups (target answered) that met the condition's
-  timing rule (``rule``; :data:`batchflip.studies.composition_verify.TIMING_RULES`:
-  minimal_overlap = the fillers submitted after the target's first token and before its
-  last), and the medians of each group's measured overlap
-  (:func:`batchflip.studies.composition_verify.stagger_overlap`):
-  ``/filler_after_first_median_ms``, ``/target_done_after_filler_median_ms``,
-  ``/offset_median_ms``.
-
-Failed requests (``batchflip.failures``: ``finish_reason "error"``, null score) are no
-answers: they are left out of every rate and pair above, counted per (model, condition) over
-all domains in ``<s>/<m>/<c>/error_count`` and ``/error_share``, and a condition whose share
-is above ``--max-error-share`` (config ``errors.max_share``) fails the job, writing nothing.
-
-A statistic that cannot be estimated is a record with ``value: null`` and a ``note``
-starting "not estimable:" — never NaN, never a crash.
-
-CLI (one subcommand, two actions)::
+CLI::
 
     batchflip composition numbers --study c --scored S... --generations G... \\
         --baseline cobatch_b8_solo --out results/numbers/c.json \\
         [--margin 0.03] [--alpha 0.05] [--domain safety] [--max-error-share 0.01]
     batchflip composition figure --numbers results/numbers/c.json \\
         --png results/figures/c_composition.png --pdf results/figures/c_composition.pdf
+
+Number ids and counting rules: docs/studies/c.md.
 """
 
 from __future__ import annotations
