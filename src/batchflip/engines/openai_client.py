@@ -2,85 +2,23 @@
 
 One :class:`CompletionClient` owns a private asyncio event loop and one
 ``httpx.AsyncClient`` (connections are reused across groups); ``run_group`` is a plain
-synchronous call that runs one group to completion on that loop.
+synchronous call that runs one group to completion on that loop, and ``run_stream`` runs a
+``conc`` stream with at most ``batch_size`` requests in flight.
 
-Requests
---------
-Every request is ``POST {base_url}/v1/completions`` with ``temperature 0``, ``max_tokens``,
-the study ``seed``, ``stream: true`` and, when the server accepts it, ``return_token_ids:
-true`` (vLLM >= 0.10: each streamed chunk carries the generated token ids of its delta; vLLM
-0.32 documents it in ``CompletionRequest.return_token_ids``). Prompts arrive as finished
-strings (any chat template was applied client-side), so the server only tokenizes them.
+Requests are streamed and greedy (``temperature 0``, the study ``seed``), one per member
+or one list request (``Condition.dispatch``); prompts arrive as finished strings. Each
+member's ``Result`` carries ``t_submit``, ``t_first`` (first streamed token) and
+``t_done`` in ``time.time()`` seconds. Transport errors, timeouts, HTTP 408/429/5xx and
+in-stream errors are retried up to ``max_retries`` times; other 4xx are not. A member whose
+attempts are exhausted still gets a row: empty text, ``finish_reason "error"``, the error
+text in ``Result.error``; nothing is dropped.
 
-Timestamps (``time.time()`` seconds) per member: ``t_submit`` just before the request of the
-attempt that produced the row is sent, ``t_first`` when the first streamed chunk for the
-member's choice ``index`` arrives (the first generated token), ``t_done`` when the chunk
-carrying its ``finish_reason`` arrives (else the end of the stream).
+The fingerprint's ``client`` reports ``token_ids_source`` (``server``,
+``client_tokenizer`` or ``unavailable``) and, with ``logprobs``, ``logprob_token_names``
+(``token_id`` or ``text``, the vLLM fields the warm-up found the server accepts). A token
+name the vocabulary lacks gets id -1.
 
-Dispatch (``Condition.dispatch``)
----------------------------------
-- ``sync``: b concurrent single-prompt requests; returns when all are done.
-- ``list``: one request whose ``prompt`` is the list of b prompts; choices are mapped back to
-  members by their ``index``.
-- ``cobatch``: every member (target and fillers) sent at once as concurrent single-prompt
-  requests, started in member (position) order.
-- ``stagger``: like ``cobatch`` but the fillers start ``|stagger_ms|`` ms before the target
-  (negative ``stagger_ms``) or after it (positive); ``simultaneous``: all at once;
-  ``minimal_overlap``: the target first, the fillers as soon as the target's first streamed
-  chunk (its first generated token) arrives, i.e. after its prefill and while it decodes
-  (should the target's request end without a chunk, the fillers go when it ends).
-- ``conc``: a stream of single-prompt requests with at most n (``batch_size``) in flight
-  (:meth:`CompletionClient.run_stream`): requests start in stream order, each as soon as a
-  slot is free (a semaphore of n slots, held for the whole request, retries included).
-  ``run_group`` of a conc group streams its members the same way.
-
-Failures
---------
-Each request has a wall-clock limit (``request_timeout_s``, the whole streamed response).
-Transport errors, timeouts, HTTP 408/429/5xx and errors reported inside the stream are
-retried up to ``max_retries`` times (exponential backoff from ``retry_backoff_s``); other
-HTTP 4xx are not retried. ``Result.attempts`` records the attempts used. When they are
-exhausted the member still gets a row: empty text, ``finish_reason "error"`` and the error
-text in ``Result.error``; nothing is dropped. A retried single-prompt request runs outside
-its original batch, so rows with ``attempts > 1`` may have a different batch context; for
-``list`` dispatch the whole list is retried together. A list request answered without a
-choice for some index counts as a failed attempt.
-
-Log-probabilities
------------------
-With ``logprobs`` > 0 (the study key ``logprobs: k``) every request also asks for
-``logprobs: k`` and ``return_tokens_as_token_ids: true``: each streamed chunk then carries,
-per token, the chosen token's log-probability and a ``{"token_id:<id>": logprob}`` map of
-the sampled token plus the top k (vLLM), parsed into the k highest, highest first. The
-log-probabilities, which the margins need, are always kept; only the ids can be lost.
-
-``return_tokens_as_token_ids`` is a vLLM field. A server that rejects it (HTTP 400/422 at
-the first warm-up request: llama.cpp, SGLang, TGI, proxies that forbid unknown fields) is
-asked again without it, and then names tokens by text. The warm-up tries, in order: both
-vLLM fields, without ``return_tokens_as_token_ids`` (sent only with logprobs), without
-``return_token_ids`` (token-id names back on), without either; the first combination that
-is answered is kept for the run (a 400/422 after the warm-up is not retried). Dropping the
-names first keeps the generated ids (the divergence index needs them), while the top-k ids
-are only labels beside the log-probabilities. ``logprob_token_names`` (in the fingerprint's
-``client``) is ``token_id`` when the field was accepted and the warm-up answers named no
-token by text, else ``text``.
-
-A token named by text is mapped to an id with the model's tokenizer when the client has one
-(``tokenizer.convert_tokens_to_ids(name)``). This is exact when the server sends the
-vocabulary's own spelling of the token (``"ĠHello"``) and approximate otherwise: a server
-that sends the decoded text (``" Hello"``) gets no id for tokens whose spelling differs from
-their text, and a decoded text that happens to spell another vocabulary entry gets that
-entry's id. A name the vocabulary lacks stays -1 (also when the tokenizer would answer with
-its unknown-token id: that id is a real token, e.g. GPT-2's ``<|endoftext|>``, so a -1 is
-more honest), as does every text name when no tokenizer can be loaded.
-
-Token ids
----------
-``token_ids_source`` (reported in the fingerprint) is ``server`` when the server returned
-them, ``client_tokenizer`` when the server ignored ``return_token_ids`` and the generated
-text was re-tokenized with the model's tokenizer (an approximation: re-tokenizing text is not
-always the generated sequence), and ``unavailable`` when no tokenizer could be loaded (then
-``token_ids`` is empty and ``n_tokens`` counts streamed text chunks).
+Dispatch, retries, log-probability fields and token ids in detail: docs/engines-gpus.md.
 """
 
 from __future__ import annotations

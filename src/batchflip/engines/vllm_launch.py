@@ -1,104 +1,23 @@
 """vLLM launch: server settings, what the local vLLM is (probe), the command line and
 environment of a launch, and what its log must show.
 
-Settings: ``settings.server`` (all optional; defaults in :data:`SERVER_DEFAULTS`)
------------------------------------------------------------------------------------
-=========================  ======================  =========================================
-key                        default                 meaning
-=========================  ======================  =========================================
-``base_url``               None                    use this running server (required for
-                                                   ``openai``); e.g. http://127.0.0.1:8000
-``model``                  None                    model name sent with requests; None: the
-                                                   first id listed by ``/v1/models``
-``api_key_env``            None                    env var holding a bearer token for
-                                                   ``base_url`` (sent only when named here,
-                                                   never over http to a non-loopback host); a
-                                                   launched server gets its own random key
-``python``                 None                    interpreter that runs vLLM (None: this one)
-``command``                None                    argv prefix that launches the server instead
-                                                   of ``[python, -m, vllm.entrypoints.openai.
-                                                   api_server]`` (a wrapper, ``vllm serve``)
-``host``                   ``"127.0.0.1"``         address the launched server binds; any
-                                                   other than loopback needs ``expose_host``
-``expose_host``            False                   True: let ``host`` be a non-loopback
-                                                   address (warns: other machines can reach
-                                                   the server; requests still need its key)
-``port``                   None                    None: a free port picked at launch
-``max_model_len``          2048                    ``--max-model-len`` (the paper's value)
-``gpu_memory_utilization`` None                    ``--gpu-memory-utilization``; None: 0.3 on
-                                                   CPU builds (there it is the share of RAM for
-                                                   the KV cache), vLLM's own default on GPU
-                                                   (the paper's Studies A and C: 0.80)
-``kv_cache_space_gib``     None                    CPU builds: ``VLLM_CPU_KVCACHE_SPACE``
-``enforce_eager``          None                    ``--enforce-eager``; None: on for CPU
-                                                   (start-up 25-40 s instead of minutes), off
-                                                   on GPU (vLLM's default, CUDA graphs); the
-                                                   paper's Studies A and C ran eager
-``enable_prefix_caching``  False                   False: ``--no-enable-prefix-caching``; True:
-                                                   ``--enable-prefix-caching`` (vLLM's default
-                                                   is on; see below why measurement is off)
-``executor``               None                    where the model runs on a CPU build:
-                                                   ``uni`` (None on CPU): inside vLLM's engine-
-                                                   core process, ``OMP_NUM_THREADS`` = the
-                                                   study's ``threads``; ``mp``: vLLM's worker
-                                                   process (see below); None on GPU: vLLM's
-                                                   own choice (nothing passed)
-``attention_backend``      None                    e.g. FLASH_ATTN: ``--attention-backend`` on
-                                                   vLLM builds whose EngineArgs have it, else
-                                                   the ``VLLM_ATTENTION_BACKEND`` env var
-``extra_args``             []                      more server flags, appended verbatim
-``extra_env``              {}                      more server environment variables
-``startup_timeout_s``      600                     wait this long for ``/health``
-``stop_grace_s``           20                      SIGTERM, then SIGKILL after this long
-``request_timeout_s``      300                     wall-clock limit of one streamed request
-``max_retries``            2                       retries after the first attempt
-``retry_backoff_s``        1.0                     first retry delay (doubles, max 30 s)
-``warmup_requests``        3                       unrecorded requests before measuring
-``log_dir``                ``"results/logs/vllm"`` server logs, one file per launch
-``replicas``               1                       k servers of the model on one device for
-                                                   batch-1 conditions, each with 1/k of
-                                                   ``gpu_memory_utilization``
-                                                   (:mod:`batchflip.engines.replicas`)
-``cache_dir``              ``"resources/vllm-      compile caches kept across launches
-                           cache"``                (:mod:`batchflip.engines.vllm_cache`);
-                                                   None: vLLM's own (~/.cache/vllm)
-=========================  ======================  =========================================
+Settings are ``settings.server`` (all optional; defaults in :data:`SERVER_DEFAULTS`) plus
+the study's ``dtype``, ``seed``, ``max_new_tokens`` and ``kernel_mode``: ``standard``
+launches with ``VLLM_BATCH_INVARIANT=0``, ``batch_invariant`` with
+``VLLM_BATCH_INVARIANT=1``. ``batch_invariant`` is refused *before* launch, with a message
+saying why, on a CPU build (no Triton backend), on a GPU of compute capability below 9.0
+and on a vLLM that does not know the variable. After start-up and warm-up the server log
+must show a sign of the mode (:data:`BATCH_INVARIANT_SIGNS`) exactly when the mode is
+``batch_invariant``; otherwise the server is stopped and the job fails naming the log and
+the patterns. The matched sign is recorded as ``batch_invariant_verified``; for a server
+this engine did not launch the mode is ``declared``.
 
-The remaining study settings used here: ``dtype`` (``--dtype``), ``seed`` (``--seed`` and the
-per-request ``seed``), ``max_new_tokens`` (``max_tokens``) and ``kernel_mode``:
-``standard`` launches with ``VLLM_BATCH_INVARIANT=0``, ``batch_invariant`` with
-``VLLM_BATCH_INVARIANT=1``. vLLM's batch-invariant kernels are Triton kernels, and the CPU
-build (``vllm-cpu``) has no Triton backend, so ``batch_invariant`` on a CPU build fails
-*before* launch with a message saying so (the ``hf`` engine has a CPU batch-invariant path).
-``batch_invariant`` is also refused before launch on a GPU of compute capability below 9.0
-(vLLM documents the mode for Hopper and newer) and on a vLLM that does not know the
-variable. After start-up and warm-up the server log must show that the mode is active
-(:data:`BATCH_INVARIANT_SIGNS`; on vLLM 0.2x torch's warning ``new kernel: registered at
-.../model_executor/layers/batch_invariant.py``); a server without any sign is stopped and the
-job fails with a message naming the log and the patterns, and a ``standard`` server that
-shows one fails the same way. The matched sign is recorded as ``batch_invariant_verified``.
-For a server this engine did not launch the kernel mode cannot be checked; the fingerprint
-marks it ``declared``.
+Prefix caching is off unless ``enable_prefix_caching`` is true, so that no condition reuses
+another's prefill. On a CPU build ``executor: uni`` (the default there) runs the model in
+vLLM's engine-core process with ``OMP_NUM_THREADS`` = the study's ``threads``; the flag and
+environment go into the fingerprint.
 
-Prefix caching is off unless ``enable_prefix_caching`` is true: vLLM's automatic prefix
-caching (on by default) serves a prompt's prefill from KV blocks an earlier request
-computed, e.g. the same prompt in the ``sync_b1`` baseline, so a later condition would reuse
-the baseline's prefill instead of computing its own in the new batch shape, hiding exactly
-the batch effects being measured (and making results depend on condition order).
-
-Where the model runs on a CPU build (``executor``): vLLM's default puts it in a worker
-process that the engine-core process drives through shared memory, and the engine core
-busy-waits for each step's result (vLLM reserves a core for it: on 2 cores the worker gets
-one, whatever the study's ``threads``). ``uni`` (the default on CPU builds) runs the model in
-the engine-core process instead, with ``OMP_NUM_THREADS`` = ``threads`` (the cores the
-Snakemake job asks for, :attr:`batchflip.settings.GenerationSettings.job_threads`) and no
-binding.
-Same kernels and scheduler: 32 chat prompts gave identical token ids both ways at batch 1
-and 8 (bf16, 16 tokens); with a one-thread CPU job beside the server the ``mp`` server used
-1.64 / 1.59 cores (batch 1 / 8) and the job did 1,097 / 1,477 matmuls/s, the ``uni`` server
-1.00 core and the job 2,886 / 2,849, at the same wall time (18.1 vs 18.7 s, 4.2 vs 4.1 s;
-``bench/bench_vllm_executor.py``, medians of 3). ``mp`` keeps vLLM's own binding
-(``VLLM_CPU_OMP_THREADS_BIND``); the flag and environment go into the fingerprint.
+Settings table, prefix caching and executor measurements: docs/engines-gpus.md.
 """
 
 from __future__ import annotations
