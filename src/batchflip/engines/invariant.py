@@ -1,81 +1,22 @@
 """Batch-invariant forward for Llama-family transformers models (``batch_invariant`` mode).
 
-What it does
-------------
-``enable(model)`` patches one loaded ``LlamaForCausalLM`` *instance* in place (nothing global,
-no other model is touched; ``disable(model)`` undoes it):
+``enable(model)`` patches one loaded ``LlamaForCausalLM`` *instance* in place (nothing
+global, no other model is touched); ``disable(model)`` undoes it. The patched decoder runs
+every row of a batch on its own real tokens only (padding is never computed or attended
+to) and the lm_head one position at a time, so a sequence's logits are bitwise the same
+alone or at any slot of any batch, and equal standard batch-1 outputs when the logits are
+requested the same way (``tests/test_invariant.py``). It is a correctness tool, not a
+serving mode: about 1.6x slower on CPU.
 
-1. ``model.model.forward`` (the decoder stack) is replaced by a *per-sequence* forward. For
-   every row ``b`` of the batch it selects the row's real tokens from the 2-D attention mask
-   (padding is dropped, never computed) and runs embedding, RMSNorm, q/k/v projections,
-   rotary embedding, attention, o_proj, MLP and the final norm on a ``[1, L_b, hidden]``
-   tensor that holds that row alone, calling the model's own modules and the configured
-   attention function (``sdpa`` or ``eager``) with no mask (``is_causal``), exactly as an
-   unpadded batch of one would. Rotary position ids are the row's own count of real tokens
-   before each position (``cumsum(mask) - 1``, what ``generate`` passes; passed
-   ``position_ids`` that disagree on a real token are an error). The KV cache is the
-   ordinary ``DynamicCache``: each layer writes the rows' new keys/values into it (exact
-   copies; padded slots hold zeros) and each row then reads back, with ``index_select``,
-   exactly its own real keys and values as a fresh ``[1, kv_heads, S_b, head_dim]`` tensor.
-   Prefill, decode steps and chunked prefill (explicit bottom-right causal mask built from
-   the row's own sizes) all go through this path.
-2. ``model.lm_head.forward`` is replaced by a per-token loop: each position's hidden vector is
-   copied to a fresh ``[1, hidden]`` tensor and multiplied by the weight on its own (M = 1),
-   whatever number of rows/positions the caller asks logits for.
+Invariance holds with respect to the batch (size, composition, slot, padding) on one stack
+(device, library versions, thread count); not across stacks or dtypes. Refused with
+``BatchflipError``: a model not in eval mode, other architectures, ``dynamic``/``longrope``
+rotary, flash-attention implementations (``sdpa`` and ``eager`` only), static/compiled
+caches and 4-D masks (``DynamicCache`` and a 2-D mask only), ``output_attentions`` /
+``output_hidden_states``. Passed ``position_ids`` that disagree with the mask on a real
+token are an error.
 
-Why the result for a sequence does not depend on the batch
-----------------------------------------------------------
-Every arithmetic operation applied to sequence ``b``'s data receives tensors whose shapes,
-strides, dtype and values are exactly those it gets when ``b`` is run alone without padding:
-shapes depend only on ``b``'s own length and step, never on the batch size, on ``b``'s slot,
-on the other prompts or on how much left padding the batch needed. All such tensors are
-fresh allocations (aligned by the allocator), so not even pointer alignment differs. A
-deterministic kernel given identical inputs therefore returns identical bits, and this holds
-for *every* kernel choice the library makes from the shape: GEMM blocking and the M-dependent
-choice of oneDNN/MKL kernels (a ``[B*T, K] x [K, N]`` GEMM is *not* row-invariant in general,
-which is why the standard path flips outputs), the split of a reduction across threads
-(which depends on numel), vectorised-body versus scalar-tail code in elementwise
-transcendental ops (``exp``, ``silu``, ``rsqrt``, ``cos``), SDPA/flash tiling and split-KV
-heuristics on GPU. Padding cannot leak: padded tokens are never embedded, never projected,
-never attended to (their cache slots are zeros that no row reads), and real keys are summed
-over in the order the row has when alone. The only operations that mix rows are the cache
-writes/reads and the final assembly of the ``[B, T, hidden]`` output, which are exact copies.
-
-A useful corollary, checked in ``tests/test_invariant.py``: for a batch of one without padding
-the patched forward performs the same operations as the standard transformers path, so
-batch-invariant outputs equal standard batch-1 outputs (the paper's baseline) bit for bit
-whenever the prompt's logits are requested the same way (``generate`` asks for the last
-position only).
-
-What it costs (measured with ``bench/bench_invariant.py``)
-----------------------------------------------------------
-The work is the standard work minus padding, but split into ``B`` (and, for the lm_head,
-``B * positions``) small kernel calls, so it loses the GEMM efficiency of batching and pays
-Python/dispatch overhead per row and layer. On the 2-core CPU dev box (AMD EPYC, AVX-512 BF16,
-torch 2.13 CPU, 2 threads, SmolLM2-135M bf16), 8 chat prompts x 16 new tokens, median of 3:
-standard 53.1 tokens/s, batch_invariant 33.1 tokens/s (ratio 0.62, i.e. about 1.6x slower).
-Batch-1 runs cost the same in both modes. On a GPU the per-row loop is launch-bound and the
-relative cost grows with the batch size; it is a correctness tool, not a serving mode.
-
-Limits
-------
-- Llama-family only (``LlamaForCausalLM`` with a ``LlamaModel`` inside; SmolLM2, Llama 2/3,
-  TinyLlama...), static rotary types (default, linear, llama3, yarn); ``dynamic`` and
-  ``longrope`` rescale with the sequence length and are refused, as are other architectures
-  (``BatchflipError``).
-- Attention implementations ``sdpa`` and ``eager`` (flash-attention variants are refused); a
-  2-D padding mask (or none); ``DynamicCache`` (static/compiled caches and 4-D masks are
-  refused); no ``output_attentions`` / ``output_hidden_states``.
-- Invariance is with respect to the batch (size, composition, slot, padding). It assumes
-  deterministic kernels for identical inputs on one stack: the same device, library versions
-  and thread count (all recorded in the stack fingerprint). It does not make results equal
-  across thread counts, devices or dtypes, and on GPU it relies on cuBLAS/SDPA being
-  run-to-run deterministic for a fixed shape on a single stream (true for the forward kernels
-  PyTorch uses; not tested here without a GPU). It does not use the published Triton
-  batch-invariant kernels (fixed-split reductions inside a real batched GEMM); it gets
-  invariance by never batching rows at all, which is simpler to prove but slower.
-- Full-sequence logits (``logits_to_keep=0``) are computed per token (M = 1), which differs in
-  the last bits from a standard batch-1 ``[L, hidden] x W`` GEMM; they are still invariant.
+How it works, why it is invariant, what it costs: docs/studies/d.md.
 """
 
 from __future__ import annotations

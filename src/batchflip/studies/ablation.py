@@ -1,24 +1,13 @@
 """Study D (kind ``ablation``): kernel-mode ablation of a discovery study's label flips.
 
 The candidates are the conditioned rows of a *source* discovery study whose label flipped
-(``flip == True`` in ``results/flips/{source}/{model}.parquet``). Each is re-run twice under
-one kernel mode (a wildcard: ``standard`` or ``batch_invariant``), with the source's engine,
-seed, dtype, max tokens, threads and prompt format (system prompt included):
-
-- *alone*: the candidate's prompt as a group of one (``{dispatch}_b1``; ``cobatch_b1_solo``
-  for a composition candidate);
-- *in group*: inside its original group, reconstructed exactly from the generation records
-  of its condition (``results/generations/{source}/{model}/{condition}.parquet``): every
-  member of the candidate's ``group_id`` with its recorded position, role and prompt id,
-  fillers included, under the recorded dispatch and batch size. Nothing is re-derived from
-  prompt order.
-
-Per candidate and mode: *label flip* = the two scores differ by more than 0.01 (the flips
-stage's rule), *text change* = the two responses are not byte-identical. Responses are
-scored by ``batchflip.scoring`` with the workflow's scorer versions at the numbers step, so
-a scorer change re-scores and never regenerates: the reruns are written under the content
-key of the candidates' generation columns (``batchflip.keyed``), so a rewritten but unchanged
-candidate list plans no rerun, and a changed one reruns only its new candidates.
+(``flip == True`` in ``results/flips/{source}/{model}.parquet``). Each is re-run *alone*
+and *in group* (its original group, reconstructed exactly from the generation records)
+under one kernel mode (a wildcard: ``standard`` or ``batch_invariant``), with the source's
+engine, seed, dtype, max tokens, threads and prompt format. Per candidate and mode: label
+flip = scores differ by more than 0.01, text change = responses not byte-identical. Failed
+reruns are left out of every rate and pair; a share above ``--max-error-share`` fails the
+numbers job, writing nothing. Numbers hold no timings and reproduce byte for byte.
 
 Actions of ``batchflip ablation`` (the rules in ``workflow/rules/study_ablation.smk`` call them)::
 
@@ -31,30 +20,7 @@ Actions of ``batchflip ablation`` (the rules in ``workflow/rules/study_ablation.
                --versions JSON --out results/numbers/{study}.json --rows-out rows.parquet
     figure     --numbers N --png P --pdf Q
 
-Numbers (``<s>`` study, ``<m>`` model or ``all`` pooled over models, ``<k>`` kernel mode):
-
-- ``<s>/<m>/n_candidates``: candidate rows (``note`` "no candidates ..." when 0);
-- ``<s>/<m>/<k>/label_flip_rate`` and ``/text_change_rate``: Wilson 95% proportions over
-  the candidates (``value: null``, ``n: 0`` and a note when there are none);
-  ``/label_to_unsafe``, ``/label_to_safe``: counts of flips by direction (alone → group);
-  ``/group_reproduces_source``: share of candidates whose in-group text is byte-identical
-  to the source condition's text, ``/alone_reproduces_baseline``: alone text identical to
-  the source baseline's (how well the rerun reproduces the source stack);
-- ``<s>/<m>/<k1>_vs_<k2>/label_mcnemar_p`` and ``/text_mcnemar_p``: exact McNemar on the
-  paired per-candidate indicators (``b`` = only under ``k1``, ``c`` = only under ``k2``);
-- ``<s>/all/<k>/by_<facet>/<level>/label_flip_rate`` and ``/text_change_rate`` for the
-  facets domain, task, dispatch and direction (the source flip's direction).
-
-Failed requests (``batchflip.failures``; a server engine's reruns can fail) are never
-answers: the flips they come from already leave failed rows out, so a failure never becomes
-a candidate; a (candidate, mode) whose alone or group rerun failed is marked ``failed`` in
-the compared rows and left out of every rate and McNemar pair. ``<s>/<m>/<k>/error_count``
-and ``/error_share`` count the failed reruns per run file, and a share above
-``--max-error-share`` (config ``errors.max_share``) fails the numbers job, writing nothing.
-
-Generation timings are kept in the run records, not in the numbers (numbers reproduce byte
-for byte on a rerun). Reruns are checkpointed execution by execution
-(batchflip.checkpoint): a killed job resumes without running a finished one again.
+Reruns and number ids: docs/studies/d.md.
 """
 
 from __future__ import annotations
