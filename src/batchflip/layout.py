@@ -6,57 +6,16 @@ Everything the workflow writes lives under ``results/`` at the paths below; the 
 both take them from here. A path function called with wildcard names (``"{study}"``) gives
 the rule's output pattern.
 
-**Generation settings.** A generation job's ``params`` is exactly the settings that change
-the rows it writes (so Snakemake's ``params`` rerun trigger reruns a job when, and only
-when, its rows could change). It is an *inclusion* list:
+A generation job's ``params`` (:func:`generation_settings`) is exactly the settings that
+change the rows it writes, an *inclusion* list, so Snakemake's ``params`` trigger reruns a
+job when, and only when, its rows could change. A server study's keys in
+:data:`SERVER_NOT_ROWS` change no row and stay out of ``params``; :func:`command_params`
+adds them back to the ``--params`` JSON a command gets. A server job's params cover every
+condition it runs (:func:`server_job_settings`); its argument string
+(:func:`server_job_args`) is a params value derived from its outputs, outside the trigger.
+Study D's reruns (:func:`ablation_settings`) take the serving keys of their source.
 
-=================  ===========================================================  ==========
-class              keys                                                         jobs
-=================  ===========================================================  ==========
-serving            engine, dtype, max_new_tokens, seed, kernel_mode, threads,   every job
-                   prompt_format, system_prompt, the model's served_model
-                   (when it has one); server less the keys in
-                   :data:`SERVER_NOT_ROWS` (vllm and openai engines only; left
-                   out when nothing is left)
-prompts            battery, subset; scope settings as condition_overrides       every job
-composition        cobatch_targets, filler_pools (which targets and fillers)    cobatch_*,
-                                                                                stagger_*
-rule version       grouping (:data:`batchflip.conditions.GROUPING`: how          jobs with
-                   fillers and positions are drawn, minimal_overlap sent)       fillers
-records            logprobs (per-token log-probability columns; left out when  every job
-                   0 or unset, so studies without it keep their params)
-identity           study, model                                                 every job
-=================  ===========================================================  ==========
-
-Nothing else is a generation setting: ``kind``, ``models``, ``conditions``, ``baseline``,
-``dispatch_baselines`` (pairing, done by the flips stage), ``subset_from`` (its subset is
-the job's battery *input*), ``batteries.*`` (task files, builder and ``render`` make the
-battery parquet, the battery rule's inputs and params; the parquet is every generation
-job's *input*, so a changed rendering rebuilds it and reruns the jobs), ``scopes`` (only
-their settings for the job's own conditions enter, as ``condition_overrides``), the
-ablation keys, ``candidates``, ``dispatches``, ``models.*``, ``adjudication``, ``paper``,
-``errors``, ``scorers``, ``restore``, ``verify``.
-``threads`` counts for every engine: it sets the in-process (hf) and the launched server's
-CPU threads, which can change reduction order. ``server.request_timeout_s``,
-``max_retries`` and ``retry_backoff_s`` count: they decide which requests end as error
-rows and the ``attempts`` column; ``warmup_requests`` counts (server state before the
-first measured request). A server job runs several conditions, of one study or of several
-studies sharing the server (:func:`server_jobs`): its params cover them all.
-
-**What the command reads beyond them.** A server study's keys in :data:`SERVER_NOT_ROWS`
-(where the launched server binds and logs, how long to wait, which variable holds a token)
-change no row, so they stay out of ``params``, but the job still needs them:
-:func:`command_params` adds them back to the ``--params`` JSON a command gets. A server job
-carries them in its argument string (:func:`server_job_args`), a params value computed from
-the job's outputs, which Snakemake leaves out of its params trigger (a *derived* param);
-its trigger is :func:`server_job_settings`.
-
-A model's own ``dtype`` and ``prompt_format`` override the study's (``raw`` drops the
-system prompt),
-and its ``served_model`` (the name an endpoint serves it under) is a serving setting of its
-jobs; its ``quant`` and ``base`` describe the weights and change no row.
-Study D's reruns (:func:`ablation_settings`) take the *serving* keys of their source's
-settings; what they rerun comes from the candidates file.
+Which settings rerun which jobs (the table): docs/architecture.md.
 """
 
 from __future__ import annotations
