@@ -3,55 +3,27 @@
 A condition is a wildcard in the generation path, so its name carries everything about
 how prompts are dispatched:
 
-- ``sync_b{n}``: synchronized dispatch at batch size n. Prompts are taken in battery order
-  in groups of n; a group finishes before the next starts; the tail group is padded with
-  discarded fillers. The hf engine runs one padded ``generate`` per group; vLLM sends n
-  concurrent single-prompt requests.
-- ``list_b{n}``: true batching: one request whose ``prompt`` is the list of n prompts (hf:
-  identical to ``sync_b{n}``, one padded generate).
-- ``conc_c{n}``: a concurrency-capped stream (Study A's phase 3, the harness's
-  ``asyncio.Semaphore(n)``): the study's prompts, in battery order, as one stream of
-  single-prompt requests with at most n in flight; the next request starts as soon as any
-  one returns (no group barrier, unlike ``sync_b{n}``). Server engines only (vllm, openai;
-  hf refuses it). Records: ``dispatch`` ``conc``, ``batch_size`` n (the concurrency cap,
-  not a group size). Groups: every prompt is a group of its own (``group_id`` = its place in
-  the stream, ``position`` 0), and the whole stream of groups still to do is dispatched
-  at once (``batchflip.generate.run_job``), so the checkpoint keeps each answered prompt: a
-  killed job resumes with the prompts not yet answered, streamed again at most n in
-  flight (the resumed stream is shorter, so the load around its first requests is not the
-  uninterrupted run's; ``t_submit`` shows it). ``conc_c1`` (one request at a time) is the
-  phase's baseline.
-- ``cobatch_b{n}_{pool}``: composition: each safety prompt is a target, sent with n-1
-  fillers from ``pool`` (``solo`` sends the target alone) at a seeded target position.
-- ``stagger_b{n}_{pool}_{m|p}{ms}``: composition with the fillers sent ``ms`` milliseconds
-  before (``m``) or after (``p``) the target (needs a continuous-batching server).
-- ``stagger_b{n}_{pool}_simultaneous``: the temporal phase's zero offset: target and fillers
-  sent at once (``stagger_ms`` 0; the same dispatch as ``cobatch``, a stagger condition so
-  that the temporal phase has its own reference).
-- ``stagger_b{n}_{pool}_minimal_overlap``: the fillers are sent when the target's first
-  generated token arrives (the streamed response's first chunk): the target's prefill ran
-  without them, and they join its decode steps. The rule is the event, not a delay (a fixed
-  50 ms was close to full overlap by the paper's own overlap model); what each group got
-  is measured from its records (``batchflip.studies.composition_verify.stagger_overlap``:
-  first filler submit against the target's first token and its end).
-- ``list_b{n}_{pool}``: static batching: the target and its n-1 fillers (drawn as for
-  ``cobatch``) sent as one request whose ``prompt`` is the list (the server admits the
-  whole batch at once), against ``cobatch_b{n}_{pool}`` (continuous batching: concurrent
-  single requests). ``list_b{n}`` without a pool is Study A's true batching.
+- ``sync_b{n}``: groups of n prompts in battery order, each finished before the next
+  starts, the tail padded with discarded fillers (hf: one padded ``generate`` per group;
+  servers: n concurrent single-prompt requests).
+- ``list_b{n}``: one request whose ``prompt`` is the list of n prompts (hf: as ``sync_b{n}``).
+- ``conc_c{n}``: the prompts as one stream of single-prompt requests, at most n in flight,
+  no group barrier; every prompt is a group of its own. Records: ``dispatch`` ``conc``,
+  ``batch_size`` n (the cap). Server engines only (hf refuses it).
+- ``cobatch_b{n}_{pool}``: each safety prompt a target, sent with n-1 fillers from
+  ``pool`` (``solo``: alone) at a seeded target position.
+- ``stagger_b{n}_{pool}_{m|p}{ms}``: fillers sent ``ms`` ms before (``m``) or after (``p``)
+  the target; ``..._simultaneous``: all at once (``stagger_ms`` 0); ``..._minimal_overlap``:
+  fillers sent when the target's first generated token arrives.
+- ``list_b{n}_{pool}``: static batching, target and its n-1 fillers in one list request.
 
-Any condition may end in ``_repeat`` (e.g. ``sync_b1_repeat``, ``conc_c1_repeat``,
-``cobatch_b8_solo_repeat``): the repeat control. It is the condition without the suffix,
-generated a second time as a condition of its own (server engines: on a server of its own
-start, ``batchflip.layout.server_jobs``), paired with it like any other condition: what it
-changes is what a plain rerun changes (``batchflip.repeat``). A repeat repeats the
-condition it is paired with: the study's baseline, or its dispatch's own baseline
-(``batchflip.config``).
+Suffixes: ``_repeat`` (any condition) is the repeat control, the condition generated again
+as a condition of its own and paired with it (``batchflip.repeat``); ``_ph{tag}`` (lower-case
+letters and digits, compositions only) is the same dispatch as a separate condition, compared
+with its phase's reference (``batchflip.studies.composition_pairs.phase_reference``), never
+with the study baseline.
 
-A composition condition may end in a phase tag ``_ph{tag}`` (lower-case letters and
-digits, e.g. ``cobatch_b8_solo_ph3a``): the same dispatch, a separate condition, so a phase
-can rerun a composition on other targets without clashing with the composition phase
-(Study C's phases 3A and 3B). A tagged condition is compared with its phase's reference
-(``batchflip.studies.composition_pairs.phase_reference``), never with the study baseline.
+Narrative (conc resume, minimal_overlap's rule, phases): docs/configuration.md, docs/pairs.md.
 """
 
 from __future__ import annotations
