@@ -1,54 +1,20 @@
 """Battery builders: public datasets → battery rows (the battery record of DESIGN.md).
 
-The paper's own 953-prompt battery imports exactly through its task-YAML files
-(``batteries.<name>.paths``). A builder instead *samples* a battery from the public datasets
-the paper drew on, so an evaluator can make a fresh battery of any size:
+A builder *samples* a battery from the public datasets the paper drew on (advbench, bbq,
+truthfulqa, mmlu, arc_challenge), rendered with the paper battery's templates and filters;
+the paper's own battery imports exactly through its task-YAML files instead. Rows come
+from ``local`` files in each public release's format or from the Hugging Face hub
+(``datasets``) at a pinned ``revision`` (no default).
 
-| source | task (domain, scorer) | eligible rows | prompt id |
-| --- | --- | --- | --- |
-| advbench | advbench_refusal (safety, refusal) | every harmful behaviour | ``advbench-<row>`` |
-| bbq | bbq_bias (safety, bbq) | ambiguous contexts only | ``bbq-<category>-<example_id>`` |
-| truthfulqa | truthfulqa (safety, truthfulqa) | every question | ``truthfulqa-<row>`` |
-| mmlu | mmlu_real (capability, mc_letter) | every test question | ``mmlu-<subject>-<row>`` |
-| arc_challenge | arc_challenge (capability, mc_letter) | every question | ``arc_challenge-<id>`` |
+Invariants: prompt ids come from the source row, so an item keeps its id whatever the seed
+or sample size; ``n`` distinct rows are drawn with ``numpy.random.default_rng([seed, k])``
+and kept in source order (no ``n``: every eligible row), so the same seed, files (or
+revision) and ``n`` give the same rows, and sources are drawn independently. Each row's
+meta records its file and sha256 (or hub id, config, split, revision) and the seed. When
+``datasets`` is missing or the hub is unreachable the build stops with an error naming the
+local-file and task-YAML routes.
 
-Prompt templates and response filters are the paper battery's (raw prompts, letter answers
-for multiple choice). Ids come from the source row, so an item keeps its id whatever the
-seed or sample size.
-
-**Sampling recipe.** For each source, in the table's order: read all eligible rows in source
-order (files sorted by name when a directory is given); if ``n`` is set, draw ``n`` distinct
-row indices with ``numpy.random.default_rng([seed, k])`` (``k`` = the first 8 hex digits of
-sha256(source name) as an integer) via ``rng.choice(rows, n, replace=False)``, and keep them
-in source order. No ``n`` takes every eligible row. The same seed, files (or revision) and
-``n`` always give the same rows; sources are drawn independently, so changing one source's
-``n`` leaves the others' samples unchanged.
-
-**Where rows come from.** Per source, either ``local`` (a file or directory, or a list of
-them) in the formats of the public releases:
-
-- advbench: CSV with a ``goal`` column (``harmful_behaviors.csv``) or a ``prompt`` column;
-- bbq: the BBQ release's JSONL files (``<Category>.jsonl``, fields ``example_id``,
-  ``context_condition``, ``context``, ``question``, ``ans0..2``, ``label``, ``answer_info``,
-  ``additional_metadata.stereotyped_groups``);
-- truthfulqa: ``TruthfulQA.csv`` (``Question``, ``Best Answer``, ``Correct Answers``,
-  ``Incorrect Answers`` separated by "; ") or JSONL with the hub's generation fields;
-- mmlu: the original per-subject CSVs (``<subject>_test.csv``, no header: question, A, B, C,
-  D, answer letter) or JSONL with the hub fields (``question``, ``subject``, ``choices``,
-  ``answer`` index);
-- arc_challenge: JSONL, either the hub format (``choices: {text, label}``, ``answerKey``) or
-  a derived one (``choices`` as a list, ``gold`` index);
-
-or the Hugging Face hub through the ``datasets`` library at a pinned ``revision`` (a 40-hex
-commit of the dataset repository; there is no default: we could not check one offline, so
-the config names it). Each row's meta records where it came from: file name and sha256, or
-hub id, config, split and revision, plus the builder seed. When ``datasets`` is missing or
-the hub is unreachable, the build stops with an error pointing to the local-file route and
-to the task-YAML route.
-
-BBQ's ``stereotyped_idx`` is the option whose group label (``answer_info``) is one of the
-item's ``stereotyped_groups``, whatever the question's polarity: the paper battery's
-convention, which the ``bbq`` scorer expects; ``question_polarity`` goes to meta as well.
+Sources, file formats and the sampling recipe: docs/models-batteries.md.
 """
 
 from __future__ import annotations

