@@ -75,7 +75,7 @@ def _scope_settings(study: Mapping[str, Any], condition: str) -> dict[str, Any]:
 
 def generation_settings(config: Config, study: str, model: str,
                         conditions: Iterable[str]) -> dict[str, Any]:
-    """The settings that change the rows of one generation job (module docstring).
+    """The settings that change the rows of one generation job (docs/architecture.md).
 
     ``conditions`` are the job's: one for an hf job, a server job's several. Scope
     settings go in ``condition_overrides`` only when there are any, so unscoped jobs keep

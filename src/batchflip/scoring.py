@@ -141,7 +141,7 @@ _LETTER = [re.compile(r"answer is:?\s*\(?([A-D])\b", re.IGNORECASE),
 
 
 def extract_letter(text: pd.Series) -> pd.Series:
-    """The chosen letter (upper case) or NaN, by the rules in the module docstring."""
+    """The chosen letter (upper case) or NaN, by the rules in docs/scorers.md."""
     out = pd.Series(np.nan, index=text.index, dtype=object)
     for pat in _LETTER:
         found = text.str.extract(pat, expand=False).str.upper()
@@ -158,7 +158,7 @@ def score_mc(text: pd.Series, reference: pd.Series) -> tuple[np.ndarray, np.ndar
 
 
 def extract_letter_harness(text: str) -> str | None:
-    """The harness's letter (mc_letter v2, module docstring), upper case, or None."""
+    """The harness's letter (mc_letter v2, docs/scorers.md), upper case, or None."""
     cs = text.strip()
     if not cs:
         return None
@@ -191,7 +191,7 @@ def _answers(value: Any) -> list[str]:
 
 
 def truthfulqa_harness(response: str, correct: list[str], incorrect: list[str]) -> float:
-    """One truthfulqa v2 score (module docstring)."""
+    """One truthfulqa v2 score (docs/scorers.md)."""
     resp = _harness_tokens(response)
     if not resp:
         return 0.5
@@ -210,7 +210,7 @@ def truthfulqa_harness(response: str, correct: list[str], incorrect: list[str]) 
 
 
 def bbq_harness(response: str, m: dict[str, Any]) -> tuple[float, str]:
-    """One bbq v2 score and label (module docstring)."""
+    """One bbq v2 score and label (docs/scorers.md)."""
     text = response.strip()
     choices = [str(m.get(f"answer_choice_{i}", "")) for i in range(3)]
     if not text:

@@ -349,7 +349,7 @@ class CompletionClient:
 
     def _logprob_token_id(self, name: str) -> int:
         """A logprobs token name as an id: ``token_id:<id>``, else the text looked up in
-        the tokenizer's vocabulary (see the module docstring), else -1."""
+        the tokenizer's vocabulary (docs/engines-gpus.md), else -1."""
         if name.startswith(TOKEN_ID_PREFIX):
             return _token_id(name)
         self._saw_text_names = True
