@@ -17,8 +17,9 @@ the first id ``/v1/models`` lists. A ``source: endpoint`` model has no files her
 token ids are the server's or ``unavailable``. The fingerprint (``.stack.json``) holds
 nothing run-specific (port, pid, log path, time, free memory), so a resumed job gets the
 same stack id; the per-launch ``startup`` block is left out of the id.
-``server.replicas: k`` (launched servers only) adds k-1 servers on the same device, started
-the first time a batch-1 condition runs (:meth:`ServerEngine.run_replicated`).
+``server.replicas: k`` (engine ``vllm``, launched servers only): k servers on one device,
+each with 1/k of ``gpu_memory_utilization``; replicas 1..k-1 start the first time a batch-1
+condition runs (:meth:`ServerEngine.run_replicated`).
 
 Launch settings: :mod:`batchflip.engines.vllm_launch`; lifecycle:
 :mod:`batchflip.engines.supervise`; what the fingerprint records: docs/engines-gpus.md.

@@ -5,9 +5,9 @@ Each safety prompt is a *target* served at one batch size under several composit
 (``stagger_b8_<pool>_<m|p><ms>``). Every condition is compared with the baseline
 composition (``cobatch_b8_solo`` by default), paired on ``prompt_id`` within a model; a
 target is refused when ``score >= 0.5``. Phase-tagged (``_ph<t>``) conditions are compared
-with their phase's reference (:mod:`batchflip.studies.composition_pairs`) and the repeat
-control with everything else (:mod:`batchflip.repeat`); both stay out of the numbers
-against the baseline.
+with their phase's reference (:mod:`batchflip.studies.composition_pairs`); the repeat
+control's comparisons are the repeat numbers (:mod:`batchflip.repeat`); both stay out of
+the numbers against the baseline.
 
 ``numbers`` writes one JSON of records keyed ``<s>/<m>/<c>/...`` (``all`` = pooled over
 models), each with ``model``, ``condition``, ``pool``, ``batch_size``, ``dispatch``,
