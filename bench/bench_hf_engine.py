@@ -21,6 +21,7 @@ from batchflip.conditions import parse_condition
 from batchflip.engines.hf import HFEngine
 from batchflip.generate import build_groups
 from batchflip.prompts import format_prompts
+from batchflip.settings import GenerationSettings
 
 
 def bare_pass(engine: HFEngine, groups: list, max_new_tokens: int) -> list[str]:
@@ -54,7 +55,9 @@ def main() -> None:
     bat = build_battery(["resources/battery/default"]).iloc[: args.prompts].copy()
     bat["sent"] = format_prompts(bat["prompt"].tolist(), "chat", args.model_dir, None)
     cond = parse_condition(f"sync_b{args.batch_size}")
-    groups = build_groups(bat, cond, {"seed": 42})
+    groups = build_groups(bat, cond, GenerationSettings.from_mapping({
+        "study": "bench", "model": "bench", "engine": "hf", "dtype": args.dtype,
+        "max_new_tokens": args.max_new_tokens, "seed": 42, "prompt_format": "chat"}))
     engine = HFEngine(args.model_dir, args.dtype, args.max_new_tokens, 42)
     engine_pass(engine, groups[:1], cond)  # warm-up
     t_engine, t_bare = [], []

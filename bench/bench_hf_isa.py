@@ -35,9 +35,10 @@ def one(model: str, dtype: str, batch: int, groups: int, tokens: int) -> dict[st
     from batchflip.battery import build_battery
     from batchflip.conditions import parse_condition
     from batchflip.design import select_subset
-    from batchflip.engines import Group, Member
     from batchflip.engines.hf import HFEngine
+    from batchflip.generate import build_groups
     from batchflip.prompts import format_prompts
+    from batchflip.settings import GenerationSettings
 
     study = yaml.safe_load((REPO / "config/config.yaml").read_text())["studies"]["a"]
     battery = select_subset(build_battery([REPO / "resources/battery/default"]),
@@ -48,15 +49,17 @@ def one(model: str, dtype: str, batch: int, groups: int, tokens: int) -> dict[st
     load = time.perf_counter() - t0
     lengths = [len(engine.tokenizer(s)["input_ids"]) for s in sent]
     cond = parse_condition(f"sync_b{batch}")
+    battery = battery.assign(sent=sent)
+    settings = GenerationSettings.from_mapping({
+        "study": "a", "model": Path(model).name, "engine": "hf", "dtype": dtype,
+        "max_new_tokens": tokens, "seed": 42, "prompt_format": "chat"})
+    length = dict(zip(battery["prompt_id"], lengths, strict=True))
     times, pad = [], []
-    for g in range(groups):
-        chunk = list(range(g * batch, (g + 1) * batch))
-        members = tuple(Member(i, "target", str(battery["prompt_id"].iloc[j]), sent[j])
-                        for i, j in enumerate(chunk))
-        ls = [lengths[j] for j in chunk]
+    for group in build_groups(battery, cond, settings)[:groups]:
+        ls = [length[m.prompt_id] for m in group.members]
         pad.append(1 - sum(ls) / (max(ls) * len(ls)))
         t = time.perf_counter()
-        engine.run_group(Group(g, members), cond)
+        engine.run_group(group, cond)
         times.append(time.perf_counter() - t)
     return {"dtype": engine.dtype, "aten": str(torch.backends.cpu.get_cpu_capability()),
             "isa_cap": os.environ.get("BATCHFLIP_ISA_CAP"), "load_s": round(load, 2),
