@@ -9,8 +9,11 @@ from pathlib import Path
 include: "workflow/rules/package.smk"
 
 
+import os  # noqa: E402
+
 from batchflip.bundled import bundled_path  # noqa: E402
-from batchflip.config import check_config  # noqa: E402
+from batchflip.config import CPU_PROFILE_ENV, apply_cpu_profile, check_config  # noqa: E402
+from batchflip.platform_facts import cpu_facts  # noqa: E402
 
 # The default config applies only when none is given: `--configfile X` replaces it
 # (Snakemake would otherwise deep-merge the two).
@@ -19,6 +22,11 @@ if not config:
     configfile: "config/config.yaml"
 
 
+# On a CPU without native bf16 the studies take the settings of the config's
+# cpu_profiles.no_native_bf16 (config/config.yaml: the default's dtype and sizes for such a
+# CPU); BATCHFLIP_CPU_PROFILE pins the choice (a profile name, or none), e.g. for cluster
+# nodes whose CPU differs from this machine's.
+apply_cpu_profile(config, cpu_facts(with_torch=False), os.environ.get(CPU_PROFILE_ENV))
 check_config(config, Path(workflow.basedir) / "workflow/schemas/config.schema.yaml")
 
 # GPU jobs declare `gpu=1` (common.smk). On one machine at most as many run at once as it

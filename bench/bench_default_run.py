@@ -4,6 +4,8 @@ built by the run itself.
 Each run clones the repository's HEAD into a temporary directory and times
 ``snakemake --cores all results/paper`` there (batchflip imported from the clone; the
 installed environment is the one this interpreter has: run ``envs/install-cpu.sh`` first).
+Per run it also counts, per study, model and condition, the target texts that differ from
+the baseline's (``text_changes``), and records the ``cpu_profile`` the jobs ran with.
 It then reads the run's ``benchmark:`` files (``results/benchmarks/**.tsv``, one per job of
 the heavy rules) into a per-job table. Prints one line per run and a JSON summary: the wall
 time of each run and their median, the CPU model and count, and the per-job seconds of the
@@ -119,6 +121,49 @@ def one_run(keep: bool, cores: str, emulate_avx2: bool = False) -> tuple[float, 
     return seconds, clone
 
 
+def cpu_profile_of(results: Path) -> str | None:
+    """The ``cpu_profile`` the run's stack fingerprints record (None: no profile applied)."""
+    seen = {json.loads(f.read_text()).get("cpu_profile")
+            for f in (results / "generations").glob("*/*/*.stack.json")}
+    return ",".join(sorted(str(p) for p in seen)) if seen - {None} else None
+
+
+def baseline_of(condition: str, conditions: set[str]) -> str | None:
+    """The condition a condition's texts are compared with in this count: a repeat with
+    its own baseline, list_* with list_b1, conc_* with conc_c1, a composition with the
+    solo baseline, anything else with sync_b1 (None for a baseline itself)."""
+    if condition.endswith("_repeat"):
+        return condition.removesuffix("_repeat")
+    kind = condition.split("_")[0]
+    base = {"list": "list_b1", "conc": "conc_c1", "cobatch": "cobatch_b8_solo",
+            "stagger": "cobatch_b8_solo"}.get(kind, "sync_b1")
+    return base if base != condition and base in conditions else None
+
+
+def text_changes(results: Path) -> dict[str, dict[str, str]]:
+    """Per study/model and condition, how many target texts differ from the baseline's
+    (``changed/paired``), read from the run's generation parquet files."""
+    import pandas as pd
+
+    out: dict[str, dict[str, str]] = {}
+    for model_dir in sorted((results / "generations").glob("*/*")):
+        frames = {f.stem: pd.read_parquet(f, columns=["prompt_id", "role", "text"])
+                  for f in sorted(model_dir.glob("*.parquet"))}
+        texts = {c: dict(zip(df.loc[df["role"] == "target", "prompt_id"],
+                             df.loc[df["role"] == "target", "text"], strict=True))
+                 for c, df in frames.items()}
+        row = {}
+        for cond, got in texts.items():
+            base = baseline_of(cond, set(texts))
+            if base is None:
+                continue
+            common = sorted(set(got) & set(texts[base]))
+            changed = sum(got[p] != texts[base][p] for p in common)
+            row[cond] = f"{changed}/{len(common)}"
+        out[f"{model_dir.parent.name}/{model_dir.name}"] = row
+    return out
+
+
 def summarise(rows: list[dict[str, object]]) -> dict[str, object]:
     """Per-job rows plus their sum per rule family."""
     families: dict[str, float] = {}
@@ -149,12 +194,15 @@ def main() -> int:
     if args.from_run:
         summary.update(summarise(job_table(args.from_run / "results")))
     else:
-        walls, clone = [], None
+        walls, clone, changes = [], None, []
         for i in range(args.runs):
             s, clone = one_run(args.keep, args.cores, args.emulate_avx2)
             walls.append(round(s, 1))
+            changes.append(text_changes(clone / "results"))
             print(f"run {i + 1}: {s:.1f} s ({clone})", flush=True)
-        summary.update(runs_s=walls, median_s=statistics.median(walls))
+        summary.update(runs_s=walls, median_s=statistics.median(walls),
+                       cpu_profile=cpu_profile_of(clone / "results"),
+                       text_changes=changes)
         assert clone is not None
         summary.update(summarise(job_table(clone / "results")))
         jobs = timeline((clone.parent / "snakemake.log").read_text())

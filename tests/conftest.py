@@ -18,6 +18,11 @@ import pytest
 from batchflip.design import overrides
 from batchflip.settings import GenerationSettings
 
+# Every Snakemake run a test starts plans the default's native settings, whatever this
+# machine's CPU (the CPU varies between machines): tests of the no_native_bf16 profile pin
+# it themselves (tests/test_cpu_profile.py).
+os.environ.setdefault("BATCHFLIP_CPU_PROFILE", "none")
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 MODEL_DIR = ROOT / "resources" / "models" / "smollm2-135m"

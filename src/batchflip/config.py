@@ -10,11 +10,15 @@ generation settings it inherits from that source; a hub model pins its revision)
 Last, every absent key with a schema ``default`` is filled in (:func:`fill_defaults`), so
 the rules and ``batchflip.layout`` read config values directly: the schema is the one
 place a config default is written.
+
+Before all that, :func:`apply_cpu_profile` merges the host's entry of ``cpu_profiles`` (if
+the config has one) into the studies it names, so the merged studies are what is checked.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,11 @@ from batchflip.conditions import BATCHED_DISPATCHES, CONC, REPEAT, parse_conditi
 from batchflip.design import models_for, scope_of
 from batchflip.errors import BatchflipError
 from batchflip.hub import check_revision
+from batchflip.platform_facts import native_bf16
+
+# the profiles a config's ``cpu_profiles`` may hold, and the variable that pins the choice
+CPU_PROFILES = ("no_native_bf16",)
+CPU_PROFILE_ENV = "BATCHFLIP_CPU_PROFILE"
 
 
 def _key(path: Any) -> str:
@@ -359,3 +368,46 @@ def check_config(config: dict[str, Any], schema_file: str | Path) -> None:
     check_schema(config, schema_file)
     check_references(config)
     fill_defaults(config, yaml.safe_load(Path(schema_file).read_text()))
+
+
+def cpu_profile_for(cpu: Mapping[str, Any]) -> str | None:
+    """The profile a CPU calls for: ``no_native_bf16`` without native bf16
+    (:func:`batchflip.platform_facts.native_bf16`, which honours the ISA caps), else None."""
+    return None if native_bf16(cpu) else "no_native_bf16"
+
+
+def apply_cpu_profile(config: dict[str, Any], cpu: Mapping[str, Any],
+                      pinned: str | None = None) -> str | None:
+    """Merge ``cpu_profiles.<profile>.studies`` into ``config["studies"]`` in place (each
+    named study's keys replaced, and ``cpu_profile`` set to the profile's name, which the
+    jobs' params and stack fingerprints carry); return the profile applied, or None.
+
+    The profile is ``pinned`` when given (a name, or ``none``: the value of
+    :data:`CPU_PROFILE_ENV`), else :func:`cpu_profile_for` of ``cpu``. A config without
+    ``cpu_profiles``, or without the host's profile, is left as it is; a pinned name it
+    lacks, or a profile naming a study the config lacks, is an error.
+    """
+    profiles = config.get("cpu_profiles") or {}
+    if pinned is not None and pinned != "none" and pinned not in CPU_PROFILES:
+        raise BatchflipError(f"{CPU_PROFILE_ENV}={pinned!r}: not a CPU profile; known: "
+                             f"{', '.join(CPU_PROFILES)}, none")
+    name = (None if pinned == "none" else pinned) if pinned is not None else cpu_profile_for(cpu)
+    if name is None or name not in profiles:
+        if pinned not in (None, "none") and profiles:
+            raise BatchflipError(f"{CPU_PROFILE_ENV}={pinned}: the config has no "
+                                 f"cpu_profiles.{pinned}")
+        return None
+    studies = (profiles[name] or {}).get("studies") or {}
+    if not isinstance(studies, Mapping):
+        raise BatchflipError(f"invalid config: key 'cpu_profiles.{name}.studies': expected a "
+                             f"mapping of study names to settings, got {studies!r}")
+    for study, keys in studies.items():
+        where = f"cpu_profiles.{name}.studies.{study}"
+        if study not in (config.get("studies") or {}):
+            raise BatchflipError(f"invalid config: key '{where}': no study '{study}' in studies")
+        if not isinstance(keys, Mapping):
+            raise BatchflipError(f"invalid config: key '{where}': expected a mapping of study "
+                                 f"settings, got {keys!r}")
+        config["studies"][study].update(copy.deepcopy(dict(keys)))
+        config["studies"][study]["cpu_profile"] = name
+    return name

@@ -222,7 +222,8 @@ def run_job(battery: pd.DataFrame, settings: GenerationSettings, condition: str,
         logprobs = settings.logprobs
         stack = stack_fingerprint(engine, model_dir, {
             "prompt_format": settings.prompt_format, "max_new_tokens": settings.max_new_tokens,
-            "seed": settings.seed, **({"logprobs": logprobs} if logprobs else {})})
+            "seed": settings.seed, **({"logprobs": logprobs} if logprobs else {}),
+            **({"cpu_profile": settings.cpu_profile} if settings.cpu_profile else {})})
         battery_sha = hashlib.sha256(
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()

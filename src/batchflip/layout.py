@@ -45,6 +45,9 @@ PROMPT_KEYS = ("battery", "subset")
 COMPOSITION_KEYS = ("cobatch_targets", "filler_pools")
 # what each row records beyond the text: every generation job (not Study D's reruns)
 RECORD_KEYS = ("logprobs",)
+# which host profile chose the settings above (batchflip.config.apply_cpu_profile): every
+# generation job of a study it touched, and Study D's reruns of one
+PROFILE_KEYS = ("cpu_profile",)
 # server settings that change no row: how long to wait at start and stop, where logs go
 # (cache_dir: where compile caches live; a cached graph is the graph that would be compiled),
 # where a launched server binds (host, port, expose_host: no fingerprint records them) and
@@ -82,7 +85,8 @@ def generation_settings(config: Config, study: str, model: str,
     their params."""
     conditions = list(conditions)
     s = config["studies"][study]
-    keys = SERVING_KEYS + PROMPT_KEYS + (COMPOSITION_KEYS if _composition(conditions) else ())
+    keys = (SERVING_KEYS + PROMPT_KEYS + PROFILE_KEYS
+            + (COMPOSITION_KEYS if _composition(conditions) else ()))
     out = {k: s[k] for k in keys if k in s}
     out.update({k: s[k] for k in RECORD_KEYS if s.get(k)})
     if _with_fillers(conditions):
@@ -138,7 +142,7 @@ def ablation_settings(config: Config, study: str, model: str,
     with the ablation's study name, engine and this kernel mode."""
     source = ablation_source(config, study)
     src = generation_settings(config, source, model, conditions_of(config, source, model))
-    out = {k: src[k] for k in SERVING_KEYS if k in src}
+    out = {k: src[k] for k in SERVING_KEYS + PROFILE_KEYS if k in src}
     out.update(study=study, model=model, kernel_mode=kernel_mode,
                engine=config["studies"][study]["engine"])
     probe = config["studies"][study].get("invariance_probe")

@@ -77,21 +77,25 @@ def parse_cpuinfo(text: str, machine: str) -> dict[str, Any]:
             "arch": machine, "isa": [f for f in known if f in present]}
 
 
-def cpu_facts(cpuinfo_path: str = "/proc/cpuinfo") -> dict[str, Any]:
-    """This machine's CPU model and ISA flags, what ATen dispatches on, and ISA overrides."""
+def cpu_facts(cpuinfo_path: str = "/proc/cpuinfo", with_torch: bool = True) -> dict[str, Any]:
+    """This machine's CPU model and ISA flags, what ATen dispatches on, and ISA overrides
+    (``with_torch=False``: without importing torch, so without ``aten_cpu_capability`` and
+    ``torch_cpu_view``; enough for :func:`native_bf16`)."""
     try:
         with open(cpuinfo_path) as fh:
             text = fh.read()
     except OSError:
         text = ""
     facts = parse_cpuinfo(text, platform.machine())
+    overrides = {k: os.environ[k] for k in ISA_ENV_VARS if k in os.environ}
+    if not with_torch:
+        return {**facts, "isa_env": overrides} if overrides else facts
     try:
         import torch
 
         facts["aten_cpu_capability"] = str(torch.backends.cpu.get_cpu_capability())
     except Exception:  # noqa: BLE001 - torch absent or too old: the fact is unknown
         facts["aten_cpu_capability"] = None
-    overrides = {k: os.environ[k] for k in ISA_ENV_VARS if k in os.environ}
     if overrides:
         facts["isa_env"] = overrides
         facts["torch_cpu_view"] = torch_cpu_view()

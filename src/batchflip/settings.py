@@ -71,6 +71,7 @@ class GenerationSettings:
     grouping: int | None = None
     condition_overrides: Mapping[str, Mapping[str, Any]] | None = None
     invariance_probe: bool | Mapping[str, Any] | None = None
+    cpu_profile: str | None = None  # batchflip.config.apply_cpu_profile
     # the keys the mapping gave (as_dict returns these and only these)
     given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -91,7 +92,7 @@ class GenerationSettings:
         _check("logprobs", self.logprobs, _is_int(self.logprobs, 0), "an integer >= 0")
         _check("grouping", self.grouping, self.grouping is None or _is_int(self.grouping, 0),
                "an integer")
-        for name in ("system_prompt", "served_model", "battery"):
+        for name in ("system_prompt", "served_model", "battery", "cpu_profile"):
             value = getattr(self, name)
             _check(name, value, value is None or isinstance(value, str), "a string")
         for name in ("server", "subset", "filler_pools", "condition_overrides"):

@@ -389,7 +389,8 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, settings: Generati
             stack = stack_fingerprint(engine, model_dir, {
                 "prompt_format": settings.prompt_format,
                 "max_new_tokens": settings.max_new_tokens,
-                "seed": settings.seed, "kernel_mode": kernel_mode})
+                "seed": settings.seed, "kernel_mode": kernel_mode,
+                **({"cpu_profile": settings.cpu_profile} if settings.cpu_profile else {})})
             probe = probe_settings(settings.invariance_probe)
             if probe:  # before anything is measured
                 stack["invariance_probe"] = attest(
