@@ -80,3 +80,22 @@ def test_cli_reports_this_machines_cpu():
     assert proc.returncode == 0, proc.stderr
     assert model in proc.stdout
     assert "config/config.yaml" in proc.stdout and "config/gpu-check.yaml" in proc.stdout
+
+
+def test_default_profile_on_a_cpu_without_native_bf16_names_what_it_changes():
+    from batchflip.doctor import default_profile
+
+    plan = default_profile(XEON, ROOT / "config/config.yaml")
+    assert plan["name"] == "no_native_bf16" and not plan["pinned"]
+    assert plan["studies"]["a"].startswith("dtype bfloat16, 18 prompts (was 48)")
+    assert plan["studies"]["a_vllm"].startswith("8 prompts (was 48)")  # dtype auto stays
+    assert default_profile(EPYC, ROOT / "config/config.yaml") is None
+    assert default_profile(EPYC, ROOT / "config/config.yaml", "no_native_bf16")["pinned"]
+    assert "not a CPU profile" in default_profile(XEON, ROOT / "config/config.yaml",
+                                                  "fast")["error"]
+    assert default_profile(XEON, ROOT / "no/such.yaml") is None
+    reasons = " | ".join(_verdicts(_facts(cpu=XEON, cpu_profile=plan))[
+        "config/config.yaml"].reasons)
+    assert "cpu_profiles.no_native_bf16" in reasons and "a dtype bfloat16" in reasons
+    bad = _verdicts(_facts(cpu=XEON, cpu_profile={"error": "BATCHFLIP_CPU_PROFILE='x'"}))
+    assert not bad["config/config.yaml"].fits

