@@ -623,3 +623,19 @@ def test_results_csvs_neutralise_formula_prompt_ids(tmp_path):
     back = pd.read_csv(path, dtype=str)
     assert back["prompt_id"].tolist() == ["'=cmd|' /C calc'!A0"]
     assert back["model"].tolist() == ["m"] and back["k"].tolist() == ["1"]
+
+
+def test_nothing_to_adjudicate_still_reports_every_number(tmp_path):
+    """An export with no item (here: a domain with no flip) gives the same numbers as a
+    pending one, the agreement among them, without values."""
+    world = _world(tmp_path)
+    out = tmp_path / "adjudication"
+    assert _export(world, out, "--domains", "medical") == 0
+    res = tmp_path / "res"
+    assert _results(world, out / "key.parquet", res, []) == 0
+    nums = json.loads((res / "numbers.json").read_text())["numbers"]
+    status = nums["a/adjudication/status"]["value"]
+    assert status == "nothing to adjudicate: the export holds 0 items"
+    assert nums["a/adjudication/items_exported"]["value"] == 0
+    alpha = nums["a/adjudication/agreement/krippendorff_alpha"]
+    assert alpha["value"] is None and alpha["note"].startswith("nothing to adjudicate")

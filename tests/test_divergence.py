@@ -211,3 +211,22 @@ def test_screen_numbers_report_the_near_tie_predictor_beside_the_margin() -> Non
     assert out[f"{key}_near_ties_auroc_text"]["value"] == 1.0
     assert out[f"{key}_near_ties_auroc_flip"]["value"] == 1.0  # only p1 flipped
     assert out[f"{key}_near_ties_minus_margin_auroc_text"]["value"] == 0.0
+
+
+def test_margin_rank_is_there_without_a_text_change() -> None:
+    """The set of numbers does not depend on the data: a condition whose texts all held
+    reports its margin rank as not estimable instead of leaving it out."""
+    from batchflip.divergence import numbers as divergence_numbers
+
+    pairs = pair_table(GENS, FLIPS, "sync_b1")
+    held = pairs[pairs["prompt_id"] == "p2"].assign(condition="sync_b4")
+    both = pd.concat([pairs, held], ignore_index=True)
+    base = {"m": np.array([0.0, 0.5, 2.9, 4.9])}
+    out = divergence_numbers(both, base, "a", ["x"])
+    changed = out["a/m/sync_b2/divergence_margin_rank"]
+    # the changed pairs p1, p3 diverge at margins 0.0 and 0.5 (median 0.25); of the 4
+    # baseline margins only 0.0 is at or below it
+    assert changed["value"] == pytest.approx(0.25)
+    held_rank = out["a/m/sync_b4/divergence_margin_rank"]
+    assert held_rank["value"] is None
+    assert held_rank["note"] == "not estimable: no pair whose text changed"

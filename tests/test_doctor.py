@@ -99,3 +99,13 @@ def test_default_profile_on_a_cpu_without_native_bf16_names_what_it_changes():
     assert "cpu_profiles.no_native_bf16" in reasons and "a dtype bfloat16" in reasons
     bad = _verdicts(_facts(cpu=XEON, cpu_profile={"error": "BATCHFLIP_CPU_PROFILE='x'"}))
     assert not bad["config/config.yaml"].fits
+
+
+def test_report_names_the_profile_the_default_takes():
+    from batchflip.doctor import default_profile, render
+
+    plan = default_profile(XEON, ROOT / "config/config.yaml")
+    facts = _facts(cpu=XEON, cpu_profile=plan)
+    text = render(facts, assess(facts))
+    assert "profile    config/config.yaml takes cpu_profiles.no_native_bf16 (no native bf16" in text
+    assert "profile " not in render(_facts(), assess(_facts()))

@@ -132,6 +132,10 @@ def _dist(prefix: str, what: str, values: np.ndarray, inputs: list[str],
                                        interval="interquartile range")}
 
 
+RANK_DEFINITION = ("share of all baseline tokens whose margin is at or below the median "
+                   "divergence margin (small: divergences happen at near-ties)")
+
+
 def numbers(pairs: pd.DataFrame, base_margins: dict[str, np.ndarray], study: str,
             inputs: list[str]) -> dict[str, Record]:
     """Items 2 and 3 of the mechanism per (model, condition): divergence margins, the share
@@ -162,9 +166,12 @@ def numbers(pairs: pd.DataFrame, base_margins: dict[str, np.ndarray], study: str
                 below = float(np.mean(allm[np.isfinite(allm)] <= np.median(m))) if len(m) \
                     else None
                 out[f"{key}_margin_rank"] = scalar(
-                    below, "share of all baseline tokens whose margin is at or below the "
-                    "median divergence margin (small: divergences happen at near-ties)",
-                    inputs, stacks, note=None if below is not None else "not estimable")
+                    below, RANK_DEFINITION, inputs, stacks,
+                    note=None if below is not None else "not estimable")
+            else:  # the number is there whatever the data: no value without changes
+                out[f"{key}_margin_rank"] = not_estimable(
+                    "no pair whose text changed" if not len(changed) else
+                    "no baseline token margin", RANK_DEFINITION, inputs, stacks)
             noise = np.concatenate([np.asarray(x, dtype=float) for x in p["noise"]]) \
                 if len(p) else np.array([])
             out |= noise_numbers(f"{key}_noise", noise, cond, inputs, stacks)

@@ -195,6 +195,11 @@ def render(facts: dict[str, Any], fits: list[Fit]) -> str:
         hidden = [k for k, v in view.items() if not v]
         lines.append(f"ISA caps   {caps}" + (f" (torch.cpu, which vLLM's CPU build reads, "
                                               f"reports no {', '.join(hidden)})" if hidden else ""))
+    plan = facts.get("cpu_profile")
+    if plan and not plan.get("error"):
+        lines.append(f"profile    {DEFAULT_CONFIG} takes cpu_profiles.{plan['name']}"
+                     + (f" (pinned by {CPU_PROFILE_ENV})" if plan["pinned"] else
+                        " (no native bf16 here)"))
     if facts["gpus"]:
         for i, g in enumerate(facts["gpus"]):
             lines.append(f"GPU {i}      {g['name']}, compute capability "

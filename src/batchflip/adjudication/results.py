@@ -333,7 +333,7 @@ def _rater_numbers(run: _Run, study: str, key: pd.DataFrame,
                 status, n=run.n_items)
         matrix = verdicts[[f"verdict_{r}" for r in run.raters]].to_numpy(dtype=object)
         out |= _agreement(matrix, run.raters, p, ins, sts, status, run.confidence)
-    elif run.n_items:  # pending
+    else:  # pending, or nothing to adjudicate: the number is there, without a value
         out[f"{p}/agreement/krippendorff_alpha"] = _rec(
             None, "Krippendorff's alpha (nominal) of the verdicts", ins, sts, status,
             note=status)
