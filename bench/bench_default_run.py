@@ -31,9 +31,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+from batchflip.conditions import parse_condition  # noqa: E402
 from batchflip.platform_facts import cpu_facts  # noqa: E402
 
 
@@ -128,38 +132,39 @@ def cpu_profile_of(results: Path) -> str | None:
     return ",".join(sorted(str(p) for p in seen)) if seen - {None} else None
 
 
-def baseline_of(condition: str, conditions: set[str]) -> str | None:
-    """The condition a condition's texts are compared with in this count: a repeat with
-    its own baseline, list_* with list_b1, conc_* with conc_c1, a composition with the
-    solo baseline, anything else with sync_b1 (None for a baseline itself)."""
-    if condition.endswith("_repeat"):
-        return condition.removesuffix("_repeat")
-    kind = condition.split("_")[0]
-    base = {"list": "list_b1", "conc": "conc_c1", "cobatch": "cobatch_b8_solo",
-            "stagger": "cobatch_b8_solo"}.get(kind, "sync_b1")
-    return base if base != condition and base in conditions else None
+def baseline_of(condition: str, study: dict[str, Any]) -> str | None:
+    """The condition a condition's texts are compared with, as the study's flips pair them:
+    a repeat with the condition it repeats, a dispatch with its own baseline
+    (``dispatch_baselines``), anything else with the study's ``baseline``; None for a
+    baseline itself."""
+    cond = parse_condition(condition)
+    if cond.repeat:
+        return cond.base
+    base = (study.get("dispatch_baselines") or {}).get(cond.dispatch, study["baseline"])
+    return None if base == condition else base
 
 
-def text_changes(results: Path) -> dict[str, dict[str, str]]:
+def text_changes(checkout: Path) -> dict[str, dict[str, str]]:
     """Per study/model and condition, how many target texts differ from the baseline's
-    (``changed/paired``), read from the run's generation parquet files."""
+    (``changed/paired``), read from the run's generation parquet files; the baselines are
+    the checkout's ``config/config.yaml``'s."""
     import pandas as pd
 
+    studies = yaml.safe_load((checkout / "config/config.yaml").read_text())["studies"]
     out: dict[str, dict[str, str]] = {}
-    for model_dir in sorted((results / "generations").glob("*/*")):
-        frames = {f.stem: pd.read_parquet(f, columns=["prompt_id", "role", "text"])
-                  for f in sorted(model_dir.glob("*.parquet"))}
-        texts = {c: dict(zip(df.loc[df["role"] == "target", "prompt_id"],
-                             df.loc[df["role"] == "target", "text"], strict=True))
-                 for c, df in frames.items()}
+    for model_dir in sorted((checkout / "results/generations").glob("*/*")):
+        texts = {}
+        for f in sorted(model_dir.glob("*.parquet")):
+            df = pd.read_parquet(f, columns=["prompt_id", "role", "text"])
+            df = df[df["role"] == "target"]
+            texts[f.stem] = dict(zip(df["prompt_id"], df["text"], strict=True))
         row = {}
         for cond, got in texts.items():
-            base = baseline_of(cond, set(texts))
-            if base is None:
+            base = baseline_of(cond, studies[model_dir.parent.name])
+            if base is None or base not in texts:
                 continue
             common = sorted(set(got) & set(texts[base]))
-            changed = sum(got[p] != texts[base][p] for p in common)
-            row[cond] = f"{changed}/{len(common)}"
+            row[cond] = f"{sum(got[p] != texts[base][p] for p in common)}/{len(common)}"
         out[f"{model_dir.parent.name}/{model_dir.name}"] = row
     return out
 
@@ -198,7 +203,7 @@ def main() -> int:
         for i in range(args.runs):
             s, clone = one_run(args.keep, args.cores, args.emulate_avx2)
             walls.append(round(s, 1))
-            changes.append(text_changes(clone / "results"))
+            changes.append(text_changes(clone))
             print(f"run {i + 1}: {s:.1f} s ({clone})", flush=True)
         summary.update(runs_s=walls, median_s=statistics.median(walls),
                        cpu_profile=cpu_profile_of(clone / "results"),

@@ -387,13 +387,15 @@ def apply_cpu_profile(config: dict[str, Any], cpu: Mapping[str, Any],
     ``cpu_profiles``, or without the host's profile, is left as it is; a pinned name it
     lacks, or a profile naming a study the config lacks, is an error.
     """
-    profiles = config.get("cpu_profiles") or {}
-    if pinned is not None and pinned != "none" and pinned not in CPU_PROFILES:
+    if pinned == "none":
+        return None
+    if pinned is not None and pinned not in CPU_PROFILES:
         raise BatchflipError(f"{CPU_PROFILE_ENV}={pinned!r}: not a CPU profile; known: "
                              f"{', '.join(CPU_PROFILES)}, none")
-    name = (None if pinned == "none" else pinned) if pinned is not None else cpu_profile_for(cpu)
-    if name is None or name not in profiles:
-        if pinned not in (None, "none") and profiles:
+    profiles = config.get("cpu_profiles") or {}
+    name = pinned or cpu_profile_for(cpu)
+    if name not in profiles:
+        if pinned and profiles:
             raise BatchflipError(f"{CPU_PROFILE_ENV}={pinned}: the config has no "
                                  f"cpu_profiles.{pinned}")
         return None

@@ -145,8 +145,8 @@ def assess(facts: dict[str, Any]) -> list[Fit]:
                    + "; ".join(f"{s} {n}" for s, n in profile["studies"].items())
                    + ". Study a's hf engine in bfloat16 (emulated) changes texts under "
                    "batching as natively; vLLM's CPU kernels on such a CPU changed none in "
-                   "any dtype, so the vLLM studies stay float32 (README, The default on a "
-                   "CPU without native bf16)")
+                   "any dtype, so the vLLM studies stay float32 (docs/measurements.md, The "
+                   "no_native_bf16 profile)")
     elif not native_bf16(facts["cpu"]):
         why.append("this CPU has no native bf16 (no avx512_bf16/amx_bf16): the default's "
                    "dtype: auto computes in float32 here, which in an emulated run changed no "

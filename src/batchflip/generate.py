@@ -141,6 +141,16 @@ def job_key(settings: GenerationSettings, condition: str, battery_sha: str, stac
 RUN_FACTS = ("stack_id", "startup", "invariance_probe")
 
 
+def settings_facts(settings: GenerationSettings) -> dict[str, Any]:
+    """The job settings every stack fingerprint records: prompt format, new tokens, seed,
+    and the host profile that chose the settings (``cpu_profile``, when one did)."""
+    out: dict[str, Any] = {"prompt_format": settings.prompt_format,
+                           "max_new_tokens": settings.max_new_tokens, "seed": settings.seed}
+    if settings.cpu_profile:
+        out["cpu_profile"] = settings.cpu_profile
+    return out
+
+
 def stack_fingerprint(engine: Engine, model_dir: str, extra: dict[str, Any]) -> dict[str, Any]:
     """The engine's facts plus the model files and the job's own settings; with its id
     (computed without :data:`RUN_FACTS`)."""
@@ -221,9 +231,7 @@ def run_job(battery: pd.DataFrame, settings: GenerationSettings, condition: str,
     try:
         logprobs = settings.logprobs
         stack = stack_fingerprint(engine, model_dir, {
-            "prompt_format": settings.prompt_format, "max_new_tokens": settings.max_new_tokens,
-            "seed": settings.seed, **({"logprobs": logprobs} if logprobs else {}),
-            **({"cpu_profile": settings.cpu_profile} if settings.cpu_profile else {})})
+            **settings_facts(settings), **({"logprobs": logprobs} if logprobs else {})})
         battery_sha = hashlib.sha256(
             pd.util.hash_pandas_object(battery[["prompt_id", "sent"]], index=False)
             .values.tobytes()).hexdigest()

@@ -361,7 +361,7 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, settings: Generati
     stack fingerprint is kept. A fresh engine on another stack reruns them all. The record
     beside ``out`` (:func:`reuse_path`) names what was reused and what was generated.
     """
-    from batchflip.generate import job_key, make_engine, stack_fingerprint
+    from batchflip.generate import job_key, make_engine, settings_facts, stack_fingerprint
     from batchflip.keyed import digest
     from batchflip.prompts import format_prompts
 
@@ -387,10 +387,7 @@ def run_mode(candidates: pd.DataFrame, battery: pd.DataFrame, settings: Generati
         engine = engine or make_engine(settings, model_dir)
         try:
             stack = stack_fingerprint(engine, model_dir, {
-                "prompt_format": settings.prompt_format,
-                "max_new_tokens": settings.max_new_tokens,
-                "seed": settings.seed, "kernel_mode": kernel_mode,
-                **({"cpu_profile": settings.cpu_profile} if settings.cpu_profile else {})})
+                **settings_facts(settings), "kernel_mode": kernel_mode})
             probe = probe_settings(settings.invariance_probe)
             if probe:  # before anything is measured
                 stack["invariance_probe"] = attest(
